@@ -1,0 +1,204 @@
+"""Image data shared by pretraining, generation and classification: folders, crops, seeded transforms.
+
+Datasets here are indexed by `(epoch, index)` keys from `ResumableDistributedSampler`; the
+transform of sample `index` in `epoch` runs under a torch generator seeded from
+`sample_generator(seed, epoch, index)`, so a batch's content depends only on which samples are
+in it, not on the rank, the worker process or the resume point.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.rng import sample_seed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A user-fixable problem with the data (missing/empty folder, unreadable image in strict mode)."""
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's center crop: halve with a box filter while the short side is >= 2x the target,
+    resize the short side to `image_size` with bicubic, then crop the centre square.
+
+    Returns a PIL image of size (image_size, image_size). Used by DiT/SiT training and the cache.
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    array = np.asarray(pil_image)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return Image.fromarray(array[top: top + image_size, left: left + image_size])
+
+
+class CenterCropArr:
+    """Picklable transform wrapper around `center_crop_arr` (lambdas break spawn-started workers)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, pil_image: Image.Image) -> Image.Image:
+        return center_crop_arr(pil_image, self.image_size)
+
+
+def _to_unit_range() -> transforms.Normalize:
+    return transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+
+
+def _normalize(pixel: bool) -> transforms.Normalize:
+    """[-1, 1] for images fed to a VAE; ImageNet statistics for pixel-space models (as MAE)."""
+    return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD) if pixel else _to_unit_range()
+
+
+def pretrain_transform(input_size: int, pixel: bool = False) -> transforms.Compose:
+    """MAE/USP pretraining augmentation: RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        _normalize(pixel),
+    ])
+
+
+def generation_transform(image_size: int) -> transforms.Compose:
+    """DiT/SiT training: ADM center crop + horizontal flip, to [-1, 1]."""
+    return transforms.Compose([
+        CenterCropArr(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        _to_unit_range(),
+    ])
+
+
+def eval_crop(input_size: int) -> transforms.Compose:
+    """Resize the short side to input_size / 0.875 (bicubic) and take the centre (MAE evaluation)."""
+    return transforms.Compose([
+        transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+    ])
+
+
+def eval_transform(input_size: int, pixel: bool = False) -> transforms.Compose:
+    """Deterministic evaluation transform: `eval_crop` then normalisation."""
+    return transforms.Compose([eval_crop(input_size), transforms.ToTensor(), _normalize(pixel)])
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that survives unreadable/corrupt files instead of killing a multi-day run.
+
+    With `transform=None` items are `(PIL RGB image, label)`. A file that fails to decode is
+    recorded in a shared-memory flag vector (visible to the main process even when workers
+    loaded it, because DataLoader workers inherit shared tensors) and replaced by the next
+    readable image, so batch shapes stay fixed. `strict=True` raises `DataError` instead.
+    """
+
+    def __init__(self, root, transform=None, strict: bool = False):
+        super().__init__(str(root), transform=transform)
+        self.strict = strict
+        self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable files met so far (by any worker)."""
+        return int(self.bad.sum())
+
+    def skipped_files(self) -> list[str]:
+        return [self.samples[i][0] for i in torch.nonzero(self.bad).flatten().tolist()]
+
+    def try_load(self, index: int):
+        """(RGB image or None if unreadable, label) for `index`; raises DataError in strict mode."""
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            if self.strict:
+                raise DataError(f"image {path} cannot be read ({error}); remove or replace it, "
+                                "or drop the strict-data flag to skip unreadable images.") from error
+            self.bad[index] = 1
+            return None, label
+
+    def load(self, index: int):
+        """(image, label) for `index`, substituting the next readable image if it is corrupt."""
+        for offset in range(len(self.samples)):
+            image, label = self.try_load((index + offset) % len(self.samples))
+            if image is not None:
+                return image, label
+        raise DataError(f"no image under {self.root} can be read; check the files.")
+
+    def __getitem__(self, index: int):
+        image, label = self.load(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def build_image_folder(path, split: str | None = None, transform=None, strict: bool = False) -> SafeImageFolder:
+    """`SafeImageFolder` over `path` (or `path/split`), failing with one sentence if it is missing or empty.
+
+    Call it before building any model so a typo in --data_path costs seconds, not a model load.
+    """
+    root = Path(path) / split if split else Path(path)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass a folder laid out as <class>/<image> "
+                        + (f"with a '{split}' subfolder " if split else "") + "to the data path flag.")
+    class_dirs = [entry for entry in os.scandir(root) if entry.is_dir()]
+    if not class_dirs:
+        raise DataError(f"data folder {root} has no class subfolders; expected ImageFolder layout "
+                        "<root>/<class_name>/<image>.jpg.")
+    try:
+        return SafeImageFolder(root, transform=transform, strict=strict)
+    except FileNotFoundError as error:
+        raise DataError(f"data folder {root} contains no images with a supported extension "
+                        f"({', '.join(datasets.folder.IMG_EXTENSIONS)}).") from error
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Applies `transform` to `base.load(index)` under the sample's own generator.
+
+    `__getitem__((epoch, index))` -> (tensor, label, index). torchvision's v1 transforms draw from
+    torch's default CPU generator, so we reseed that generator from (seed, epoch, index) inside a
+    `fork_rng` scope and put the process's own state back afterwards: the global stream that
+    dropout etc. use is untouched, which keeps exact resume simple.
+    """
+
+    def __init__(self, base: SafeImageFolder, transform, seed: int = 0):
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.base.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            tensor = self.transform(image)
+        return tensor, label, index
+
+
+def build_loader(dataset, sampler, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """DataLoader that never touches the global RNG.
+
+    A DataLoader draws its workers' base seed from the global generator each time an iterator
+    is created; a resumed run creates that iterator at a different point than the original run,
+    so we give it a private generator instead (sample randomness comes from the keys anyway).
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=drop_last,
+        persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -1,0 +1,127 @@
+"""Process-group setup shared by every entry point.
+
+torchrun (single or multi-node: `--nnodes/--node_rank/--master_addr`) exports RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; we read those and pick NCCL on CUDA, gloo on CPU.
+Without them the run is a plain single process and every collective below is a no-op, so the
+same entry point works under `python file.py` and under torchrun.
+"""
+import builtins
+import datetime
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job and which device it drives."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None for a single process without torchrun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def init_distributed(device: str = "cuda", timeout_minutes: int = 30) -> DistEnv:
+    """Initialises the default process group from torchrun's environment (or nothing without it).
+
+    `device` is what the user asked for ("cuda" or "cpu"); "cuda" without a GPU warns and falls
+    back to CPU so laptops and CI run the same command lines.
+    """
+    want_cuda = str(device).startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():
+        warnings.warn("--device cuda was requested but no GPU is visible; running on CPU instead.")
+        want_cuda = False
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        run_device = torch.device("cuda", local_rank)
+    else:
+        run_device = torch.device("cpu")
+    backend = None
+    if under_torchrun:
+        backend = "nccl" if want_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend, rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+                device_id=run_device if want_cuda else None,
+            )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=run_device, backend=backend)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a new tensor; the input is left untouched)."""
+    if not is_dist():
+        return tensor.detach().clone()
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / get_world_size()
+
+
+def cleanup() -> None:
+    """Tears the process group down so torchrun sees a clean exit."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def rank_seed(global_seed: int, rank: int) -> int:
+    """Per-rank seed (MAE's `seed + rank`): ranks draw different dropout/noise, runs stay repeatable."""
+    return int(global_seed) + int(rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_for_distributed_printing(is_main: bool) -> None:
+    """Silences print() on non-main ranks; `print(..., force=True)` still prints everywhere."""
+    builtin_print = builtins.print
+
+    def rank_aware_print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = rank_aware_print
