@@ -1,0 +1,193 @@
+"""Checkpoints that are atomic on disk, safe to load, and rotated.
+
+- `save_checkpoint` writes to a temporary file in the same directory, fsyncs it and renames it
+  over the target, so a kill during a save leaves the previous file intact (never a torn one).
+- `load_checkpoint` uses `torch.load(weights_only=True)`: tensors and plain containers only.
+  The single extra class allowed is `argparse.Namespace`, which the official DiT/SiT/MAE
+  scripts pickle as `args`; anything else that would run code is refused with one sentence.
+- `CheckpointManager` keeps the last K files plus milestones; `resolve_resume` finds the newest
+  checkpoint in a run directory that actually loads, skipping truncated ones.
+"""
+import argparse
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated/corrupt, or unsafe to load."""
+
+
+def args_to_dict(args) -> dict:
+    """argparse.Namespace (or dict) -> plain dict of str/int/float/bool/None/lists (weights_only-safe)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+
+    def plain(value):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        return str(value)  # Path, torch.device, enums: their text is what a reader needs
+
+    return {str(key): plain(value) for key, value in values.items()}
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Atomically writes `state` to `path` (tmp file in the same dir, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Loads a checkpoint with weights_only=True; raises CheckpointError with one clear sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the --resume/--ckpt path.")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # The weights-only unpickler names the class or function it refused to import; any other
+        # unpickling failure (unknown opcode, short read) means the bytes are damaged.
+        found = re.search(r"GLOBAL (\S+?)[\s,]", str(error))
+        if found is None:
+            raise _corrupt(path, error) from error
+        culprit = f" (it references {found.group(1)})"
+        raise CheckpointError(
+            f"checkpoint {path} was refused because loading it would execute pickled code{culprit}; "
+            "only tensors and plain Python values are loaded, so re-save it from a trusted environment "
+            "as a state dict."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise _corrupt(path, error) from error
+
+
+def _corrupt(path: Path, error: Exception) -> CheckpointError:
+    detail = (str(error).splitlines() or [""])[0][:100]
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}"
+                           f"{': ' + detail if detail else ''}); delete it or resume from an earlier checkpoint.")
+
+
+# Checkpoint names used by the official scripts: MAE/USP "checkpoint-{epoch}.pth", DiT/SiT "{step:07d}.pt".
+DEFAULT_PATTERN = r"^(?:checkpoint-)?(\d+)\.pth?$"
+
+
+def _numbered_files(directory: Path, pattern: str) -> list[tuple[int, Path]]:
+    """Files in `directory` whose name matches `pattern` (one group: the number), oldest first."""
+    regex = re.compile(pattern)
+    found = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            match = regex.match(entry.name)
+            if match and entry.is_file():
+                found.append((int(match.group(1)), entry))
+    return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
+
+
+def _newest_loadable(candidates: list[tuple[int, Path]], map_location):
+    for _, path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as error:
+            warnings.warn(f"skipping unusable checkpoint: {error}")
+    return None
+
+
+class CheckpointManager:
+    """Saves numbered checkpoints in `directory`, keeping the newest `keep_last` plus milestones.
+
+    `filename_fn(step_or_epoch) -> name`, e.g. `lambda e: f"checkpoint-{e}.pth"` (MAE) or
+    `lambda s: f"{s:07d}.pt"` (DiT). `is_milestone(step_or_epoch) -> bool` marks files that are
+    never rotated away. `keep_last=None` keeps everything. Only the main rank writes.
+    """
+
+    _PROBE = 987654321  # wider than any zero padding, so it shows where the number sits in a name
+
+    def __init__(self, directory, filename_fn=lambda epoch: f"checkpoint-{epoch}.pth", keep_last: int | None = 3,
+                 is_milestone=None, is_main: bool = True):
+        self.directory = Path(directory)
+        self.filename_fn = filename_fn
+        self.keep_last = keep_last
+        self.is_milestone = is_milestone or (lambda _: False)
+        self.is_main = is_main
+        probe_name = filename_fn(self._PROBE)
+        self.pattern = "^" + re.escape(probe_name).replace(str(self._PROBE), r"(\d+)") + "$"
+
+    def path_for(self, step_or_epoch: int) -> Path:
+        return self.directory / self.filename_fn(step_or_epoch)
+
+    def save(self, state: dict, step_or_epoch: int) -> Path | None:
+        """Writes the checkpoint (main rank only), then rotates old ones; returns its path."""
+        if not self.is_main:
+            return None
+        path = save_checkpoint(state, self.path_for(step_or_epoch))
+        self._rotate()
+        return path
+
+    def _rotate(self) -> None:
+        if not self.keep_last:
+            return
+        rotating = [(number, path) for number, path in _numbered_files(self.directory, self.pattern)
+                    if not self.is_milestone(number)]
+        for _, path in rotating[: -self.keep_last]:
+            path.unlink(missing_ok=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint files written by this manager, oldest first."""
+        return [path for _, path in _numbered_files(self.directory, self.pattern)]
+
+    def latest_loadable(self, map_location="cpu"):
+        """(path, state) of the newest checkpoint that loads, skipping corrupt ones; None if none."""
+        return _newest_loadable(_numbered_files(self.directory, self.pattern), map_location)
+
+
+def resolve_resume(path_or_dir, pattern: str = DEFAULT_PATTERN, map_location="cpu"):
+    """(path, state) for --resume given a checkpoint file or a run directory.
+
+    A file must load (CheckpointError otherwise). A directory (or its `checkpoints/` subfolder,
+    DiT's layout) yields its newest checkpoint that loads; truncated ones are skipped with a
+    warning, and finding none is a CheckpointError.
+    """
+    target = Path(path_or_dir)
+    if target.is_file():
+        return target, load_checkpoint(target, map_location)
+    if not target.is_dir():
+        raise CheckpointError(f"--resume {target} is neither a checkpoint file nor a run directory.")
+    candidates = _numbered_files(target, pattern) + _numbered_files(target / "checkpoints", pattern)
+    candidates.sort(key=lambda item: (item[0], item[1].stat().st_mtime))
+    found = _newest_loadable(candidates, map_location)
+    if found is None:
+        raise CheckpointError(f"no loadable checkpoint matching {pattern!r} in {target}"
+                              f"{' (all candidates were corrupt)' if candidates else ''}; "
+                              "check the --resume path or start a fresh run.")
+    return found
