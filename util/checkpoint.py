@@ -93,7 +93,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
-    detail = (str(error).splitlines() or [""])[0][:100]
+    # torch's weights-only errors wrap the useful line in boilerplate; keep the specific one.
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
+    detail = (lines[-1] if isinstance(error, pickle.UnpicklingError) and lines else (lines or [""])[0])[:100]
     return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}"
                            f"{': ' + detail if detail else ''}); delete it or resume from an earlier checkpoint.")
 
