@@ -1,0 +1,97 @@
+"""Run logging: console, TensorBoard and a JSON-lines metrics file (MAE's `log.txt` format).
+
+Metrics arrive as floats (or tensors read once here): the training loop accumulates losses on
+the device and calls `.item()` only at log intervals, so steps in between never wait on the host.
+"""
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Writes `{"step": step, **metrics}` lines to `<output_dir>/<jsonl_name>`, TensorBoard and stdout.
+
+    Only the main rank writes anything; other ranks get a logger whose methods do nothing, so
+    callers do not need `if is_main` around every call.
+    """
+
+    def __init__(self, output_dir, is_main: bool, tensorboard: bool = True, jsonl_name: str = "log.txt",
+                 log_dir=None):
+        self.is_main = is_main
+        self.writer = None
+        self.jsonl = None
+        if not is_main:
+            return
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.output_dir / jsonl_name, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed; metrics go to the JSON-lines log only.")
+            else:
+                self.writer = SummaryWriter(log_dir=str(log_dir or self.output_dir))
+
+    def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        """Records `metrics` (name -> number) at `step` in all three sinks."""
+        if not self.is_main:
+            return
+        values = {name: float(value.item() if torch.is_tensor(value) else value) for name, value in metrics.items()}
+        self.jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        text = " ".join(f"{name}={value:.6g}" for name, value in values.items())
+        tqdm.write(f"[{prefix} step {step}] {text}", file=sys.stdout)
+
+    def info(self, message: str) -> None:
+        """A plain message on the main rank's console."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def progress(iterable, is_main: bool, **kwargs):
+    """tqdm bar on the main rank only."""
+    return tqdm(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
+
+
+class Throughput:
+    """Images per second between `rate()` calls; read it at log steps (after the `.item()` sync)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.count = 0
+
+    def update(self, images: int) -> None:
+        self.count += images
+
+    def rate(self, reset: bool = True) -> float:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        images_per_second = self.count / elapsed
+        if reset:
+            self.reset()
+        return images_per_second
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated CUDA memory on `device`, or the process's peak RSS on CPU, in MiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
