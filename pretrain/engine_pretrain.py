@@ -1,0 +1,144 @@
+"""The pretraining loop: one epoch of masked (latent) modeling (MAE's engine_pretrain, USP's variant).
+
+Everything random about a batch (crop, flip, which patches are masked, the --add_noise level and
+noise) arrives from the data loader, drawn on CPU workers from per-sample generators keyed by
+(seed, epoch, index). The loop itself draws nothing, so 1 process and N processes with the same
+global batch take the same steps, and a resumed run continues the exact curve.
+"""
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from util.distributed import all_reduce_mean
+from util.lr_sched import adjust_learning_rate
+from util.precision import autocast
+from util.preemption import check_finite
+
+
+@dataclass
+class LoopPosition:
+    """Where the run is: the epoch being trained, batches of it already consumed on every rank, and
+    optimizer steps taken since the start of the run. This is what a checkpoint stores to resume."""
+
+    epoch: int
+    batch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class EpochResult:
+    """What one call of `train_one_epoch` did: MAE's per-epoch stats and why it returned."""
+
+    stats: dict
+    stop_reason: str | None  # None = epoch finished; "max_steps" or "preempted" = stop the run now
+
+
+def prepare_batch(batch: dict, codec, args, device: torch.device):
+    """Moves a collated batch to `device` and builds the model's input and target.
+
+    batch["images"]: (N, 3, H, W) images ([-1, 1] for latent models, ImageNet-normalised for pixel
+                     models) or, with --use_cached, (N, C, h, w) scaled latents;
+    batch["mask_noise"]: (N, L) uniform values that decide which patches are masked;
+    batch["t"] (N,), batch["eps"] like the model input: the --add_noise level and noise.
+    Returns inputs (N, C, h, w), target (N, C, h, w) clean latents / images, mask_noise (N, L).
+    """
+    images = batch["images"].to(device, non_blocking=True)
+    mask_noise = batch["mask_noise"].to(device, non_blocking=True)
+    with torch.no_grad():
+        if codec is None:
+            clean = images
+        else:
+            # USP encodes to the posterior MEAN (no sampling), times the VAE's scale factor.
+            with autocast(device, args.vae_precision):
+                clean = codec.encode(images, sample=False).float()
+        inputs = clean
+        if args.add_noise:
+            t = batch["t"].to(device, non_blocking=True).view(-1, 1, 1, 1)
+            eps = batch["eps"].to(device, non_blocking=True)
+            inputs = t.sqrt() * clean + (1.0 - t).sqrt() * eps  # x = sqrt(t) z + sqrt(1 - t) eps
+    return inputs, clean, mask_noise
+
+
+def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: LoopPosition, run) -> EpochResult:
+    """Trains from `position` to the end of `position.epoch` (or until a stop condition).
+
+    `run` carries the setup made by main_pretrain: args, device, dist env, logger, preemption
+    handler, `base_lr` and `steps_per_epoch` (optimizer steps in a full epoch). `position` is
+    advanced in place. Losses stay on the device; they are read (`.item()`) only every
+    --log_every optimizer steps, the only host synchronisation in the loop.
+    """
+    args, device = run.args, run.device
+    model.train(True)
+    accum = args.accum_iter
+    batches_per_epoch = run.steps_per_epoch * accum
+    window_loss = torch.zeros((), device=device)  # sum of micro-batch losses since the last log
+    window_batches = 0
+    epoch_loss = torch.zeros((), device=device)
+    epoch_batches = 0
+    window_start = time.perf_counter()
+    window_steps = 0
+    stop_reason = None
+    lr = optimizer.param_groups[0]["lr"]
+
+    for batch in data_loader:
+        if position.batch >= batches_per_epoch:
+            break  # the trailing batches that do not fill an accumulation group are skipped
+        if position.batch % accum == 0:
+            lr = adjust_learning_rate(optimizer, position.epoch + position.batch / batches_per_epoch,
+                                      run.base_lr, args.min_lr, args.warmup_epochs, args.epochs)
+        inputs, target, mask_noise = prepare_batch(batch, codec, args, device)
+
+        boundary = (position.batch + 1) % accum == 0
+        # Gradients of the first accum-1 micro-batches stay local; DDP all-reduces on the last one.
+        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, args.precision):
+                loss, _, _ = model(inputs, mask_ratio=args.mask_ratio, target=target, noise=mask_noise)
+            scaler.scale(loss / accum).backward()
+        loss = loss.detach()
+        window_loss += loss
+        epoch_loss += loss
+        window_batches += 1
+        epoch_batches += 1
+        position.batch += 1
+        if not boundary:
+            continue
+
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        position.global_step += 1
+        window_steps += 1
+
+        reached_max = args.max_steps is not None and position.global_step >= args.max_steps
+        if position.global_step % args.log_every == 0 or reached_max or position.batch >= batches_per_epoch:
+            # The only host sync: one all-reduce + .item() per log interval. A NaN anywhere in
+            # the window survives the sum, so checking here never lets a bad step be saved.
+            loss_value = all_reduce_mean(window_loss / window_batches).item()
+            check_finite(loss_value, position.global_step)
+            elapsed = time.perf_counter() - window_start
+            images = window_steps * accum * args.batch_size * run.dist.world_size
+            run.logger.log(position.global_step, {
+                "loss": loss_value, "lr": lr, "epoch": position.epoch + position.batch / batches_per_epoch,
+                "images_per_s": images / max(elapsed, 1e-9),
+            })
+            window_loss.zero_()
+            window_batches = window_steps = 0
+            window_start = time.perf_counter()
+        # Cheap on most steps: the handler all-reduces its flag only every `sync_every` steps.
+        if run.preemption.should_stop(position.global_step):
+            stop_reason = "preempted"
+        elif reached_max:
+            stop_reason = "max_steps"
+        if stop_reason is not None:
+            break
+
+    # Every rank ran the same number of batches, so this collective is matched across ranks.
+    epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
+    if epoch_batches:
+        check_finite(epoch_mean, position.global_step)
+    stats = {"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}
+    return EpochResult(stats=stats, stop_reason=stop_reason)

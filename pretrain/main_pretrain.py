@@ -1,0 +1,367 @@
+"""USP pretraining: masked latent modeling on frozen-VAE latents (MAE's main_pretrain, USP's flags).
+
+    torchrun --nproc_per_node=8 -m pretrain.main_pretrain --model vit_base_patch_vae --vae_version d8 \
+        --vae_path /path/to/sd-vae-ft-ema --batch_size 64 --norm_pix_loss --mask_ratio 0.75 \
+        --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --data_path /imagenet ...
+
+Data flow per sample: image -> RandomResizedCrop(0.2-1, bicubic) + flip -> [-1, 1] -> frozen VAE ->
+posterior mean x scale -> (optional --add_noise) -> MAE with 75% of the latent patches masked.
+Pixel presets (mae_vit_*) skip the VAE and see ImageNet-normalised images, as in MAE.
+
+Tiny models for tests and experiments: `--model_kwargs '{"embed_dim": 32, "depth": 2, "num_heads": 2,
+"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}'` overrides any constructor
+argument of the preset (JSON object), and is stored in the checkpoint's args so tools can rebuild it.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+from models.mae import create_mae, is_pixel_model
+from models.vae import LatentCodec, vae_identity
+from pretrain.engine_pretrain import LoopPosition, train_one_epoch
+from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
+from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
+from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
+                              setup_for_distributed_printing)
+from util.latent_cache import LatentCacheDataset
+from util.logging import RunLogger
+from util.lr_sched import effective_lr
+from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
+from util.preemption import NonFiniteLossError, PreemptionHandler
+from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
+from util.sampler import ResumableDistributedSampler
+
+CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
+# Parameters that never get weight decay besides biases and norm weights (timm drops every 1-D
+# parameter): the learned tokens and the position embeddings (frozen in MAE, but listed so a
+# variant that learns them is handled the same way).
+NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("USP / MAE pretraining", add_help=True)
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per GPU (effective batch = batch_size * accum_iter * world size)")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="accumulate gradients over this many iterations (for a larger effective batch)")
+    parser.add_argument("--max_steps", default=None, type=int,
+                        help="stop after this many optimizer steps (checkpointing at the end); the lr schedule "
+                             "still follows --epochs")
+
+    # Model
+    parser.add_argument("--model", default="vit_base_patch_vae", type=str, help="MAE preset name")
+    parser.add_argument("--model_kwargs", default="{}", type=str,
+                        help='JSON object of constructor overrides, e.g. \'{"embed_dim": 32, "depth": 2}\'')
+    parser.add_argument("--input_size", default=224, type=int, help="image size in pixels")
+    parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="use per-patch normalised targets as the reconstruction target")
+    parser.add_argument("--norm_image", action="store_true", help="standardise each input/target per sample")
+    parser.add_argument("--add_noise", action="store_true",
+                        help="feed sqrt(t) z + sqrt(1 - t) eps with t ~ U[0.5, 1) and reconstruct the clean z")
+    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16"],
+                        help="d8: SD-VAE (4 ch, /8); d16: KL-16 (16 ch, /16)")
+    parser.add_argument("--vae_path", default=None, type=str,
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
+    add_precision_arg(parser, "--precision")
+    parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="autocast dtype of the frozen VAE encoder (fp32 keeps latents identical to "
+                             "the latent cache's)")
+
+    # Optimizer
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
+    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warm up lr")
+
+    # Data
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="ImageFolder root holding train/")
+    parser.add_argument("--use_cached", action="store_true", help="read latents from a latent cache")
+    parser.add_argument("--cached_path", default="", type=str, help="latent cache directory (util.latent_cache)")
+    parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pin CPU memory in the DataLoader for more efficient transfer to the GPU")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    # Run
+    parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go")
+    parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard directory")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint file or run directory to continue")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (without --resume)")
+    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs")
+    parser.add_argument("--keep_last", default=None, type=int,
+                        help="keep only the newest K checkpoints (default: keep all, as MAE)")
+    parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric reads")
+    # torch.distributed.launch passes --local_rank; torchrun's LOCAL_RANK environment variable is what we use.
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+class MaskedModelingDataset(torch.utils.data.Dataset):
+    """Adds the per-sample randomness of a masked-modeling step to a keyed dataset.
+
+    `base[(epoch, index)]` -> (input (C, H, W), label, index): images (SeededDataset) or
+    scaled latents (LatentCacheDataset). This returns a dict with
+      images     (C, H, W)  the base item,
+      mask_noise (L,)       uniform values, the smallest (1 - mask_ratio) * L patches stay visible,
+      t          ()         --add_noise level in [0.5, 1),
+      eps        (C, h, w)  --add_noise Gaussian noise, shaped like the model input,
+    all drawn in the loader's CPU workers from a generator keyed by (epoch, index) on a stream of
+    its own, so they depend neither on the rank nor on where the run was resumed.
+    """
+
+    def __init__(self, base, num_patches: int, model_input_shape: tuple, add_noise: bool, seed: int):
+        self.base = base
+        self.num_patches = num_patches
+        self.model_input_shape = tuple(model_input_shape)
+        self.add_noise = add_noise
+        # A hashed stream seed: the crop/flip stream uses `seed` itself, so the two never coincide.
+        self.stream_seed = sample_seed(seed, -1, 0x4D41534B)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key
+        images, _, _ = self.base[key]
+        generator = sample_generator(self.stream_seed, epoch, index)
+        item = {"images": images, "mask_noise": torch.rand(self.num_patches, generator=generator)}
+        if self.add_noise:
+            item["t"] = 0.5 + 0.5 * torch.rand((), generator=generator)
+            item["eps"] = torch.randn(self.model_input_shape, generator=generator)
+        return item
+
+
+def parse_model_kwargs(text: str) -> dict:
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model_kwargs is not valid JSON ({error.msg}); pass an object such as "
+                         "'{\"embed_dim\": 32, \"depth\": 2}'.") from None
+    if not isinstance(overrides, dict):
+        raise ValueError("--model_kwargs must be a JSON object of constructor arguments, e.g. '{\"depth\": 2}'.")
+    return overrides
+
+
+def build_model(args) -> torch.nn.Module:
+    """The MAE preset for --model at --input_size (latent presets sized from --vae_version).
+
+    Raises a one-sentence ValueError for an unknown name, an image size not divisible by the VAE
+    factor, or a latent grid not divisible by the patch size.
+    """
+    return create_mae(args.model, args.input_size, vae_version=args.vae_version,
+                      norm_pix_loss=args.norm_pix_loss, norm_image=args.norm_image,
+                      **parse_model_kwargs(args.model_kwargs))
+
+
+def build_dataset(args, model, pixel: bool):
+    """The keyed pretraining dataset: a latent cache (--use_cached) or an ImageFolder of train/."""
+    if args.use_cached:
+        if pixel:
+            raise ValueError(f"--use_cached holds VAE latents but {args.model} is a pixel model; "
+                             "use a latent preset (vit_*_patch_vae*) or drop --use_cached.")
+        if not args.cached_path:
+            raise ValueError("--use_cached needs --cached_path pointing at a latent cache directory "
+                             "(made by util.latent_cache).")
+        expect = {"vae_version": args.vae_version, "image_size": args.input_size}
+        if args.vae_path:
+            expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
+        # USP pretrains on the posterior mean; the cache picks the flip per (epoch, index).
+        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed)
+    else:
+        folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
+        base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
+    input_shape = (model.in_chans, model.img_size, model.img_size)
+    return MaskedModelingDataset(base, model.patch_embed.num_patches, input_shape, args.add_noise, args.seed)
+
+
+def build_codec(args, device, pixel: bool):
+    """The frozen VAE for online encoding, or None (pixel model or latent cache)."""
+    if pixel or args.use_cached:
+        return None
+    if args.vae_path is None:
+        raise ValueError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
+                         "AutoencoderKL folder such as a download of stabilityai/sd-vae-ft-ema; d16: kl16.ckpt), "
+                         "or --use_cached with a latent cache.")
+    return LatentCodec.load(args.vae_version, args.vae_path, device=device)
+
+
+def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
+    """AdamW(0.9, 0.95) with no weight decay on biases, norms, tokens and position embeddings."""
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -> LoopPosition:
+    """Loads --resume into model/optimizer/scaler and returns where the run continues.
+
+    Our checkpoints carry a `resume` block (epoch, samples consumed in it, optimizer steps, per-rank
+    RNG states); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at
+    the next epoch.
+    """
+    if not args.resume:
+        return LoopPosition(epoch=args.start_epoch)
+    path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise ValueError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs "
+                         f"{args.model_kwargs} ({'missing' if missing else 'unexpected'} weights, e.g. {names}); "
+                         "pass the model settings the checkpoint was trained with.")
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    state = checkpoint.get("resume")
+    if state is None:
+        logger.info(f"resumed {path} (epoch {checkpoint['epoch']} finished)")
+        return LoopPosition(epoch=int(checkpoint["epoch"]) + 1)
+    restore_rank_rng(state["rng"])
+    samples = int(state["samples"])
+    if samples % global_batch:
+        raise ValueError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
+                         f"not a whole number of global batches of {global_batch}; resume with the original "
+                         "--batch_size, --accum_iter and number of processes.")
+    logger.info(f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
+    return LoopPosition(epoch=int(state["epoch"]), batch=samples // (global_batch // args.accum_iter),
+                        global_step=int(state["global_step"]))
+
+
+def save_state(run, model, optimizer, scaler, position: LoopPosition, epoch_done: bool):
+    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus what an exact resume needs.
+
+    `epoch_done`: the epoch ended, so the run continues at the next one; otherwise (max_steps,
+    preemption) it continues inside this epoch after the samples already consumed.
+    """
+    rng_states = gather_rng_states()  # a collective: every rank contributes its generators
+    samples_per_batch = run.args.batch_size * run.dist.world_size  # one batch on every rank
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": position.epoch,
+        "scaler": scaler.state_dict(),
+        "args": args_to_dict(run.args),
+        "resume": {
+            "epoch": position.epoch + 1 if epoch_done else position.epoch,
+            "samples": 0 if epoch_done else position.batch * samples_per_batch,
+            "global_step": position.global_step,
+            "rng": rng_states,
+        },
+    }
+    path = run.checkpoints.save(state, position.epoch)
+    if path is not None:
+        run.logger.info(f"saved {path}")
+    barrier()
+
+
+def setup(args) -> SimpleNamespace:
+    """Everything before the loop, in the order that fails fastest on bad input."""
+    dist_env = init_distributed(args.device)
+    setup_for_distributed_printing(dist_env.is_main)
+    device = dist_env.device
+    if device.type == "cuda":
+        enable_tf32()
+    if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
+        raise ValueError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
+
+    pixel = is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
+    seed_everything(args.seed)  # same initial weights on every rank and for every world size
+    model = build_model(args)
+    dataset = build_dataset(args, model, pixel)
+    codec = build_codec(args, device, pixel)
+    seed_everything(rank_seed(args.seed, dist_env.rank))
+
+    sampler = ResumableDistributedSampler(len(dataset), dist_env.world_size, dist_env.rank, shuffle=True,
+                                          seed=args.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one optimizer step needs "
+                         f"({args.batch_size} x {args.accum_iter} x {dist_env.world_size} processes); "
+                         "lower --batch_size or --accum_iter.")
+    loader = build_loader(dataset, sampler, args.batch_size, num_workers=args.num_workers,
+                          pin_memory=args.pin_mem and device.type == "cuda", persistent_workers=True,
+                          drop_last=True)
+
+    model.to(device)
+    model_without_ddp = model
+    if dist_env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    global_batch = args.batch_size * args.accum_iter * dist_env.world_size
+    base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
+    optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
+    scaler = make_grad_scaler(device, args.precision)
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    position = resume_position(args, model_without_ddp, optimizer, scaler, global_batch, logger)
+    logger.info(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f}M params, "
+                f"{'pixels' if pixel else 'latents'} {tuple(dataset.model_input_shape)}, "
+                f"{model_without_ddp.patch_embed.num_patches} patches")
+    logger.info(f"lr {base_lr:.3e} (blr {args.blr:.3e} x {global_batch} / 256), {steps_per_epoch} steps/epoch, "
+                f"{dist_env.world_size} processes on {device}")
+    return SimpleNamespace(
+        args=args, dist=dist_env, device=device, model=model, model_without_ddp=model_without_ddp,
+        codec=codec, sampler=sampler, loader=loader, optimizer=optimizer, scaler=scaler, logger=logger,
+        position=position, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
+        preemption=PreemptionHandler(),
+        checkpoints=CheckpointManager(args.output_dir, lambda epoch: f"checkpoint-{epoch}.pth",
+                                      keep_last=args.keep_last, is_main=dist_env.is_main),
+    )
+
+
+def train(run) -> None:
+    """The epoch loop: train, log MAE's per-epoch line, checkpoint every --save_every epochs and at the end."""
+    args, position = run.args, run.position
+    while position.epoch < args.epochs:
+        run.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
+        result = train_one_epoch(run.model, run.codec, run.loader, run.optimizer, run.scaler, position, run)
+        epoch_done = result.stop_reason is None
+        if epoch_done:
+            run.logger.log(position.global_step, {"train_lr": result.stats["lr"], "train_loss": result.stats["loss"],
+                                                  "epoch": position.epoch}, prefix="epoch")
+        last_epoch = position.epoch + 1 == args.epochs
+        if not epoch_done or last_epoch or (position.epoch + 1) % args.save_every == 0:
+            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done)
+        if not epoch_done:
+            run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}")
+            return
+        position.epoch += 1
+        position.batch = 0
+
+
+def main(args) -> None:
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        run = setup(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as error:
+        # Bad input (data, model name, sizes, VAE file, cache, checkpoint): one sentence, no traceback.
+        cleanup()
+        sys.exit(f"main_pretrain: error: {error}")
+    try:
+        train(run)
+    except NonFiniteLossError as error:
+        cleanup()
+        sys.exit(f"main_pretrain: error: {error}")
+    finally:
+        run.logger.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
