@@ -9,6 +9,7 @@
   checkpoint in a run directory that actually loads, skipping truncated ones.
 """
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -50,14 +51,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, path) -> Path:
-    """Atomically writes `state` to `path` (tmp file in the same dir, fsync, os.replace)."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """Opens a temporary file next to `path` for binary writing; on success fsyncs it and renames it
+    over `path`, so readers see either the old file or the complete new one, never a torn write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -65,7 +68,13 @@ def save_checkpoint(state: dict, path) -> Path:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-    return path
+
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Atomically writes `state` to `path` (tmp file in the same dir, fsync, os.replace)."""
+    with atomic_open(path) as handle:
+        torch.save(state, handle)
+    return Path(path)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

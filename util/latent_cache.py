@@ -1,0 +1,298 @@
+"""Latent cache: encode a dataset through the frozen VAE once, train from the stored moments.
+
+Layout of `<cache_dir>`:
+  manifest.json             settings (VAE identity/version/scale, image size, crop, classes, file
+                            list hash, shard size) + `complete`, `count`, `skipped` once finished
+  shard-00000.safetensors   for images [k*S, (k+1)*S) of the ImageFolder, in its sorted order:
+                            mean, logvar (n, 2, C, h, w) float32 UNscaled, [:, 0] = image, [:, 1] =
+                            its horizontal flip; label (n,) int64; valid (n,) uint8 (0 = unreadable)
+
+Extraction is one DDP pass (shard k belongs to rank k % world_size). Each shard is written
+atomically when complete and skipped if already present, so an interrupted extraction resumes
+where it stopped; a shard's bytes depend only on its images and the batch size, not on the rank,
+world size or resume point. Training reads with `LatentCacheDataset`, which picks the flip and
+draws the posterior noise from `sample_generator(seed, epoch, index)`.
+
+CLI (under torchrun or alone):
+  python -m util.latent_cache --data_path DIR --cached_path OUT --vae_version d8 --vae_path VAE --input_size 256
+"""
+import argparse
+import hashlib
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file: put the repo root (not util/, whose logging.py would shadow the stdlib) on the path.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import safetensors.torch
+import torch
+from torchvision import transforms
+
+from util.checkpoint import atomic_open
+from util.data import CenterCropArr, DataError, build_image_folder, eval_crop
+from util.distributed import barrier, cleanup, init_distributed
+from util.logging import progress
+from util.rng import sample_generator
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+# How an image becomes a square of `image_size` pixels before encoding.
+CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
+
+
+class LatentCacheError(ValueError):
+    """A latent cache that is missing, unfinished, or made for other settings."""
+
+
+def shard_path(cache_dir, shard: int) -> Path:
+    return Path(cache_dir) / f"shard-{shard:05d}.safetensors"
+
+
+def cache_transform(image_size: int, crop: str = "center") -> transforms.Compose:
+    """Deterministic crop of the cache (no flip: both orientations are stored), to [-1, 1]."""
+    if crop not in CROPS:
+        raise LatentCacheError(f"unknown crop {crop!r} for the latent cache; choose one of {sorted(CROPS)}.")
+    return transforms.Compose([
+        CROPS[crop](image_size), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+
+
+def _files_digest(dataset) -> str:
+    """Hash of the (relative path, label) list: a cache never silently mixes two datasets."""
+    digest = hashlib.sha256()
+    for path, label in dataset.samples:
+        digest.update(f"{Path(path).relative_to(dataset.root)}\t{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(cache_dir) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise LatentCacheError(f"no latent cache at {cache_dir} ({MANIFEST} is missing); create it with "
+                               "`python -m util.latent_cache --data_path ... --cached_path ...`.")
+    return json.loads(path.read_text())
+
+
+def _write_manifest(cache_dir, manifest: dict) -> None:
+    with atomic_open(Path(cache_dir) / MANIFEST) as handle:
+        handle.write(json.dumps(manifest, indent=1).encode())
+
+
+def _differences(found: dict, wanted: dict) -> list[str]:
+    return [f"{key}={found.get(key)!r} (needed {value!r})" for key, value in wanted.items() if found.get(key) != value]
+
+
+class _CroppedImages(torch.utils.data.Dataset):
+    """index -> (image (3, H, W) in [-1, 1] or zeros if unreadable, label, valid)."""
+
+    def __init__(self, folder, transform, image_size: int):
+        self.folder = folder
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        image, label = self.folder.try_load(index)
+        if image is None:
+            return torch.zeros(3, self.image_size, self.image_size), label, False
+        return self.transform(image), label, True
+
+
+@torch.no_grad()
+def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: str = "center", batch_size: int = 64,
+                         dist=None, num_workers: int = 0, shard_size: int = 1024, vae_identity: str = "",
+                         vae_version: str | None = None, strict: bool = False, show_progress: bool = True) -> dict:
+    """Encodes every image of `image_root` (an ImageFolder) and its flip into `cache_dir`; returns the manifest.
+
+    codec: a `models.vae.LatentCodec` (uses `encode_moments` and `spec`) already on `dist.device`.
+    dist:  the `DistEnv` of this process (None = single process). All ranks must call this.
+    vae_identity / vae_version: recorded in the manifest and checked when training reads the cache.
+    Unreadable images are stored as invalid (skipped by training, counted in the manifest);
+    `strict=True` raises instead.
+    """
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    is_main = rank == 0
+    spec = codec.spec
+    latent_size = spec.latent_size(image_size)
+    transform = cache_transform(image_size, crop)
+    folder = build_image_folder(image_root, strict=strict)
+    cache_dir = Path(cache_dir)
+    settings = {
+        "format": CACHE_FORMAT, "vae_identity": vae_identity, "vae_version": vae_version, "scale": spec.scale,
+        "channels": spec.channels, "factor": spec.factor, "image_size": image_size, "latent_size": latent_size,
+        "crop": crop, "batch_size": batch_size, "shard_size": shard_size, "num_images": len(folder),
+        "classes": list(folder.classes), "files_sha256": _files_digest(folder),
+    }
+    if (cache_dir / MANIFEST).is_file():
+        differences = _differences(read_manifest(cache_dir), settings)
+        if differences:
+            raise LatentCacheError(f"{cache_dir} already holds a latent cache made with other settings "
+                                   f"({', '.join(differences)}); choose another --cached_path or delete it.")
+    elif is_main:
+        _write_manifest(cache_dir, {**settings, "complete": False})
+    barrier()
+
+    num_shards = math.ceil(len(folder) / shard_size)
+    pending = [k for k in range(rank, num_shards, world_size) if not shard_path(cache_dir, k).is_file()]
+    # Batches never straddle shards, so each shard's batches (hence bytes) are fixed by the data alone.
+    batches = [list(range(start, min(start + batch_size, (k + 1) * shard_size, len(folder))))
+               for k in pending for start in range(k * shard_size, min((k + 1) * shard_size, len(folder)), batch_size)]
+    loader = torch.utils.data.DataLoader(_CroppedImages(folder, transform, image_size), batch_sampler=batches,
+                                         num_workers=num_workers, pin_memory=codec.device.type == "cuda")
+    parts = {}
+    for batch_indices, (images, labels, valid) in zip(batches, progress(loader, is_main and show_progress,
+                                                                         desc="latent cache")):
+        mean, logvar = codec.encode_moments(images)
+        flip_mean, flip_logvar = codec.encode_moments(images.flip(-1))
+        shard = batch_indices[0] // shard_size
+        parts.setdefault(shard, []).append({
+            "mean": torch.stack([mean, flip_mean], dim=1).cpu(), "logvar": torch.stack([logvar, flip_logvar], dim=1).cpu(),
+            "label": labels.to(torch.int64), "valid": valid.to(torch.uint8),
+        })
+        if batch_indices[-1] == min((shard + 1) * shard_size, len(folder)) - 1:
+            shard_parts = parts.pop(shard)
+            tensors = {name: torch.cat([part[name] for part in shard_parts]).contiguous()
+                       for name in ("mean", "logvar", "label", "valid")}
+            with atomic_open(shard_path(cache_dir, shard)) as handle:
+                handle.write(safetensors.torch.save(tensors))
+    barrier()
+
+    manifest = {**settings, "complete": True}
+    if is_main:
+        valid = np.concatenate([_ShardView(shard_path(cache_dir, k)).array("valid") for k in range(num_shards)])
+        skipped = [folder.samples[i][0] for i in np.flatnonzero(valid == 0)]
+        manifest.update(count=int(valid.sum()), skipped=len(skipped), skipped_files=skipped[:100])
+        _write_manifest(cache_dir, manifest)
+        print(f"latent cache {cache_dir}: {manifest['count']} images encoded, {len(skipped)} unreadable skipped")
+    barrier()
+    return manifest
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
+
+
+class _ShardView:
+    """Zero-copy, read-only numpy views of a safetensors shard (memory-mapped, opened lazily)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as handle:
+            header_length = struct.unpack("<Q", handle.read(8))[0]
+            self.header = json.loads(handle.read(header_length))
+        self.data_offset = 8 + header_length
+
+    def array(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        begin, _ = entry["data_offsets"]
+        return np.memmap(self.path, dtype=_SAFETENSORS_DTYPES[entry["dtype"]], mode="r",
+                         offset=self.data_offset + begin, shape=tuple(entry["shape"]))
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """Scaled latents from a cache: `__getitem__((epoch, index))` -> (latents (C, h, w), label, index).
+
+    The flip (50%) and the posterior noise come from `sample_generator(seed, epoch, index)`;
+    `use_mean=True` returns the scaled posterior mean instead of a sample (USP pretraining).
+    `expect` holds manifest values this run needs (e.g. {"image_size": 256, "vae_version": "d8",
+    "vae_identity": ...}); any difference is refused with one sentence naming it.
+    """
+
+    def __init__(self, cache_dir, expect: dict | None = None, use_mean: bool = False, seed: int = 0,
+                 random_flip: bool = True):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if not manifest.get("complete"):
+            raise LatentCacheError(f"the latent cache at {cache_dir} is incomplete (its extraction was interrupted); "
+                                   "rerun the same `python -m util.latent_cache` command to finish it.")
+        differences = _differences(manifest, expect or {})
+        if differences:
+            raise LatentCacheError(f"the latent cache at {cache_dir} was made with {', '.join(differences)}; "
+                                   "extract a cache for these settings or change the run's flags.")
+        self.manifest = manifest
+        self.scale = float(manifest["scale"])
+        self.shard_size = int(manifest["shard_size"])
+        self.use_mean = use_mean
+        self.seed = seed
+        self.random_flip = random_flip
+        num_shards = math.ceil(manifest["num_images"] / self.shard_size)
+        views = [_ShardView(shard_path(self.cache_dir, k)) for k in range(num_shards)]
+        valid = np.concatenate([view.array("valid") for view in views])
+        self.image_index = np.flatnonzero(valid)  # dataset position -> image index in the folder
+        self.labels = np.concatenate([view.array("label") for view in views])[self.image_index]
+        self._views = {}  # per process; memmaps are reopened lazily in each DataLoader worker
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def _view(self, shard: int) -> _ShardView:
+        if shard not in self._views:
+            self._views[shard] = _ShardView(shard_path(self.cache_dir, shard))
+        return self._views[shard]
+
+    def moments(self, index: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """UNscaled (mean, logvar), each (C, h, w), of dataset item `index` (flip 0 or 1)."""
+        shard, row = divmod(int(self.image_index[index]), self.shard_size)
+        view = self._view(shard)
+        return (torch.from_numpy(np.array(view.array("mean")[row, flip])),
+                torch.from_numpy(np.array(view.array("logvar")[row, flip])))
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        generator = sample_generator(self.seed, epoch, index)
+        flip = int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
+        mean, logvar = self.moments(index, flip)
+        if self.use_mean:
+            latents = mean
+        else:
+            latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        return latents * self.scale, int(self.labels[index]), index
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Extract a latent cache (posterior moments of each image and its flip)")
+    parser.add_argument("--data_path", required=True, help="ImageFolder root (<class>/<image>)")
+    parser.add_argument("--cached_path", required=True, help="output folder for shards + manifest.json")
+    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16"])
+    parser.add_argument("--vae_path", default=None, help="d8: diffusers folder or hub id; d16: kl16.ckpt")
+    parser.add_argument("--input_size", type=int, default=256, help="image size (divisible by the VAE factor)")
+    parser.add_argument("--crop", default="center", choices=sorted(CROPS))
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoder call per rank")
+    parser.add_argument("--shard_size", type=int, default=1024, help="images per shard file")
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
+    return parser
+
+
+def main(args) -> dict:
+    from models.latent_spec import get_latent_spec
+    from models.vae import LatentCodec, vae_identity
+
+    # Cheap checks first: a bad size or folder costs seconds, not a VAE load.
+    get_latent_spec(args.vae_version).latent_size(args.input_size)
+    build_image_folder(args.data_path)
+    env = init_distributed(args.device)
+    try:
+        codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device)
+        return extract_latent_cache(
+            args.data_path, args.cached_path, codec, args.input_size, crop=args.crop, batch_size=args.batch_size,
+            dist=env, num_workers=args.num_workers, shard_size=args.shard_size,
+            vae_identity=vae_identity(args.vae_version, args.vae_path), vae_version=args.vae_version,
+            strict=args.strict_data,
+        )
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (DataError, LatentCacheError, ValueError) as error:
+        sys.exit(f"error: {error}")
