@@ -1,0 +1,198 @@
+"""The DiT/SiT training loop: one optimizer step, the step/epoch loop, and the evaluation hooks.
+
+`generation/train.py` builds everything (data, model, objective, optimizer, checkpoints) and hands it
+to `train_loop`; the loop is the same for both families because the objective hides behind
+`generation.objectives.Objective`. No per-step host synchronisation: losses accumulate on the device
+and are read (`.item()`) only at log intervals.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+from torchvision.utils import save_image
+
+from generation.objectives import NoiseBundle, Objective
+from util.distributed import all_reduce_mean
+from util.ema import update_ema
+from util.logging import Throughput, peak_memory_mb
+from util.precision import autocast
+from util.preemption import check_finite
+
+
+@dataclass
+class LoopState:
+    """Where the run is: optimizer steps done, current epoch, batches of that epoch already consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class EvalHook(Protocol):
+    """Called on every rank with the EMA model at evaluation steps; returns metrics to log (rank 0's count).
+
+    A hook that only writes files does its work on rank 0 and returns {} elsewhere; a distributed hook
+    (e.g. FID over samples drawn on all ranks) may use collectives, since every rank calls it.
+    """
+
+    def __call__(self, ema: nn.Module, step: int) -> dict: ...
+
+
+class TrainStep:
+    """One optimizer step: [online VAE encode] -> objective loss -> backward -> AdamW -> EMA update.
+
+    network: what runs forward (DDP- and/or torch.compile-wrapped `model`); model: the bare module whose
+    weights the EMA tracks. Returns the batch's mean loss as a detached device scalar.
+    """
+
+    def __init__(self, network: nn.Module, model: nn.Module, ema: nn.Module, objective: Objective,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                 precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None):
+        self.network = network
+        self.model = model
+        self.ema = ema
+        self.objective = objective
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.device = device
+        self.precision = precision
+        self.ema_decay = ema_decay
+        self.codec = codec
+
+    def model_fn(self, *args, **kwargs) -> torch.Tensor:
+        """The network under autocast, returned in fp32 so the objective's loss math stays fp32."""
+        with autocast(self.device, self.precision):
+            out = self.network(*args, **kwargs)
+        return out.float()
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Scaled latents (N, C, h, w): from the cache as they are, or a VAE posterior sample."""
+        if self.codec is None:
+            return batch["x"]
+        with autocast(self.device, self.precision):
+            mean, logvar = self.codec.encode_moments(batch["x"])
+        return self.codec.latents_from_moments(mean.float(), logvar.float(), sample=True,
+                                               noise=batch["posterior_noise"])
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        latents = self.latents(batch)
+        bundle = NoiseBundle(u=batch["u"], noise=batch["noise"], drop=batch["drop"])
+        loss = self.objective.loss(self.model_fn, latents, batch["y"], bundle).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        update_ema(self.ema, self.model, self.ema_decay)
+        return loss.detach()
+
+
+def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: LoopState, *, epochs: int,
+               max_steps: Optional[int], local_batch: int, global_batch: int, log_every: int, ckpt_every: int,
+               eval_every: int, save_fn: Callable[[LoopState], None], eval_hooks: Sequence[EvalHook],
+               ema: nn.Module, logger, lr: float, device: torch.device,
+               should_stop: Callable[[int], bool] = lambda step: False,
+               log_fn: Callable[[str], None] = print) -> LoopState:
+    """Runs optimizer steps until `epochs` or `max_steps`; checkpoints every `ckpt_every` steps and at the end.
+
+    state.batch_in_epoch lets a resumed run skip the batches its epoch already consumed (the sampler skips
+    them without loading). `should_stop(step)` is the preemption check (a collective every rank calls).
+    A non-finite loss raises before the next log line or checkpoint, so a diverged model is never saved.
+    """
+    running_loss = torch.zeros((), device=device)  # summed since the last log step, never read in between
+    interval_steps = 0
+    throughput = Throughput()
+    last_saved = state.step
+    stop = max_steps is not None and state.step >= max_steps
+    while not stop and state.epoch < epochs:
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch, batch_size=local_batch)
+        log_fn(f"Beginning epoch {state.epoch} (from batch {state.batch_in_epoch})...")
+        for batch in loader:
+            running_loss += step_fn(batch)
+            interval_steps += 1
+            throughput.update(global_batch)
+            state.step += 1
+            state.batch_in_epoch += 1
+            if state.step % log_every == 0:
+                # The only host sync of the interval: mean loss over its steps and over ranks.
+                mean_loss = check_finite(all_reduce_mean(running_loss / interval_steps), state.step)
+                images_per_sec = throughput.rate()
+                logger.log(state.step, {
+                    "loss": mean_loss, "lr": lr, "epoch": state.epoch,
+                    "steps_per_sec": images_per_sec / global_batch, "images_per_sec": images_per_sec,
+                    "peak_mem_mb": peak_memory_mb(device),
+                })
+                running_loss.zero_()
+                interval_steps = 0
+            if eval_every > 0 and state.step % eval_every == 0:
+                metrics = {}
+                for hook in eval_hooks:
+                    metrics.update(hook(ema, state.step))
+                if metrics:
+                    logger.log(state.step, metrics, prefix="eval")
+                throughput.reset()  # keep evaluation time out of the throughput numbers
+            stop = (max_steps is not None and state.step >= max_steps) or should_stop(state.step)
+            if (ckpt_every > 0 and state.step % ckpt_every == 0) or stop:
+                check_finite(all_reduce_mean(running_loss), state.step)  # steps since the last log line
+                save_fn(state)
+                last_saved = state.step
+            if stop:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    if state.step != last_saved:
+        check_finite(all_reduce_mean(running_loss), state.step)
+        save_fn(state)
+    return state
+
+
+class SampleGridHook:
+    """Samples a few images with the EMA weights and writes `<sample_dir>/<step>.png` (rank 0 only).
+
+    The noise and labels are fixed (drawn once from `seed`), so grids from different steps show how
+    the same samples evolve. Returns {"eval_seconds": ...} for the log.
+    """
+
+    def __init__(self, objective: Objective, codec: nn.Module, sample_dir: Path, latent_shape: Sequence[int],
+                 num_images: int, num_classes: int, cfg_scale: float, num_steps: int, seed: int,
+                 device: torch.device, precision: str, is_main: bool):
+        self.objective = objective
+        self.codec = codec
+        self.sample_dir = Path(sample_dir)
+        self.cfg_scale = cfg_scale
+        self.num_steps = num_steps
+        self.device = device
+        self.precision = precision
+        self.is_main = is_main
+        generator = torch.Generator().manual_seed(seed)
+        self.z = torch.randn((num_images, *latent_shape), generator=generator)  # (n, C, h, w)
+        self.y = torch.arange(num_images) % num_classes  # (n,): cycle through the classes
+
+    def _wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            with autocast(self.device, self.precision):
+                return fn(*args, **kwargs).float()
+        return wrapped
+
+    @torch.no_grad()
+    def __call__(self, ema: nn.Module, step: int) -> dict:
+        if not self.is_main:
+            return {}
+        start = time.perf_counter()
+        latents = self.objective.sample(ema, self.z.to(self.device), self.y.to(self.device), self.cfg_scale,
+                                        self.num_steps, wrap=self._wrap)
+        images = self.codec.decode(latents)  # (n, 3, H, W) in [-1, 1]
+        self.sample_dir.mkdir(parents=True, exist_ok=True)
+        path = self.sample_dir / f"{step:07d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_image(images, tmp, format="png", nrow=min(8, len(images)), normalize=True, value_range=(-1, 1))
+        os.replace(tmp, path)  # a reader never sees a half-written grid
+        return {"eval_seconds": time.perf_counter() - start}

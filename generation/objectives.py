@@ -1,0 +1,136 @@
+"""The two generative objectives behind one interface, so `generation/engine.py` has one loop.
+
+DiT trains with Gaussian diffusion (1000-step linear schedule, learned sigma, MSE + VB hybrid loss);
+SiT trains with stochastic interpolants (`generation/transport`). The model name's prefix picks one
+(`build_objective`). Neither objective draws random numbers itself: every random quantity of a
+training sample (timestep, Gaussian noise, label dropout) arrives in a `NoiseBundle` that the data
+pipeline drew from the sample's own generator (see `generation/train_data.py`), so a batch's loss does
+not depend on the world size or on where a run was resumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from generation.diffusion import create_diffusion
+from generation.transport import Sampler, create_transport
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class NoiseBundle:
+    """Per-sample randomness for one batch (all on the training device).
+
+    u:     (N,) uniform in [0, 1): the timestep before it is mapped to the objective's range.
+    noise: (N, C, h, w) standard Gaussian: diffusion's epsilon / the transport's x0.
+    drop:  (N,) int64, 1 where the class label is replaced by the null class (classifier-free guidance).
+    """
+
+    u: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+
+
+class Objective:
+    """What a generative family trains and samples with.
+
+    `loss(model_fn, latents, labels, bundle) -> (N,)` per-sample losses; `model_fn(x, t, y=..., force_drop_ids=...)`
+    is the (DDP/compiled/autocast-wrapped) network. `sample(model, z, y, cfg_scale, num_steps) -> (N, C, h, w)`
+    latents from noise `z` (N, C, h, w) and labels `y` (N,), using classifier-free guidance when cfg_scale > 1.
+    """
+
+    name: str
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def loss(self, model_fn: ModelFn, latents: torch.Tensor, labels: torch.Tensor, bundle: NoiseBundle) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sample_from(self, model_fn: ModelFn, z: torch.Tensor, model_kwargs: dict, num_steps: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, z: torch.Tensor, y: torch.Tensor, cfg_scale: float, num_steps: int,
+               wrap: Callable[[ModelFn], ModelFn] = lambda fn: fn) -> torch.Tensor:
+        """Generates latents; `wrap` lets the caller add autocast around the network calls."""
+        if cfg_scale > 1.0:
+            # As in the official sample.py: the second half of the batch carries the null class and
+            # forward_with_cfg mixes the two halves; only the conditional half is returned.
+            z = torch.cat([z, z], dim=0)
+            y = torch.cat([y, torch.full_like(y, self.num_classes)], dim=0)
+            samples = self._sample_from(wrap(model.forward_with_cfg), z, dict(y=y, cfg_scale=cfg_scale), num_steps)
+            return samples.chunk(2, dim=0)[0]
+        return self._sample_from(wrap(model.forward), z, dict(y=y), num_steps)
+
+
+class DiffusionObjective(Objective):
+    """DiT: `create_diffusion(timestep_respacing="")`, t uniform over the 1000 training steps."""
+
+    name = "diffusion"
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.diffusion = create_diffusion(timestep_respacing="")
+
+    def loss(self, model_fn, latents, labels, bundle):
+        steps = self.diffusion.num_timesteps
+        # floor(u * T) is uniform on {0, ..., T-1}, the same law as torch.randint(0, T) in DiT's train.py.
+        t = (bundle.u * steps).long().clamp_(max=steps - 1)
+        terms = self.diffusion.training_losses(
+            model_fn, latents, t, model_kwargs=dict(y=labels, force_drop_ids=bundle.drop), noise=bundle.noise)
+        return terms["loss"]
+
+    def _sample_from(self, model_fn, z, model_kwargs, num_steps):
+        # Respaced sampling (DiT's sample.py): DDPM ancestral sampling over `num_steps` of the 1000 steps.
+        diffusion = create_diffusion(str(num_steps))
+        return diffusion.p_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False,
+                                       model_kwargs=model_kwargs, device=z.device, progress=False)
+
+
+class TransportObjective(Objective):
+    """SiT: stochastic interpolant with SiT's conventions (t = 1 is data, x0 Gaussian noise)."""
+
+    name = "transport"
+
+    def __init__(self, num_classes: int, path_type: str = "Linear", prediction: str = "velocity",
+                 loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
+                 sample_eps: Optional[float] = None):
+        super().__init__(num_classes)
+        self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
+        self.sampler = Sampler(self.transport)
+
+    def loss(self, model_fn, latents, labels, bundle):
+        # The same interval SiT's Transport.sample draws t from, avoiding the singular ends of VP/score paths.
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
+        t = bundle.u * (t1 - t0) + t0
+        terms = self.transport.training_losses(
+            model_fn, latents, model_kwargs=dict(y=labels, force_drop_ids=bundle.drop), t=t, x0=bundle.noise)
+        return terms["loss"]
+
+    def _sample_from(self, model_fn, z, model_kwargs, num_steps):
+        # Fixed-step Euler ODE keeps training-time previews bounded in cost (dopri5 is adaptive).
+        sample_fn = self.sampler.sample_ode(sampling_method="euler", num_steps=num_steps)
+        return sample_fn(z, model_fn, **model_kwargs)[-1]
+
+
+def objective_family(model_name: str) -> str:
+    """'DiT-XL/2' -> 'diffusion', 'SiT-B/2-VAE-simple' -> 'transport'; anything else is a user error."""
+    if model_name.startswith("DiT-"):
+        return "diffusion"
+    if model_name.startswith("SiT-"):
+        return "transport"
+    raise ValueError(f"--model {model_name!r} names neither a DiT nor a SiT; use a name starting with 'DiT-' or 'SiT-'.")
+
+
+def build_objective(model_name: str, num_classes: int, path_type: str = "Linear", prediction: str = "velocity",
+                    loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
+                    sample_eps: Optional[float] = None) -> Objective:
+    """The model name's prefix picks the objective; SiT's transport flags only matter for SiT."""
+    if objective_family(model_name) == "diffusion":
+        return DiffusionObjective(num_classes)
+    return TransportObjective(num_classes, path_type, prediction, loss_weight, train_eps, sample_eps)

@@ -1,0 +1,406 @@
+"""Trains a DiT or SiT on VAE latents, from scratch or initialised from a USP checkpoint (`--finetune`).
+
+    torchrun --nproc_per_node=8 -m generation.train --model DiT-XL/2-VAE-simple --data-path /data/imagenet/train \
+        --finetune usp_pretrain.pth --image-size 256 --global-batch-size 256 --max-steps 400000
+
+The model name's prefix picks the objective (DiT -> Gaussian diffusion, SiT -> transport); the loop in
+`generation/engine.py` is shared. Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
+`checkpoints/0000100.pt` (model, ema, opt, args + exact-resume state), `log.txt` (JSON lines),
+TensorBoard events and `samples/` (EMA preview grids).
+"""
+import argparse
+import json
+import os
+import sys
+from copy import deepcopy
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from generation.engine import LoopState, SampleGridHook, TrainStep, train_loop
+from generation.objectives import build_objective, objective_family
+from generation.train_data import GenerationTrainSet
+from models.dit import DiT_models
+from models.latent_spec import get_latent_spec
+from models.sit import SiT_models
+from models.transfer import TransferError, transfer_pretrained
+from models.vae import LatentCodec, vae_identity
+from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
+from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
+from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
+from util.ema import requires_grad
+from util.latent_cache import LatentCacheDataset
+from util.logging import RunLogger
+from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
+from util.preemption import PreemptionHandler
+from util.rng import gather_rng_states, restore_rank_rng
+from util.sampler import ResumableDistributedSampler
+
+ALL_MODELS = {**DiT_models, **SiT_models}
+VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+CHECKPOINT_PATTERN = r"^(\d+)\.pt$"
+# Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
+# shapes and the order/content of the batches, without which "continue the exact run" is impossible.
+RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
+                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+
+
+class UserError(ValueError):
+    """A problem with the command line or the files it names, reported as one sentence."""
+
+
+def none_or_str(value):
+    return None if value == "None" else value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DiT / SiT training (USP finetuning)", add_help=True)
+    # The official DiT/SiT train.py flags.
+    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
+    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root (e.g. imagenet/train)")
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor (8 or 16)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
+                        help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    # USP's additions.
+    parser.add_argument("--finetune", type=str, default=None, help="USP/MAE pretraining checkpoint to initialise from")
+    parser.add_argument("--use-pretrain-layer", type=int, default=None, help="load only the first N pretrained blocks")
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint file or experiment directory")
+    parser.add_argument("--exp-name", type=str, default=None, help="suffix of the experiment folder name")
+    parser.add_argument("--eval-every", type=int, default=10_000, help="EMA preview (and metrics) every N steps; 0 = off")
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="per-rank batch of the FID evaluation hook")
+    parser.add_argument("--num-fid-samples", type=int, default=0,
+                        help="samples for FID at each evaluation (0 = preview grid only)")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="evaluation outputs, inside the experiment")
+    # SiT's transport flags (ignored for DiT).
+    parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
+    parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
+    parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
+    parser.add_argument("--sample-eps", type=float, default=None)
+    parser.add_argument("--train-eps", type=float, default=None)
+    # This re-implementation's additions.
+    parser.add_argument("--vae-version", type=str, default="d8", choices=["d8", "d16"])
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
+    parser.add_argument("--cached-path", type=str, default=None, help="latent cache from util/latent_cache.py")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpointing)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--eval-images", type=int, default=16, help="images in the EMA preview grid")
+    parser.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0 = all)")
+    parser.add_argument("--milestone-every", type=int, default=100_000,
+                        help="checkpoints at multiples of this step survive --keep-last rotation")
+    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    add_precision_arg(parser, "--precision", default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--model-kwargs", type=str, default="{}",
+                        help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\'')
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need no GPU, data or weights: they run before anything expensive.
+# ----------------------------------------------------------------------------------------------
+
+def check_args(args) -> dict:
+    """Validates the command line; returns the parsed --model-kwargs."""
+    if args.model not in ALL_MODELS:
+        objective_family(args.model)  # a name that is neither DiT nor SiT gets that sentence
+        raise UserError(f"--model {args.model!r} is not a known preset; choose one of {', '.join(ALL_MODELS)}.")
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model-kwargs is not valid JSON ({error.msg}); pass an object like '{{\"depth\": 2}}'.")
+    if not isinstance(model_kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"depth\": 2}'.")
+    get_latent_spec(args.vae_version).latent_size(args.image_size)  # image size vs VAE factor
+    if args.cached_path is None and args.data_path is None:
+        raise UserError("give --data-path (an ImageFolder root) or --cached-path (a latent cache).")
+    if args.cached_path is not None and not Path(args.cached_path).is_dir():
+        raise UserError(f"--cached-path {args.cached_path} does not exist; build it with util/latent_cache.py first.")
+    if args.finetune is not None and args.resume is None and not Path(args.finetune).is_file():
+        raise UserError(f"--finetune {args.finetune} does not exist; pass the USP pretraining checkpoint file.")
+    for flag in ("global_batch_size", "log_every", "epochs", "eval_images", "num_sampling_steps"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UserError(f"--max-steps must be positive, got {args.max_steps}.")
+    if args.vae_version == "d16" and args.vae_path is None:
+        raise UserError("--vae-version d16 needs --vae-path pointing at the KL-16 autoencoder file kl16.ckpt.")
+    return model_kwargs
+
+
+def check_resume(args, checkpoint: dict, path: Path) -> None:
+    saved = checkpoint.get("args") or {}
+    current = args_to_dict(args)
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved[key] != current[key]:
+            raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
+                            f"command says {current[key]!r}; use the original value to continue that run.")
+    if "step" not in checkpoint or "ema" not in checkpoint:
+        raise UserError(f"--resume {path} has no training state (step/ema); to start from weights use --finetune.")
+
+
+def experiment_dir_for(args, resume_path) -> Path:
+    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them)."""
+    if resume_path is not None:
+        parent = Path(resume_path).resolve().parent
+        return parent.parent if parent.name == "checkpoints" else parent
+    index = len(glob(f"{args.results_dir}/*"))
+    name = args.model.replace("/", "-") + (f"-{args.exp_name}" if args.exp_name else "")
+    return Path(args.results_dir) / f"{index:03d}-{name}"
+
+
+def broadcast_object(value, is_main: bool):
+    """Rank 0's `value` on every rank (e.g. the experiment folder, which only rank 0 can number)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value if is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTrainSet:
+    """Cached latents or images (ADM center crop + flip) wrapped with the objective's per-sample noise."""
+    if args.cached_path is not None:
+        # The cache must hold ADM-center-cropped latents of this VAE at this size, else training silently
+        # learns another distribution than the one the EMA previews decode.
+        expect = dict(image_size=args.image_size, vae_version=args.vae_version, crop="center",
+                      vae_identity=vae_identity(args.vae_version, vae_source(args)))
+        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed)
+        classes, source = base.manifest["classes"], args.cached_path
+    else:
+        folder = build_image_folder(args.data_path)
+        base = SeededDataset(folder, generation_transform(args.image_size), seed=args.global_seed)
+        classes, source = folder.classes, args.data_path
+    if len(classes) != args.num_classes:
+        raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
+                        f"pass --num-classes {len(classes)}.")
+    return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
+                              online_vae=args.cached_path is None)
+
+
+def build_model(args, model_kwargs: dict, latent_size: int, channels: int):
+    kwargs = dict(input_size=latent_size, num_classes=args.num_classes, in_channels=channels)
+    kwargs.update(model_kwargs)
+    try:
+        return ALL_MODELS[args.model](**kwargs)
+    except TypeError as error:
+        raise UserError(f"--model-kwargs does not fit {args.model} ({error}); use the DiT constructor's names.")
+
+
+def vae_source(args):
+    """--vae-path, else (d8) the hub id that --vae names, as DiT's f"stabilityai/sd-vae-ft-{args.vae}"."""
+    return args.vae_path if args.vae_path is not None or args.vae_version == "d16" else VAE_HUB_IDS[args.vae]
+
+
+def build_vae(args, device):
+    return LatentCodec.load(args.vae_version, vae_source(args), device=device)
+
+
+def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list:
+    """Hooks run every --eval-every steps with the EMA model; each returns a dict of metrics to log.
+
+    The FID/IS hook of generation/sample_ddp.py plugs in here (it draws --num-fid-samples images with
+    --per-proc-batch-size per rank, writes them under --sample-dir and returns the metrics).
+    """
+    if args.eval_every <= 0:
+        return []
+    hooks = [SampleGridHook(objective, codec, experiment_dir / args.sample_dir, latent_shape, args.eval_images,
+                            args.num_classes, args.cfg_scale, args.num_sampling_steps, args.global_seed,
+                            dist_env.device, args.precision, dist_env.is_main)]
+    if args.num_fid_samples > 0:
+        try:
+            from generation.sample_ddp import fid_eval_hook
+        except ImportError:
+            raise UserError("--num-fid-samples > 0 needs the FID hook of generation/sample_ddp.py, which this "
+                            "checkout lacks; use --num-fid-samples 0 and evaluate checkpoints with sample_ddp.")
+        hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env))
+    return hooks
+
+
+@dataclass
+class Run:
+    """Everything `train` needs, built and validated by `setup`."""
+
+    args: argparse.Namespace
+    dist_env: object
+    experiment_dir: Path
+    loader: object
+    sampler: object
+    step_fn: TrainStep
+    state: LoopState
+    eval_hooks: list
+    logger: object
+    manager: CheckpointManager
+    local_batch: int
+
+
+def setup(args) -> Run:
+    """Validates, builds and (on --resume) restores everything, so user errors surface before training."""
+    model_kwargs = check_args(args)
+    spec = get_latent_spec(args.vae_version)
+    latent_size = spec.latent_size(args.image_size)
+    latent_shape = (spec.channels, latent_size, latent_size)
+
+    resume_path, checkpoint = None, None
+    if args.resume is not None:
+        resume_path, checkpoint = resolve_resume(args.resume, pattern=CHECKPOINT_PATTERN)
+        check_resume(args, checkpoint, resume_path)
+
+    dist_env = init_distributed(args.device)
+    if args.global_batch_size % dist_env.world_size != 0:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {dist_env.world_size} "
+                        f"processes; use a multiple of {dist_env.world_size}.")
+    local_batch = args.global_batch_size // dist_env.world_size
+    seed_everything(rank_seed(args.global_seed, dist_env.rank))
+    device = dist_env.device
+    if device.type == "cuda":
+        enable_tf32()
+
+    model = build_model(args, model_kwargs, latent_size, spec.channels)
+    dataset = build_dataset(args, latent_shape, model.y_embedder.dropout_prob)
+    sampler = ResumableDistributedSampler(len(dataset), num_replicas=dist_env.world_size, rank=dist_env.rank,
+                                          shuffle=True, seed=args.global_seed, drop_last=True)
+    if len(sampler) < local_batch:
+        raise UserError(f"each of the {dist_env.world_size} processes gets {len(sampler)} samples per epoch, fewer "
+                        f"than its batch of {local_batch}; lower --global-batch-size or add data.")
+
+    report = None
+    if checkpoint is None and args.finetune is not None:
+        report = transfer_pretrained(model, args.finetune, use_pretrain_layer=args.use_pretrain_layer)
+    model = model.to(device)
+    objective = build_objective(args.model, args.num_classes, args.path_type, args.prediction, args.loss_weight,
+                                args.train_eps, args.sample_eps)
+    needs_vae = args.cached_path is None or args.eval_every > 0
+    codec = build_vae(args, device) if needs_vae else None
+
+    # DDP broadcasts rank 0's weights (fresh init + --finetune) when it is built, so the EMA copy is taken
+    # afterwards: every rank's EMA then starts from the same weights, as DiT's update_ema(decay=0).
+    network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_env.distributed else model
+    ema = deepcopy(model)
+    requires_grad(ema, False)
+    ema.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
+    scaler = make_grad_scaler(device, args.precision)
+    state = LoopState()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["opt"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        state = LoopState(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
+                          batch_in_epoch=int(checkpoint["batch_in_epoch"]))
+        restore_rank_rng(checkpoint["rng"])
+        del checkpoint
+    model.train()
+    if args.compile:
+        network = torch.compile(network)
+    step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
+                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None)
+    loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
+    experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,
+                                      dist_env.is_main)
+    eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
+
+    # Everything a user can get wrong has been checked: only now does the run leave files behind.
+    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt")
+    say = logger.info
+    if report is not None:
+        say(f"Initialised {args.model} from {args.finetune}:\n{report}")
+    if resume_path is not None:
+        say(f"Resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}).")
+    keep_last = args.keep_last if args.keep_last > 0 else None
+    manager = CheckpointManager(experiment_dir / "checkpoints", filename_fn=lambda step: f"{step:07d}.pt",
+                                keep_last=keep_last, is_main=dist_env.is_main,
+                                is_milestone=lambda step: args.milestone_every > 0 and step % args.milestone_every == 0)
+    if dist_env.is_main:
+        say(f"Experiment directory: {experiment_dir}")
+        say(f"{args.model} ({objective.name}) parameters: {sum(p.numel() for p in model.parameters()):,}; "
+            f"dataset {len(dataset):,} samples; {dist_env.world_size} process(es) x batch {local_batch}")
+        (experiment_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2))
+    return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, state, eval_hooks, logger, manager,
+               local_batch)
+
+
+def make_save_fn(run: Run):
+    args, step_fn = run.args, run.step_fn
+
+    def save(state: LoopState) -> None:
+        rng_states = gather_rng_states()  # a collective: every rank contributes its generator state
+        checkpoint = {
+            "model": step_fn.model.state_dict(),
+            "ema": step_fn.ema.state_dict(),
+            "opt": step_fn.optimizer.state_dict(),
+            "args": args_to_dict(args),
+            "scaler": step_fn.scaler.state_dict(),
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "rng": rng_states,
+        }
+        path = run.manager.save(checkpoint, state.step)
+        if path is not None:
+            run.logger.info(f"Saved checkpoint to {path}")
+
+    return save
+
+
+def train(run: Run) -> LoopState:
+    args = run.args
+    preemption = PreemptionHandler()
+    state = train_loop(
+        run.step_fn, run.loader, run.sampler, run.state, epochs=args.epochs, max_steps=args.max_steps,
+        local_batch=run.local_batch, global_batch=args.global_batch_size, log_every=args.log_every,
+        ckpt_every=args.ckpt_every, eval_every=args.eval_every, save_fn=make_save_fn(run),
+        eval_hooks=run.eval_hooks, ema=run.step_fn.ema, logger=run.logger, lr=args.lr,
+        device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info)
+    if preemption.requested:
+        run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
+    run.logger.close()
+    return state
+
+
+USER_ERRORS = (UserError, ValueError, CheckpointError, TransferError, FileNotFoundError)
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run = setup(args)
+    except USER_ERRORS as error:
+        # One sentence, no traceback: these are problems with the command line or the files it names.
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"generation.train: error: {error}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
+    try:
+        train(run)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
