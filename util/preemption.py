@@ -71,7 +71,8 @@ class PreemptionHandler:
             return False
         flag = torch.tensor([int(self.requested)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        self.requested = bool(flag.item())
+        if flag.item() and not self.requested:
+            self.requested, self.signal_name = True, "a signal on another rank"
         return self.requested
 
     def restore(self) -> None:
