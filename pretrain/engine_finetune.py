@@ -1,0 +1,591 @@
+"""The classification loop shared by fine-tuning and linear probing (MAE's engine_finetune + setup).
+
+main_finetune.py and main_linprobe.py differ in which parameters train, the optimizer, the
+criterion and the augmentation; everything else - the image -> (VAE) -> ViT model wrapper, data
+loading with per-sample randomness, one epoch of training, exact top-k evaluation across ranks,
+checkpoints (last + best) and resume - lives here once.
+"""
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from models.latent_spec import get_latent_spec
+from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
+from pretrain.engine_pretrain import EpochResult, LoopPosition
+from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
+from util.data import SeededDataset, build_image_folder, build_loader, eval_transform
+from util.distributed import all_reduce_mean, get_world_size, is_dist
+from util.lr_sched import adjust_learning_rate
+from util.precision import add_precision_arg, autocast
+from util.preemption import check_finite
+from util.rng import gather_rng_states, restore_rank_rng
+
+
+class UsageError(ValueError):
+    """A command-line problem the user can fix; main() prints its one sentence and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments shared by both entry points
+# ----------------------------------------------------------------------------------------------
+
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
+                    weight_decay: float, min_lr: float, warmup_epochs: int, global_pool: bool) -> None:
+    """Flags that fine-tuning and linear probing share, with MAE's names; defaults differ per recipe."""
+    parser.add_argument("--batch_size", default=batch_size, type=int,
+                        help="batch size per GPU (effective batch = batch_size * accum_iter * world size)")
+    parser.add_argument("--epochs", default=epochs, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="accumulate gradients over this many micro-batches per optimizer step")
+    parser.add_argument("--model", default="vit_base_patch16_vae", type=str, metavar="MODEL",
+                        help=f"classifier preset, one of: {', '.join(VIT_MODEL_NAMES)}")
+    parser.add_argument("--model_kwargs", default="{}", type=str,
+                        help='JSON dict of preset overrides, e.g. \'{"embed_dim": 64, "depth": 2, "num_heads": 2}\'')
+    parser.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    parser.add_argument("--vae_version", default=None, choices=["d8", "d16"],
+                        help="latent space of *_vae presets (default d8); not allowed for pixel presets")
+    parser.add_argument("--vae_path", default=None, type=str,
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: kl16.ckpt")
+    parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="autocast dtype of the VAE encoder (fp32 matches pretraining and the latent cache)")
+    parser.add_argument("--weight_decay", type=float, default=weight_decay)
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
+    parser.add_argument("--blr", type=float, default=blr, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for cosine")
+    parser.add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N")
+    parser.add_argument("--finetune", default="", help="USP/MAE pretraining checkpoint to initialise from")
+    parser.add_argument("--global_pool", action="store_true", dest="global_pool",
+                        help="classify the mean of the patch tokens (fc_norm)")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="classify the cls token instead of the pooled patch tokens")
+    parser.set_defaults(global_pool=global_pool)
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="ImageFolder root with train/ and val/")
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification classes")
+    parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go")
+    parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint file or run directory to resume from")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (without --resume)")
+    parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    parser.add_argument("--dist_eval", action="store_true",
+                        help="split evaluation over all ranks (every image counted exactly once)")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory for transfers")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.add_argument("--max_steps", default=None, type=int,
+                        help="stop after this many optimizer steps (counted over the whole run), saving a checkpoint")
+    parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric logs")
+    add_precision_arg(parser, "--precision", default="bf16")
+    # Distributed flags of MAE's scripts; torchrun's environment is what is actually used.
+    parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+
+
+def validate_args(args) -> None:
+    """Rejects inconsistent flags with one sentence each, before any data or model is touched."""
+    try:
+        pixel = is_pixel_model(args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if pixel and args.vae_version is not None:
+        raise UsageError(f"--model {args.model} is a pixel-space preset and has no VAE variant, so --vae_version "
+                         f"{args.vae_version} cannot be used with it; drop --vae_version or pick a *_vae preset "
+                         f"({', '.join(n for n in VIT_MODEL_NAMES if n.endswith('_vae'))}).")
+    if not pixel:
+        args.vae_version = args.vae_version or "d8"
+        try:
+            get_latent_spec(args.vae_version).latent_size(args.input_size)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    if getattr(args, "train_vae", False) and pixel:
+        raise UsageError(f"--train_vae needs a *_vae preset, but --model {args.model} reads pixels; drop --train_vae.")
+    try:
+        args.model_kwargs_dict = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--model_kwargs is not valid JSON ({error.msg}); pass a dict such as "
+                         "'{\"embed_dim\": 64, \"depth\": 2}'.") from None
+    if not isinstance(args.model_kwargs_dict, dict):
+        raise UsageError("--model_kwargs must be a JSON object (a dict of preset overrides).")
+    if args.eval and not args.resume:
+        raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
+    for flag in ("batch_size", "epochs", "accum_iter", "log_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: images -> (frozen or trainable VAE encoder) -> ViT
+# ----------------------------------------------------------------------------------------------
+
+class LatentClassifier(nn.Module):
+    """images (N, 3, H, W) -> logits (N, num_classes).
+
+    With a codec the images ([-1, 1]) first go through the VAE encoder: latents = posterior mean
+    * scale, (N, C, H/f, W/f), as in USP. Without one the input goes straight to the ViT (pixel
+    presets, or latents read from the cache). The codec's weights only receive gradients after
+    `codec.train_encoder()` (--train_vae); otherwise the encoder runs without autograd.
+    `vae_precision` is the encoder's own autocast dtype (fp32 by default, so the latents equal
+    the ones pretraining and the latent cache saw), independent of the ViT's --precision.
+    """
+
+    def __init__(self, vit: nn.Module, codec=None, vae_precision: str = "fp32"):
+        super().__init__()
+        self.vit = vit
+        self.codec = codec
+        self.vae_precision = vae_precision
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.codec is not None:
+            if self.vae_precision == "fp32":
+                vae_autocast = torch.autocast(inputs.device.type, enabled=False)  # overrides an outer autocast
+            else:
+                vae_autocast = autocast(inputs.device, self.vae_precision)
+            with vae_autocast:
+                inputs = self.codec.encode(inputs.float() if self.vae_precision == "fp32" else inputs,
+                                           sample=False).float()  # (N, C, h, w) scaled posterior mean
+        return self.vit(inputs)
+
+
+def build_vit(args, head_init_std: float) -> nn.Module:
+    """The ViT preset for the flags, initialised from --finetune (USP/MAE weights) when given.
+
+    The classifier head starts as trunc_normal(std=head_init_std) with zero bias (MAE: 2e-5 for
+    fine-tuning, 0.01 for the linear probe), whether or not pretrained weights are loaded.
+    """
+    from models.transfer import TransferError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
+
+    vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
+                     drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
+                     **args.model_kwargs_dict)
+    nn.init.trunc_normal_(vit.head.weight, std=head_init_std)
+    nn.init.zeros_(vit.head.bias)
+    if args.finetune and not args.eval:
+        try:
+            report = transfer_pretrained(vit, args.finetune, head_init_std=head_init_std)
+        except TransferError as error:
+            raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
+        print(f"Initialised from {args.finetune}:\n{report}")
+    return vit
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+class GlobalRNGScope:
+    """Runs a transform with Python's and NumPy's global RNGs seeded from torch's default generator.
+
+    timm's augmentations (RandomResizedCropAndInterpolation, RandAugment, RandomErasing) draw from
+    `random` and `numpy.random`, which `util.data.SeededDataset` does not reseed (it reseeds torch
+    only). Inside SeededDataset torch's generator is already keyed by (seed, epoch, index), so
+    deriving the other two from it makes the whole augmentation a function of the sample; the
+    process's own Python/NumPy states are put back afterwards (Mixup draws from them).
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
+    """timm's posterize, extended to bits_to_keep = 0 (a black image, what Pillow < 11 returned).
+
+    timm's RandAugment with magnitude noise ("mstd0.5") reaches level 10, where PosterizeIncreasing
+    keeps 0 bits; Pillow >= 11 rejects that with a ValueError that would kill the data loader.
+    """
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def guard_posterize(transform):
+    """Points every Posterize op of timm's RandAugment/AutoAugment inside `transform` at
+    `posterize_keep_zero_bits` (only this transform's op objects change, not timm's tables)."""
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    stack = [transform]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (list, tuple)):  # AutoAugment's policy is a list of sub-policy lists
+            stack.extend(node)
+            continue
+        if isinstance(node, AugmentOp) and node.aug_fn is posterize:
+            node.aug_fn = posterize_keep_zero_bits
+        stack.extend(child for child in (getattr(node, "transforms", None), getattr(node, "ops", None),
+                                         getattr(node, "policy", None)) if isinstance(child, (list, tuple)))
+    return transform
+
+
+def image_mean_std(pixel: bool):
+    """Normalisation statistics: ImageNet's for pixel models (MAE), 0.5/0.5 -> [-1, 1] for VAE input."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if pixel else ((0.5,) * 3, (0.5,) * 3)
+
+
+def check_class_count(dataset, nb_classes: int, root) -> None:
+    if len(dataset.classes) != nb_classes:
+        raise UsageError(f"--nb_classes {nb_classes} does not match the {len(dataset.classes)} class folders in "
+                         f"{root}; pass --nb_classes {len(dataset.classes)}.")
+
+
+class EvalShardSampler(torch.utils.data.Sampler):
+    """Rank r takes indices r, r + W, r + 2W, ... of the dataset, without padding.
+
+    torch's DistributedSampler pads the last round with repeated images so every rank gets the
+    same count; summing correct predictions over ranks would then count those images twice.
+    Here every image is evaluated exactly once; ranks may differ by one image, which is fine
+    because evaluation has no per-step collectives.
+    """
+
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, dataset_len, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_eval_loader(args, dist_env, pixel: bool):
+    """Validation loader: resize to input_size / 0.875 + center crop; sharded with --dist_eval."""
+    dataset = build_image_folder(args.data_path, "val", transform=eval_transform(args.input_size, pixel=pixel))
+    check_class_count(dataset, args.nb_classes, Path(args.data_path) / "val")
+    if args.dist_eval and dist_env.world_size > 1:
+        sampler = EvalShardSampler(len(dataset), dist_env.world_size, dist_env.rank)
+    else:
+        sampler = EvalShardSampler(len(dataset))  # every rank evaluates everything (MAE's default)
+    return build_loader(dataset, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and dist_env.device.type == "cuda", drop_last=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
+    """Number of samples whose label is among the k highest logits, for each k.
+
+    logits (N, K), target (N,) int64 -> (len(topk),) int64 counts. k larger than K is clipped to K
+    (top-5 on a 4-class problem is then 100%).
+    """
+    maxk = min(max(topk), logits.shape[1])
+    predictions = logits.topk(maxk, dim=1).indices  # (N, maxk), best first
+    hits = predictions.eq(target.view(-1, 1))  # (N, maxk)
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device: torch.device, precision: str, reduce: bool) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images.
+
+    `reduce`: the loader holds this rank's shard (EvalShardSampler), so correct counts, loss sums
+    and image counts are summed over ranks - exact, since no image appears twice.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    for images, target, *_ in data_loader:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum = nn.functional.cross_entropy(logits, target, reduction="sum")
+        totals[:2] += topk_correct(logits, target, (1, 5)).double()
+        totals[2] += loss_sum.double()
+        totals[3] += target.numel()
+    if reduce and is_dist():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
+            "images": int(totals[3].item())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainSetup:
+    """What main_finetune / main_linprobe hand to the loop."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dist: object  # util.distributed.DistEnv
+    logger: object  # util.logging.RunLogger
+    preemption: object  # util.preemption.PreemptionHandler
+    base_lr: float
+    steps_per_epoch: int  # optimizer steps in a full epoch
+    criterion: nn.Module
+    mixup_fn: object = None  # timm.data.Mixup or None
+    model_ema: object = None  # timm.utils.ModelEmaV3 or None
+    clip_grad: float | None = None
+
+
+def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPosition, run: TrainSetup) -> EpochResult:
+    """Trains from `position` to the end of `position.epoch`, or until --max_steps / preemption.
+
+    Per micro-batch: lr schedule (per optimizer step), Mixup/CutMix on the pixels, forward under
+    autocast, backward (no DDP all-reduce until the last micro-batch of an accumulation group).
+    Per optimizer step: unscale + clip, step, EMA. Losses stay on the device and are read only
+    every --log_every steps.
+    """
+    args, device = run.args, run.device
+    model.train(True)
+    accum = args.accum_iter
+    batches_per_epoch = run.steps_per_epoch * accum
+    window_loss = torch.zeros((), device=device)
+    epoch_loss = torch.zeros((), device=device)
+    window_batches = epoch_batches = window_steps = 0
+    window_start = time.perf_counter()
+    stop_reason = None
+    lr = optimizer.param_groups[0]["lr"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    for samples, targets, _ in data_loader:
+        if position.batch >= batches_per_epoch:
+            break
+        if position.batch % accum == 0:
+            lr = adjust_learning_rate(optimizer, position.epoch + position.batch / batches_per_epoch,
+                                      run.base_lr, args.min_lr, args.warmup_epochs, args.epochs)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if run.mixup_fn is not None:
+            samples, targets = run.mixup_fn(samples, targets)  # pixel-space mixing, soft targets (N, K)
+
+        boundary = (position.batch + 1) % accum == 0
+        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, args.precision):
+                logits = model(samples)
+            loss = run.criterion(logits.float(), targets)
+            scaler.scale(loss / accum).backward()
+        loss = loss.detach()
+        window_loss += loss
+        epoch_loss += loss
+        window_batches += 1
+        epoch_batches += 1
+        position.batch += 1
+        if not boundary:
+            continue
+
+        if run.clip_grad is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(params, run.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        position.global_step += 1
+        window_steps += 1
+        if run.model_ema is not None:
+            run.model_ema.update(unwrap(model).vit, step=position.global_step)
+
+        reached_max = args.max_steps is not None and position.global_step >= args.max_steps
+        if position.global_step % args.log_every == 0 or reached_max or position.batch >= batches_per_epoch:
+            loss_value = all_reduce_mean(window_loss / window_batches).item()
+            check_finite(loss_value, position.global_step)
+            elapsed = time.perf_counter() - window_start
+            images = window_steps * accum * args.batch_size * run.dist.world_size
+            run.logger.log(position.global_step, {
+                "loss": loss_value, "lr": lr, "epoch": position.epoch + position.batch / batches_per_epoch,
+                "images_per_s": images / max(elapsed, 1e-9),
+            })
+            window_loss.zero_()
+            window_batches = window_steps = 0
+            window_start = time.perf_counter()
+        if run.preemption.should_stop(position.global_step):
+            stop_reason = "preempted"
+        elif reached_max:
+            stop_reason = "max_steps"
+        if stop_reason is not None:
+            break
+
+    epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
+    if epoch_batches:
+        check_finite(epoch_mean, position.global_step)
+    return EpochResult(stats={"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}, stop_reason=stop_reason)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ----------------------------------------------------------------------------------------------
+
+LAST_NAME = "checkpoint-last.pth"  # full training state, overwritten (atomically) every epoch
+BEST_NAME = "checkpoint-best.pth"  # weights of the best top-1 epoch so far
+
+
+def training_state(classifier: LatentClassifier, optimizer, scaler, position: LoopPosition, args,
+                   best_acc1: float, model_ema=None, train_vae: bool = False) -> dict:
+    """Everything needed to continue the run exactly (a collective: gathers every rank's RNG).
+
+    Keys follow MAE (`model` = the ViT's state dict, loadable with strict=True into the preset,
+    `optimizer`, `epoch`, `scaler`, `args`) plus the resume position and RNG states.
+    """
+    state = {
+        "model": classifier.vit.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": position.epoch,
+        "epoch_batch": position.batch,
+        "global_step": position.global_step,
+        "best_acc1": best_acc1,
+        "args": args_to_dict(args),
+        "rng": gather_rng_states(),
+        "world_size": get_world_size(),
+    }
+    if model_ema is not None:
+        state["model_ema"] = model_ema.module.state_dict()
+    if train_vae:
+        state["vae_encoder"] = {k: v for k, v in classifier.codec.autoencoder.state_dict().items()
+                                if k.startswith(("encoder.", "quant_conv."))}
+    return state
+
+
+def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None, model_ema=None) -> tuple:
+    """Loads --resume (file or run dir) into the model (and optimizer, scaler, EMA, RNG when given).
+
+    Returns (LoopPosition to continue from, best_acc1). A checkpoint whose epoch was finished
+    continues at the next epoch's first batch. Official MAE/USP fine-tuned checkpoints (no
+    resume position) count as finished epochs.
+    """
+    path = Path(args.resume)
+    if path.is_dir():
+        path = path / LAST_NAME
+    state = load_checkpoint(path)
+    try:
+        classifier.vit.load_state_dict(state["model"], strict=True)
+    except (KeyError, RuntimeError) as error:
+        raise UsageError(f"--resume {path} does not hold weights of --model {args.model} with these flags "
+                         f"({str(error).splitlines()[0][:160]}); pass the matching checkpoint or model flags.") from None
+    if "vae_encoder" in state:
+        classifier.codec.autoencoder.load_state_dict(state["vae_encoder"], strict=False)
+    print(f"Resumed weights from {path}")
+    position = LoopPosition(epoch=args.start_epoch)
+    best_acc1 = float(state.get("best_acc1", 0.0))
+    if optimizer is None or "optimizer" not in state or "epoch" not in state:
+        return position, best_acc1
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if model_ema is not None and "model_ema" in state:
+        model_ema.module.load_state_dict(state["model_ema"])
+    position = LoopPosition(epoch=int(state["epoch"]), batch=int(state.get("epoch_batch", -1)),
+                            global_step=int(state.get("global_step", 0)))
+    if "rng" in state:
+        restore_rank_rng(state["rng"])
+    return position, best_acc1
+
+
+def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_model, eval_loader,
+        optimizer, scaler, position: LoopPosition, best_acc1: float, run: TrainSetup) -> dict:
+    """Epoch loop: train, evaluate, save last (+ best); stops early on --max_steps or preemption.
+
+    `model` is what trains (DDP-wrapped `classifier` or the classifier itself); `eval_model`
+    evaluates (the classifier, or one that sees images when training reads cached latents).
+    Returns the last evaluation's metrics.
+    """
+    args, logger = run.args, run.logger
+    output_dir = Path(args.output_dir)
+    batches_per_epoch = run.steps_per_epoch * args.accum_iter
+    if position.batch >= batches_per_epoch or position.batch < 0:
+        position.epoch, position.batch = position.epoch + 1, 0
+    metrics = {}
+    reduce = args.dist_eval and run.dist.world_size > 1
+    start_time = time.time()
+    while position.epoch < args.epochs:
+        if args.max_steps is not None and position.global_step >= args.max_steps:
+            break
+        train_sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
+        result = train_one_epoch(model, train_loader, optimizer, scaler, position, run)
+        if result.stop_reason == "preempted":
+            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
+            logger.info(f"Stopped on {run.preemption.signal_name or 'a preemption signal'} at step "
+                        f"{position.global_step}; resume with --resume {output_dir}.")
+            return metrics
+        metrics = evaluate(eval_model, eval_loader, run.device, args.precision, reduce)
+        if run.model_ema is not None:
+            ema_metrics = evaluate(eval_model_with(eval_model, run.model_ema.module), eval_loader, run.device,
+                                   args.precision, reduce)
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
+        is_best = metrics["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, metrics["acc1"])
+        logger.log(position.global_step, {"epoch": position.epoch, "train_loss": result.stats["loss"],
+                                          **{k: v for k, v in metrics.items() if k != "images"},
+                                          "best_acc1": best_acc1}, prefix="eval")
+        logger.info(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.1f}% "
+                    f"(top-5 {metrics['acc5']:.1f}%, best top-1 {best_acc1:.2f}%)")
+        if args.output_dir:
+            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
+            if is_best and run.dist.is_main:
+                save_checkpoint({"model": classifier.vit.state_dict(), "epoch": position.epoch,
+                                 "acc1": metrics["acc1"], "args": args_to_dict(args)}, output_dir / BEST_NAME)
+        if result.stop_reason == "max_steps":
+            break
+        position.epoch, position.batch = position.epoch + 1, 0
+    logger.info(f"Training time {time.time() - start_time:.1f}s; best top-1 {best_acc1:.2f}%")
+    metrics["best_acc1"] = best_acc1
+    return metrics
+
+
+def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: TrainSetup) -> None:
+    """Saves the full training state atomically on rank 0 (every rank joins the RNG gather)."""
+    state = training_state(classifier, optimizer, scaler, position, args, best_acc1, run.model_ema,
+                           getattr(args, "train_vae", False))
+    if run.dist.is_main:
+        save_checkpoint(state, path)
+
+
+def eval_model_with(eval_model: LatentClassifier, vit: nn.Module) -> LatentClassifier:
+    """The same image -> latent path with another ViT (the EMA weights)."""
+    return LatentClassifier(vit, eval_model.codec, eval_model.vae_precision)
+
+
+def run_main(main_fn, args) -> int:
+    """Runs `main_fn(args)`, turning user errors into one line on stderr and exit code 2."""
+    from models.vae import VAEWeightsError
+    from util.checkpoint import CheckpointError
+    from util.data import DataError
+    from util.latent_cache import LatentCacheError
+
+    try:
+        main_fn(args)
+    except (UsageError, DataError, CheckpointError, VAEWeightsError, LatentCacheError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,199 @@
+"""Classification fine-tuning (SFT) of a USP-pretrained ViT on VAE latents (MAE's main_finetune).
+
+    torchrun --nproc_per_node=8 -m pretrain.main_finetune --model vit_base_patch16_vae --vae_version d8 \
+        --finetune usp_pretrain.pth --data_path /imagenet --batch_size 128 --epochs 100 --blr 5e-4 \
+        --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval
+
+Pipeline per batch: timm's train transform on pixels (RandomResizedCrop, RandAugment, colour
+jitter, random erasing) -> Mixup/CutMix -> frozen VAE encoder (posterior mean x scale; trainable
+with --train_vae) -> ViT -> soft-target / label-smoothing cross-entropy. Layer-wise lr decay
+(timm's param_groups_layer_decay), AdamW, per-iteration warmup + cosine, optional grad clipping
+and EMA. Pixel presets (vit_base_patch16, ...) skip the VAE and use ImageNet normalisation.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.utils import ModelEmaV3
+
+from models.vit import is_pixel_model
+from pretrain.engine_finetune import (GlobalRNGScope, LatentClassifier, TrainSetup, UsageError, add_common_args,
+                                      build_eval_loader, build_vit, check_class_count, evaluate, fit,
+                                      guard_posterize, image_mean_std, resume_from, run_main, validate_args)
+from pretrain.engine_pretrain import LoopPosition
+from util.data import SeededDataset, build_image_folder, build_loader
+from util.distributed import cleanup, init_distributed, rank_seed, seed_everything, setup_for_distributed_printing
+from util.logging import RunLogger
+from util.lr_sched import effective_lr
+from util.precision import enable_tf32, make_grad_scaler
+from util.preemption import PreemptionHandler
+from util.sampler import ResumableDistributedSampler
+
+HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wreck the pretrained features
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("USP fine-tuning for image classification", add_help=True)
+    add_common_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6,
+                    warmup_epochs=5, global_pool=True)
+    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm")
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (ELECTRA/BEiT)")
+    parser.add_argument("--train_vae", action="store_true",
+                        help="also fine-tune the VAE encoder (its parameters join the optimizer)")
+    # Augmentation (timm's implementations).
+    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                        help="colour jitter factor (enabled only when not using auto augment)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='auto augment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" disables it')
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
+    parser.add_argument("--remode", type=str, default="pixel", help="random erase mode")
+    parser.add_argument("--recount", type=int, default=1, help="random erase count")
+    parser.add_argument("--resplit", action="store_true", default=False,
+                        help="do not random erase the first (clean) augmentation split")
+    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
+    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    parser.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="probability of switching to cutmix when both mixup and cutmix are enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                        help="how to apply mixup/cutmix params: per batch, pair or element")
+    parser.add_argument("--model_ema", action="store_true", help="keep (and evaluate) an EMA of the weights")
+    parser.add_argument("--model_ema_decay", type=float, default=0.9999)
+    return parser
+
+
+def build_train_dataset(args, pixel: bool) -> SeededDataset:
+    """Train ImageFolder with timm's augmentation; per-sample randomness keyed by (seed, epoch, index)."""
+    mean, std = image_mean_std(pixel)
+    transform = create_transform(
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        auto_augment=None if args.aa in (None, "none") else args.aa, interpolation="bicubic",
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std,
+    )
+    base = build_image_folder(args.data_path, "train")
+    check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
+    return SeededDataset(base, GlobalRNGScope(guard_posterize(transform)), seed=args.seed)
+
+
+def build_mixup(args):
+    """timm Mixup/CutMix (with label smoothing folded into the soft targets), or None when off."""
+    active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    if not active:
+        return None
+    if args.batch_size % 2:
+        raise UsageError(f"mixup/cutmix pairs images inside a batch, so --batch_size must be even (got "
+                         f"{args.batch_size}); use {args.batch_size + 1}.")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def build_optimizer(vit, codec, args, base_lr: float) -> torch.optim.Optimizer:
+    """AdamW over layer-decayed ViT groups (+ the VAE encoder at full lr with --train_vae).
+
+    timm's grouping (from the ViT's group_matcher) gives stem = 0, blocks.i = i + 1, final norm /
+    fc_norm / head = depth + 1, with lr_scale = layer_decay ** (depth + 1 - layer_id): MAE's
+    param_groups_lrd. Biases, norms, pos_embed and cls_token get no weight decay.
+    """
+    groups = param_groups_layer_decay(vit, weight_decay=args.weight_decay,
+                                      no_weight_decay_list=list(vit.no_weight_decay()),
+                                      layer_decay=args.layer_decay)
+    if codec is not None and args.train_vae:
+        groups += param_groups_weight_decay(codec.autoencoder, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=base_lr)
+
+
+def build_criterion(args, mixup_fn) -> torch.nn.Module:
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is already in Mixup's soft targets
+    if args.smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def main(args) -> dict:
+    validate_args(args)
+    dist_env = init_distributed(args.device)
+    setup_for_distributed_printing(dist_env.is_main)
+    device = dist_env.device
+    seed_everything(rank_seed(args.seed, dist_env.rank))
+    if device.type == "cuda":
+        enable_tf32()
+        torch.backends.cudnn.benchmark = True
+    pixel = is_pixel_model(args.model)
+
+    # Data first: a wrong path or class count fails in seconds, before any weights are read.
+    eval_loader = build_eval_loader(args, dist_env, pixel)
+    train_dataset = None if args.eval else build_train_dataset(args, pixel)
+    mixup_fn = build_mixup(args)
+
+    codec = None
+    if not pixel:
+        from models.vae import LatentCodec
+
+        codec = LatentCodec.load(args.vae_version, args.vae_path, device=device)
+        if args.train_vae:
+            codec.train_encoder(True)
+    vit = build_vit(args, HEAD_INIT_STD).to(device)
+    classifier = LatentClassifier(vit, codec, args.vae_precision)
+
+    if args.eval:
+        resume_from(args, classifier)
+        metrics = evaluate(classifier, eval_loader, device, args.precision, args.dist_eval and dist_env.world_size > 1)
+        print(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.2f}% "
+              f"(top-5 {metrics['acc5']:.2f}%)")
+        cleanup()
+        return metrics
+
+    sampler = ResumableDistributedSampler(len(train_dataset), dist_env.world_size, dist_env.rank,
+                                          shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // (args.batch_size * args.accum_iter)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{sampler.num_samples} training images per rank do not fill one optimizer step of "
+                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; lower them.")
+    train_loader = build_loader(train_dataset, sampler, args.batch_size, args.num_workers,
+                                pin_memory=args.pin_mem and device.type == "cuda",
+                                persistent_workers=True, drop_last=True)
+
+    base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
+    optimizer = build_optimizer(vit, codec, args, base_lr)
+    scaler = make_grad_scaler(device, args.precision)
+    model_ema = ModelEmaV3(vit, decay=args.model_ema_decay) if args.model_ema else None
+    model = classifier
+    if dist_env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+    position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
+    if args.resume:
+        position, best_acc1 = resume_from(args, classifier, optimizer, scaler, model_ema)
+    print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
+          f"steps/epoch: {steps_per_epoch}")
+
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
+                     base_lr=base_lr, steps_per_epoch=steps_per_epoch, criterion=build_criterion(args, mixup_fn),
+                     mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=args.clip_grad)
+    try:
+        metrics = fit(classifier, model, sampler, train_loader, classifier, eval_loader, optimizer, scaler,
+                      position, best_acc1, run)
+    finally:
+        logger.close()
+        run.preemption.restore()
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))
