@@ -1,0 +1,380 @@
+"""OpenAI ADM's evaluator (guided-diffusion `evaluations/evaluator.py`) in PyTorch: IS, FID, sFID, P/R.
+
+    python -m generation.evaluate REF.npz SAMPLE.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
+
+Both npz files hold `arr_0`: uint8 images (N, H, W, 3). A reference batch may also hold `mu`,
+`sigma` (pool_3) and `mu_s`, `sigma_s` (spatial) statistics, which are then used instead of the
+ones of its `arr_0` (ADM's ImageNet batches store statistics of the whole training set and 10k
+images for Precision/Recall). What follows ADM exactly, because it moves the numbers:
+
+- Inception Score: softmax over the 1008 logits without the fc bias, in consecutive chunks of
+  5000 samples (no shuffle), exp(mean KL(p(y|x) || p(y))) per chunk, averaged over chunks.
+- FID / sFID: mean and np.cov(rowvar=False) of the activations; Fréchet distance with
+  scipy.linalg.sqrtm of sigma_sample @ sigma_ref; a non-finite root means a singular product:
+  warn and add 1e-6 to both diagonals; an imaginary diagonal beyond 1e-3 is an error, else the
+  real part is kept.
+- Precision / Recall: ADM's ManifoldEstimator on pool_3 with k = 3: each point's radius is the
+  distance to its 3rd nearest neighbour in its own set (itself excluded); distances are squared
+  Euclidean ||u||^2 - 2 u.v + ||v||^2 clamped at 0, computed in fp16 and redone in fp32 when a
+  block overflows, in 10000 x 10000 blocks. Precision = share of samples inside some reference
+  ball, recall = share of reference images inside some sample ball.
+
+The output lines are ADM's (`Inception Score: ...`, `FID: ...`, `sFID: ...`, `Precision: ...`,
+`Recall: ...`), and the same numbers go to a JSON file next to the sample npz.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from scipy import linalg
+from scipy.special import log_softmax, xlogy
+from tqdm import tqdm
+
+from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, InceptionWeightsError,
+                                  full_fp32)
+
+IS_SPLIT_SIZE = 5000
+NEAREST_K = 3
+PR_BATCH_SIZE = 10000
+STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
+               "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+MIN_IMAGES = NEAREST_K + 1  # a k-th neighbour other than the point itself
+
+
+class NpzError(ValueError):
+    """An npz batch that ADM's evaluator cannot use (missing arr_0, wrong dtype/shape, NaNs)."""
+
+
+# ----------------------------------------------------------------------------- npz batches
+
+class NpzBatch:
+    """An ADM-layout npz, checked on opening and streamed in batches without loading all images.
+
+    `arr_0` is uint8 (N, H, W, 3); optional `mu`/`sigma`/`mu_s`/`sigma_s` statistics are checked
+    for shape and finiteness and exposed as `stored_statistics` (None when absent).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NpzError(f"npz file {self.path} does not exist; pass a batch written by np.savez with arr_0.")
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                members = set(archive.namelist())
+                if "arr_0.npy" not in members:
+                    raise NpzError(f"{self.path} has no arr_0; ADM batches keep their images in arr_0 "
+                                   "(save with np.savez(path, arr_0=images_uint8_NHWC)).")
+                with archive.open("arr_0.npy") as stream:
+                    self.shape, self.fortran_order, self.dtype = _read_npy_header(stream, self.path)
+        except zipfile.BadZipFile as error:
+            raise NpzError(f"{self.path} is not an npz archive; write batches with np.savez.") from error
+        if self.dtype != np.uint8:
+            raise NpzError(f"{self.path}: arr_0 has dtype {self.dtype}, expected uint8 images in 0..255; "
+                           "convert with np.clip(np.round(x), 0, 255).astype(np.uint8).")
+        if len(self.shape) != 4 or self.shape[3] != 3 or min(self.shape[1:3]) < 1:
+            raise NpzError(f"{self.path}: arr_0 has shape {self.shape}, expected (N, H, W, 3) RGB images "
+                           "(transpose NCHW batches with x.transpose(0, 2, 3, 1)).")
+        if self.shape[0] < MIN_IMAGES:
+            raise NpzError(f"{self.path}: arr_0 holds {self.shape[0]} images; Precision/Recall needs at "
+                           f"least {MIN_IMAGES} (each image's {NEAREST_K}rd nearest neighbour).")
+        self.stored_statistics = self._read_statistics(members)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read_statistics(self, members):
+        present = [name for name in STAT_SHAPES if f"{name}.npy" in members]
+        if not present:
+            return None
+        missing = [name for name in STAT_SHAPES if name not in present]
+        if missing:
+            raise NpzError(f"{self.path} has {', '.join(present)} but not {', '.join(missing)}; a reference "
+                           "batch needs all of mu, sigma, mu_s, sigma_s (or none of them).")
+        with np.load(self.path) as arrays:
+            stats = {name: arrays[name] for name in STAT_SHAPES}
+        for name, shape in STAT_SHAPES.items():
+            if stats[name].shape != shape:
+                raise NpzError(f"{self.path}: {name} has shape {stats[name].shape}, expected {shape} "
+                               "(statistics of the 2015-12-05 Inception's pool_3 / mixed_6 features).")
+            if not np.isfinite(stats[name]).all():
+                raise NpzError(f"{self.path}: {name} contains NaN or Inf values; rebuild the reference batch "
+                               "(scripts/make_reference_batch.py).")
+        return (FIDStatistics(stats["mu"], stats["sigma"]), FIDStatistics(stats["mu_s"], stats["sigma_s"]))
+
+    def batches(self, batch_size: int):
+        """Yields uint8 arrays (B, H, W, 3) in file order."""
+        if self.fortran_order:  # rare (np.asfortranarray before saving): no streaming, read it whole
+            with np.load(self.path) as arrays:
+                images = np.ascontiguousarray(arrays["arr_0"])
+            for start in range(0, len(images), batch_size):
+                yield images[start:start + batch_size]
+            return
+        image_bytes = int(np.prod(self.shape[1:]))
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as stream:
+            _read_npy_header(stream, self.path)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                images = np.empty((count, *self.shape[1:]), dtype=np.uint8)
+                if stream.readinto(memoryview(images).cast("B")) != images.nbytes:
+                    raise NpzError(f"{self.path}: arr_0 is truncated after about {start} images; rewrite the file.")
+                yield images
+
+
+def _read_npy_header(stream, path):
+    """(shape, fortran_order, dtype) of an .npy stream, leaving it at the first data byte."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, KeyError) as error:
+        raise NpzError(f"{path}: arr_0 is not a readable .npy array ({error}); rewrite it with np.savez.") from error
+    return shape, fortran_order, dtype
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class Activations:
+    """Inception outputs for one batch file: pool (N, 2048), spatial (N, 2023), logits (N, 1008)."""
+    pool: np.ndarray
+    spatial: np.ndarray
+    logits: np.ndarray
+
+
+@dataclass
+class FIDStatistics:
+    """Mean (D,) and covariance (D, D) of a set of activations."""
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @classmethod
+    def from_activations(cls, activations: np.ndarray) -> "FIDStatistics":
+        return cls(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
+
+    def frechet_distance(self, other: "FIDStatistics", eps: float = 1e-6) -> float:
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), with ADM's singular/imaginary handling.
+
+    ADM calls it as sample.frechet_distance(ref): (mu1, sigma1) are the samples'.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}; both must come from the same Inception feature.")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # the finiteness check below decides
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"the Fréchet distance's matrix square root has an imaginary component of "
+                             f"{np.max(np.abs(covmean.imag))}; the covariances are not valid statistics.")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE, from_logits: bool = True) -> float:
+    """Mean over consecutive chunks of exp(E_x KL(p(y|x) || p(y))); input (N, C) logits (or probabilities).
+
+    Classes with p = 0 contribute 0 (0 log 0 = 0) where ADM's float32 numpy would give NaN.
+    """
+    values = np.asarray(logits_or_probs, dtype=np.float64)
+    probs = np.exp(log_softmax(values, axis=1)) if from_logits else values
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)  # (1, C)
+        kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1)  # (n,)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+class ManifoldEstimator:
+    """ADM's k-NN manifold estimate (Kynkäänniemi et al. 2019) on feature sets, in torch.
+
+    `manifold_radii(features (N, D)) -> (N, K)` squared distance to each point's k-th neighbour
+    (k in `nhood_sizes`, the point itself at rank 0); `evaluate_pr(f1, r1, f2, r2)` -> (share of
+    f2 inside some f1 ball, share of f1 inside some f2 ball), each (K,).
+    """
+
+    def __init__(self, device="cpu", row_batch_size: int = PR_BATCH_SIZE, col_batch_size: int = PR_BATCH_SIZE,
+                 nhood_sizes=(NEAREST_K,)):
+        self.device = torch.device(device)
+        self.row_batch_size = row_batch_size
+        self.col_batch_size = col_batch_size
+        self.nhood_sizes = tuple(nhood_sizes)
+
+    def pairwise_distances(self, u: np.ndarray, v: np.ndarray) -> torch.Tensor:
+        """Squared distances (B1, B2) float32 on `device`; fp16 unless that overflows somewhere."""
+        u = torch.as_tensor(u, dtype=torch.float32, device=self.device)
+        v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        with full_fp32(self.device):
+            distances = _squared_distances(u.half(), v.half())
+            if not torch.isfinite(distances).all():
+                distances = _squared_distances(u, v)
+        return distances.float()
+
+    def manifold_radii(self, features: np.ndarray) -> np.ndarray:
+        num = len(features)
+        radii = np.zeros((num, len(self.nhood_sizes)), dtype=np.float32)
+        for begin1 in range(0, num, self.row_batch_size):
+            rows = features[begin1:begin1 + self.row_batch_size]
+            distances = torch.cat([self.pairwise_distances(rows, features[begin2:begin2 + self.col_batch_size])
+                                   for begin2 in range(0, num, self.col_batch_size)], dim=1)  # (B, N)
+            # The row's own zero distance is the smallest, so the k-th order statistic (0-based)
+            # is the k-th neighbour: ADM takes index k of a partition over 0..k.
+            ranked = torch.topk(distances, max(self.nhood_sizes) + 1, dim=1, largest=False).values
+            radii[begin1:begin1 + len(rows)] = ranked[:, list(self.nhood_sizes)].cpu().numpy()
+        return radii
+
+    def evaluate_pr(self, features_1, radii_1, features_2, radii_2):
+        status_1 = torch.zeros((len(features_1), radii_2.shape[1]), dtype=torch.bool, device=self.device)
+        status_2 = torch.zeros((len(features_2), radii_1.shape[1]), dtype=torch.bool, device=self.device)
+        radii_1 = torch.as_tensor(radii_1, device=self.device)
+        radii_2 = torch.as_tensor(radii_2, device=self.device)
+        for begin1 in range(0, len(features_1), self.row_batch_size):
+            end1 = begin1 + self.row_batch_size
+            for begin2 in range(0, len(features_2), self.col_batch_size):
+                end2 = begin2 + self.col_batch_size
+                distances = self.pairwise_distances(features_1[begin1:end1], features_2[begin2:end2])[..., None]
+                status_1[begin1:end1] |= (distances <= radii_2[begin2:end2]).any(dim=1)  # (B1, K)
+                status_2[begin2:end2] |= (distances <= radii_1[begin1:end1, None]).any(dim=0)  # (B2, K)
+        return (status_2.double().mean(dim=0).cpu().numpy(), status_1.double().mean(dim=0).cpu().numpy())
+
+
+def _squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """max(||u||^2 - 2 u.v + ||v||^2, 0) in the dtype of u, v: (B1, D), (B2, D) -> (B1, B2).
+
+    In fp16 every elementwise step rounds to fp16 as in ADM's TF graph; the matmul and the norm
+    sums accumulate in fp32 (exact products of fp16 values) and round once, as GPU kernels do.
+    """
+    norm_u = (u * u).float().sum(dim=1).to(u.dtype)[:, None]  # (B1, 1)
+    norm_v = (v * v).float().sum(dim=1).to(v.dtype)[None, :]  # (1, B2)
+    dot = (u.float() @ v.float().T).to(u.dtype)  # (B1, B2)
+    return torch.clamp_min(norm_u - 2 * dot + norm_v, 0)
+
+
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, device="cpu") -> tuple[float, float]:
+    """ADM's compute_prec_recall on pool_3 features (N_ref, D), (N_sample, D) -> (precision, recall)."""
+    estimator = ManifoldEstimator(device)
+    ref_radii = estimator.manifold_radii(ref_features)
+    sample_radii = estimator.manifold_radii(sample_features)
+    precision, recall = estimator.evaluate_pr(ref_features, ref_radii, sample_features, sample_radii)
+    return float(precision[0]), float(recall[0])
+
+
+# ----------------------------------------------------------------------------- npz -> metrics
+
+def compute_activations(batch: NpzBatch, extractor: InceptionFeatureExtractor, batch_size: int = 64,
+                        desc: str = "inception") -> Activations:
+    outputs = [extractor.features(images)
+               for images in tqdm(batch.batches(batch_size), total=-(-len(batch) // batch_size), desc=desc,
+                                  file=sys.stderr, disable=None)]
+    pool, spatial, logits = (torch.cat(parts).numpy() for parts in zip(*outputs))
+    return Activations(pool, spatial, logits)
+
+
+def compute_npz_statistics(batch: NpzBatch, extractor: InceptionFeatureExtractor, batch_size: int = 64,
+                           desc: str = "inception"):
+    """ADM's read_activations + read_statistics: (Activations, pool FIDStatistics, spatial FIDStatistics).
+
+    Statistics stored in the npz (mu, sigma, mu_s, sigma_s) take precedence over those of arr_0.
+    """
+    activations = compute_activations(batch, extractor, batch_size, desc)
+    if batch.stored_statistics is not None:
+        return (activations, *batch.stored_statistics)
+    return (activations, FIDStatistics.from_activations(activations.pool),
+            FIDStatistics.from_activations(activations.spatial))
+
+
+def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64, device="cpu", log=print) -> dict:
+    """Runs ADM's evaluation of SAMPLE against REF; returns the metrics (and logs ADM's lines)."""
+    ref_batch, sample_batch = NpzBatch(ref_path), NpzBatch(sample_path)  # refuse bad files before any work
+    extractor = InceptionFeatureExtractor(inception_weights, device)
+    log("computing reference batch activations...")
+    ref_acts, ref_stats, ref_stats_spatial = compute_npz_statistics(ref_batch, extractor, batch_size, "reference")
+    log("computing sample batch activations...")
+    sample_acts, sample_stats, sample_stats_spatial = compute_npz_statistics(sample_batch, extractor, batch_size,
+                                                                             "samples")
+    log("Computing evaluations...")
+    metrics = {"inception_score": inception_score(sample_acts.logits)}
+    log("Inception Score:", metrics["inception_score"])
+    metrics["fid"] = sample_stats.frechet_distance(ref_stats)
+    log("FID:", metrics["fid"])
+    metrics["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
+    log("sFID:", metrics["sfid"])
+    metrics["precision"], metrics["recall"] = precision_recall(ref_acts.pool, sample_acts.pool, device)
+    log("Precision:", metrics["precision"])
+    log("Recall:", metrics["recall"])
+    metrics.update(num_samples=len(sample_batch), num_reference_images=len(ref_batch),
+                   reference_statistics="stored" if ref_batch.stored_statistics is not None else "arr_0",
+                   ref_batch=str(ref_path), sample_batch=str(sample_path), inception_weights=str(inception_weights))
+    return metrics
+
+
+def default_json_path(sample_path) -> Path:
+    """samples.npz -> samples.metrics.json (next to it)."""
+    sample_path = Path(sample_path)
+    return sample_path.with_name(f"{sample_path.stem}.metrics.json")
+
+
+def write_json(metrics: dict, path) -> Path:
+    """Writes via a temporary file and a rename, so a crash never leaves half a JSON."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("ref_batch", help="reference npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample_batch", help="sample npz (arr_0 uint8 NHWC)")
+    parser.add_argument("--inception-weights", required=True,
+                        help="local weights-inception-2015-12-05-6726825d.pth (torch-fidelity / pytorch-fid layout)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-json", default=None, help="default: <sample stem>.metrics.json next to it")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("CUDA is not available; evaluating on CPU (slow: about 5 images/s).")
+        args.device = "cpu"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        metrics = evaluate_npz(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
+                               args.device)
+    except (NpzError, InceptionWeightsError) as error:
+        raise SystemExit(f"error: {error}") from None
+    json_path = write_json(metrics, args.output_json or default_json_path(args.sample_batch))
+    print(f"wrote {json_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
