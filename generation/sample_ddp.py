@@ -1,0 +1,387 @@
+"""Samples a DiT or SiT checkpoint on all ranks into PNGs and an ADM-layout npz for FID evaluation.
+
+    # DiT (DDPM respaced to 250 steps, as the USP tables):
+    torchrun --nproc_per_node=8 -m generation.sample_ddp --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt \
+        --num-fid-samples 50000 --per-proc-batch-size 32 --cfg-scale 1.0 --sample-dir samples/dit-xl
+    # SiT (mode first, as SiT's sample_ddp.py; `--mode SDE` works too):
+    torchrun --nproc_per_node=8 -m generation.sample_ddp SDE --model SiT-XL/2 --ckpt SiT-XL-2-256x256.pt ...
+
+Writes `<sample-dir>/<index:06d>.png` (the label in a PNG text chunk) and then `<sample-dir>.npz` with
+arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels, exactly --num-fid-samples images in index order.
+Image i depends only on (--global-seed, i) (and, bit for bit, on --per-proc-batch-size), never on the
+number of processes; see `generation/sampling.py`. Rerunning an interrupted command resumes: complete
+batches are skipped, and the npz equals that of an uninterrupted run.
+
+Checkpoints: official DiT/SiT raw state dicts, or this project's training checkpoints, whose `ema`
+weights are used (the `model` weights only when there is no `ema`, with a warning).
+Differences from the official scripts: --sample-dir is the PNG folder itself (DiT names a subfolder after
+the settings; here `sampling_config.json` in the folder records them and a resume with other settings is
+refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image.
+"""
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from generation.objectives import objective_family
+from generation.sampling import (Guidance, ImageGenerator, SamplingError, check_sample_folder,
+                                 create_npz_from_sample_folder, diffusion_sampler, npz_path_for, sample_to_folder,
+                                 transport_sampler)
+from generation.train import ALL_MODELS, UserError, build_model, build_vae, none_or_str
+from generation.transport import create_transport
+from generation.transport.integrators import ODE_METHODS, SDE_METHODS
+from generation.transport.path import DIFFUSION_FORMS
+from models.latent_spec import get_latent_spec
+from util.checkpoint import CheckpointError, load_checkpoint
+from util.distributed import barrier, cleanup, init_distributed, is_dist
+from util.precision import add_precision_arg, enable_tf32
+
+MODES = ("ODE", "SDE")
+# Arguments that do not change any image: a resume may alter them.
+NOT_IN_CONFIG = ("num_fid_samples", "sample_dir", "npz_workers", "progress")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DiT / SiT DDP sampling into an ADM npz",
+                                     usage="%(prog)s [ODE|SDE] --model NAME --ckpt PATH [options]")
+    # DiT / SiT sample_ddp.py flags.
+    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
+    parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
+    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
+                        help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="PNG folder; the npz goes next to it")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 = no guidance (the USP tables)")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ (DiT's default; --no-tf32 for strict fp32)")
+    # DiT samplers.
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=None,
+                        help="DiT only: DDPM respaced to --num-sampling-steps (default) or DDIM (eta 0)")
+    # SiT: the mode and the transport / ODE / SDE flags of SiT's sample_ddp.py.
+    parser.add_argument("--mode", type=str, choices=MODES, default=None,
+                        help="SiT only (also accepted as the first argument): ODE (default) or SDE")
+    parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
+    parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
+    parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
+    parser.add_argument("--sample-eps", type=float, default=None)
+    parser.add_argument("--train-eps", type=float, default=None)
+    parser.add_argument("--sampling-method", type=str, default=None,
+                        help=f"ODE: {', '.join(ODE_METHODS)} (default dopri5); SDE: {', '.join(SDE_METHODS)} "
+                             "(default Euler)")
+    parser.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance")
+    parser.add_argument("--reverse", action="store_true", help="ODE: integrate from data to noise (SiT's flag)")
+    parser.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
+                        help="SDE diffusion coefficient form")
+    parser.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion coefficient scale")
+    parser.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
+                        help="SDE final step")
+    parser.add_argument("--last-step-size", type=float, default=0.04, help="SDE final step size")
+    # Classifier-free guidance variants.
+    parser.add_argument("--cfg-channels", type=str, choices=["legacy3", "all"], default="legacy3",
+                        help="guide the first 3 latent channels (official DiT/SiT, reproduces their numbers) or all")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only where LO <= t <= HI, in the model's t units (DiT 0..999, SiT 0..1, 1 = data)")
+    # This re-implementation's additions.
+    parser.add_argument("--vae-version", type=str, default="d8", choices=["d8", "d16"])
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
+    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    add_precision_arg(parser, "--precision", default="fp32")
+    parser.add_argument("--model-kwargs", type=str, default="{}",
+                        help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\'')
+    parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line; SiT's leading `ODE`/`SDE` word is accepted as well as --mode."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    positional_mode = argv.pop(0) if argv and argv[0] in MODES else None
+    args = get_args_parser().parse_args(argv)
+    if positional_mode is not None and args.mode not in (None, positional_mode):
+        raise UserError(f"the command names mode {positional_mode} and --mode {args.mode}; give only one.")
+    args.mode = args.mode or positional_mode
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need no weights
+# ----------------------------------------------------------------------------------------------
+
+def check_args(args) -> dict:
+    """Validates the command line before anything is loaded; returns the parsed --model-kwargs."""
+    if args.model not in ALL_MODELS:
+        objective_family(args.model)
+        raise UserError(f"--model {args.model!r} is not a known preset; choose one of {', '.join(ALL_MODELS)}.")
+    family = objective_family(args.model)
+    if family == "diffusion" and args.mode is not None:
+        raise UserError(f"mode {args.mode} is a SiT sampler but --model is {args.model}; drop it (DiT uses --sampler).")
+    if family == "transport" and args.sampler is not None:
+        raise UserError(f"--sampler is a DiT flag but --model is {args.model}; use ODE or SDE mode for SiT.")
+    if family == "transport":
+        methods = ODE_METHODS if (args.mode or "ODE") == "ODE" else SDE_METHODS
+        if args.sampling_method is not None and args.sampling_method not in methods:
+            raise UserError(f"--sampling-method {args.sampling_method} is not a {args.mode or 'ODE'} method; "
+                            f"use one of {', '.join(methods)}.")
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model-kwargs is not valid JSON ({error.msg}); pass an object like '{{\"depth\": 2}}'.")
+    if not isinstance(model_kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"depth\": 2}'.")
+    get_latent_spec(args.vae_version).latent_size(args.image_size)
+    for flag in ("num_fid_samples", "per_proc_batch_size", "num_sampling_steps", "num_classes"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if args.cfg_scale < 1.0:
+        raise UserError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {args.cfg_scale}.")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance-interval {args.guidance_interval[0]} {args.guidance_interval[1]} is empty; "
+                        "give LO <= HI.")
+    if not Path(args.ckpt).is_file():
+        raise UserError(f"--ckpt {args.ckpt} does not exist; pass a DiT/SiT checkpoint file.")
+    if args.vae_version == "d16" and args.vae_path is None:
+        raise UserError("--vae-version d16 needs --vae-path pointing at the KL-16 autoencoder file kl16.ckpt.")
+    return model_kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+def select_weights(checkpoint, path, warn=warnings.warn) -> dict:
+    """The state dict to sample with: `ema` of a training checkpoint, else its `model` (with a warning),
+    else the file itself when it is a raw state dict (official DiT/SiT releases)."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"--ckpt {path} holds a {type(checkpoint).__name__}, not a state dict or training checkpoint.")
+    if isinstance(checkpoint.get("ema"), dict):
+        return checkpoint["ema"]
+    if isinstance(checkpoint.get("model"), dict):
+        warn(f"--ckpt {path} has no 'ema' weights, so the raw 'model' weights are used; they typically score "
+             "about 2 FID worse than the EMA weights.")
+        return checkpoint["model"]
+    if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return checkpoint
+    raise UserError(f"--ckpt {path} has neither 'ema' nor 'model' weights and is not a raw state dict "
+                    f"(keys: {', '.join(sorted(map(str, checkpoint))[:6])}); pass a DiT/SiT checkpoint.")
+
+
+def load_weights_strict(model: torch.nn.Module, state_dict: dict, path, checkpoint_args=None) -> None:
+    """`load_state_dict(strict=True)`, with a mismatch explained in one sentence instead of a key dump."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    reshaped = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} vs "
+                 f"{tuple(expected[reshaped[0]].shape)})" if reshaped else ""]
+        trained = ""
+        if isinstance(checkpoint_args, dict) and "model" in checkpoint_args:
+            trained = (f" (it was trained as --model {checkpoint_args['model']} --image-size "
+                       f"{checkpoint_args.get('image_size')} --model-kwargs {checkpoint_args.get('model_kwargs', '{}')})")
+        raise UserError(f"--ckpt {path} does not fit the model built from --model/--image-size/--num-classes/"
+                        f"--model-kwargs: {'; '.join(part for part in parts if part)}; pass the settings it was "
+                        f"trained with{trained}.")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the generator
+# ----------------------------------------------------------------------------------------------
+
+def build_sample_fn(args, model):
+    """The latent sampler the flags ask for: DiT DDPM/DDIM, or SiT ODE/SDE over the flags' transport."""
+    if objective_family(args.model) == "diffusion":
+        method = args.sampler or "ddpm"
+        return diffusion_sampler(args.num_sampling_steps, method, learn_sigma=model.learn_sigma), method == "ddpm"
+    transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
+    mode = args.mode or "ODE"
+    sample_fn = transport_sampler(transport, mode, args.num_sampling_steps, args.sampling_method, atol=args.atol,
+                                  rtol=args.rtol, reverse=args.reverse, diffusion_form=args.diffusion_form,
+                                  diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                                  last_step_size=args.last_step_size)
+    return sample_fn, mode == "SDE"
+
+
+def sampling_config(args, dist_env) -> dict:
+    """What fixes the images of a sample folder (recorded in it, so a resume cannot mix settings)."""
+    config = {key: value for key, value in vars(args).items() if key not in NOT_IN_CONFIG}
+    config["ckpt"] = str(Path(args.ckpt).resolve())
+    config["device"] = dist_env.device.type  # CPU and GPU kernels differ in the last bits
+    return config
+
+
+def setup(args, dist_env, log=print) -> ImageGenerator:
+    model_kwargs = check_args(args)
+    spec = get_latent_spec(args.vae_version)
+    latent_size = spec.latent_size(args.image_size)
+    model = build_model(args, model_kwargs, latent_size, spec.channels)
+    checkpoint = load_checkpoint(args.ckpt)
+    warn = warnings.warn if dist_env.is_main else (lambda *a, **k: None)
+    state_dict = select_weights(checkpoint, args.ckpt, warn)
+    load_weights_strict(model, state_dict, args.ckpt, checkpoint.get("args"))
+    del checkpoint, state_dict
+    model = model.to(dist_env.device).eval()
+    sample_fn, stochastic = build_sample_fn(args, model)
+    codec = build_vae(args, dist_env.device)
+    guidance = Guidance(scale=args.cfg_scale, channels=3 if args.cfg_channels == "legacy3" else None,
+                        interval=tuple(args.guidance_interval) if args.guidance_interval else None)
+    check_sample_folder(args.sample_dir, sampling_config(args, dist_env), dist_env.is_main)
+    if dist_env.is_main:
+        log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters from {args.ckpt}; "
+            f"{args.num_fid_samples} samples into {args.sample_dir} on {dist_env.world_size} process(es)")
+    return ImageGenerator(model, codec, sample_fn, num_classes=args.num_classes,
+                          latent_shape=(spec.channels, latent_size, latent_size), device=dist_env.device,
+                          guidance=guidance, precision=args.precision, stochastic=stochastic)
+
+
+def total_throughput(images: int, seconds: float, device) -> tuple[int, float, float]:
+    """(images written by all ranks, the slowest rank's seconds, images/s over that wall time)."""
+    count = torch.tensor([float(images)], device=device, dtype=torch.float64)
+    wall = torch.tensor([float(seconds)], device=device, dtype=torch.float64)
+    if is_dist():
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    total, wall_seconds = int(count.item()), float(wall.item())
+    return total, wall_seconds, total / max(wall_seconds, 1e-9)
+
+
+USER_ERRORS = (UserError, SamplingError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_args(argv)
+        dist_env = init_distributed(args.device)
+    except UserError as error:
+        raise SystemExit(f"generation.sample_ddp: error: {error}") from None
+    if dist_env.device.type == "cuda" and args.tf32:
+        enable_tf32()
+    torch.set_grad_enabled(False)
+    try:
+        generator = setup(args, dist_env)
+    except USER_ERRORS as error:
+        if dist_env.is_main:
+            print(f"generation.sample_ddp: error: {error}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
+    try:
+        result = sample_to_folder(generator, args.sample_dir, args.num_fid_samples, args.per_proc_batch_size,
+                                  args.global_seed, dist_env.rank, dist_env.world_size,
+                                  progress=args.progress and dist_env.is_main)
+        total, seconds, rate = total_throughput(result["images"], result["seconds"], dist_env.device)
+        barrier()  # every PNG exists before rank 0 packs them
+        if dist_env.is_main:
+            print(f"sampled {total} images in {seconds:.1f}s ({rate:.2f} images/s over "
+                  f"{dist_env.world_size} process(es))")
+            try:
+                out = create_npz_from_sample_folder(args.sample_dir, args.num_fid_samples, args.npz_workers)
+            except SamplingError as error:
+                print(f"generation.sample_ddp: error: {error}", file=sys.stderr)
+                sys.exit(2)
+            print(f"Saved .npz file to {out} [shape={(args.num_fid_samples, args.image_size, args.image_size, 3)}].")
+    finally:
+        cleanup()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's FID hook
+# ----------------------------------------------------------------------------------------------
+
+class FIDEvalHook:
+    """Draws `num_samples` EMA images on every rank into `<sample_dir>/fid-<step>.npz` and, when a reference
+    batch and Inception weights are configured, returns ADM's metrics (rank 0) for the training log.
+
+    The sampler is the family's standard one (DiT: DDPM with --num-sampling-steps; SiT: dopri5 ODE), without
+    guidance unless `cfg_scale` > 1, as in USP's tables. The PNG folder is removed once the npz exists.
+    """
+
+    def __init__(self, objective, codec, sample_dir, latent_shape, *, num_samples: int, batch_size: int,
+                 num_steps: int, num_classes: int, global_seed: int, dist_env, precision: str,
+                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None):
+        self.objective = objective
+        self.codec = codec
+        self.sample_dir = Path(sample_dir)
+        self.latent_shape = tuple(latent_shape)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_steps = num_steps
+        self.num_classes = num_classes
+        self.global_seed = global_seed
+        self.dist_env = dist_env
+        self.precision = precision
+        self.guidance = Guidance(scale=cfg_scale)
+        self.ref_batch = ref_batch
+        self.inception_weights = inception_weights
+
+    def _sample_fn(self, ema):
+        if hasattr(self.objective, "transport"):
+            return transport_sampler(self.objective.transport, "ODE", self.num_steps), False
+        return diffusion_sampler(self.num_steps, "ddpm", learn_sigma=ema.learn_sigma), True
+
+    def __call__(self, ema, step: int) -> dict:
+        sample_fn, stochastic = self._sample_fn(ema)
+        generator = ImageGenerator(ema, self.codec, sample_fn, num_classes=self.num_classes,
+                                   latent_shape=self.latent_shape, device=self.dist_env.device,
+                                   guidance=self.guidance, precision=self.precision, stochastic=stochastic)
+        folder = self.sample_dir / f"fid-{step:07d}"
+        result = sample_to_folder(generator, folder, self.num_samples, self.batch_size, self.global_seed,
+                                  self.dist_env.rank, self.dist_env.world_size)
+        _, _, rate = total_throughput(result["images"], result["seconds"], self.dist_env.device)
+        barrier()
+        metrics = {}
+        if self.dist_env.is_main:
+            npz = create_npz_from_sample_folder(folder, self.num_samples)
+            shutil.rmtree(folder)
+            metrics = {"fid_sampling_images_per_s": rate}
+            if self.ref_batch is not None and self.inception_weights is not None:
+                # Imported here: torch-fidelity pulls in torchvision's model zoo, seconds of start-up that
+                # plain sampling never needs.
+                from generation.evaluate import evaluate_npz, write_json
+
+                evaluation = evaluate_npz(self.ref_batch, npz, self.inception_weights, device=self.dist_env.device,
+                                          log=lambda *parts: None)
+                write_json(evaluation, npz.with_name(f"{npz.stem}.metrics.json"))
+                metrics.update({key: evaluation[key] for key in
+                                ("fid", "sfid", "inception_score", "precision", "recall")})
+        barrier()  # the other ranks wait for the evaluation instead of racing ahead into training
+        return metrics
+
+
+def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
+    """The trainer's hook (generation/train.py `build_eval_hooks`) built from its arguments.
+
+    The reference batch, Inception weights and guidance scale come from `--fid-ref-batch`,
+    `--inception-weights` and `--fid-cfg-scale` when the trainer defines them; without a reference batch
+    the hook only writes the npz (evaluate it later with generation/evaluate.py).
+    """
+    spec = get_latent_spec(args.vae_version)
+    latent_size = spec.latent_size(args.image_size)
+    return FIDEvalHook(objective, codec, sample_dir, (spec.channels, latent_size, latent_size),
+                       num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size,
+                       num_steps=args.num_sampling_steps, num_classes=args.num_classes,
+                       global_seed=args.global_seed, dist_env=dist_env, precision=args.precision,
+                       cfg_scale=getattr(args, "fid_cfg_scale", 1.0),
+                       ref_batch=getattr(args, "fid_ref_batch", None),
+                       inception_weights=getattr(args, "inception_weights", None))
+
+
+if __name__ == "__main__":
+    main()
