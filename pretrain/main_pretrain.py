@@ -328,6 +328,9 @@ def setup(args) -> SimpleNamespace:
 def train(run) -> None:
     """The epoch loop: train, log MAE's per-epoch line, checkpoint every --save_every epochs and at the end."""
     args, position = run.args, run.position
+    if args.max_steps is not None and position.global_step >= args.max_steps:
+        run.logger.info(f"nothing to do: the run already took {position.global_step} >= --max_steps steps")
+        return
     while position.epoch < args.epochs:
         run.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
         result = train_one_epoch(run.model, run.codec, run.loader, run.optimizer, run.scaler, position, run)
@@ -356,11 +359,11 @@ def main(args) -> None:
     try:
         train(run)
     except NonFiniteLossError as error:
-        cleanup()
         sys.exit(f"main_pretrain: error: {error}")
     finally:
+        run.preemption.restore()
         run.logger.close()
-    cleanup()
+        cleanup()
 
 
 if __name__ == "__main__":
