@@ -69,7 +69,7 @@ def get_args_parser():
 def save(manager, model, ema, optimizer, scaler, args, epoch, step_in_epoch, train_steps):
     rng = gather_rng_states()  # collective: every rank takes part, rank 0 writes
     manager.save({
-        "model": model.module.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+        "model": getattr(model, "module", model).state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "args": args_to_dict(args), "epoch": epoch,
         "step_in_epoch": step_in_epoch, "train_steps": train_steps, "rng": rng,
     }, train_steps)
@@ -103,7 +103,7 @@ def main(args):
         scaler.load_state_dict(state["scaler"])
         epoch, step_in_epoch, train_steps = state["epoch"], state["step_in_epoch"], state["train_steps"]
         restore_rank_rng(state["rng"])
-    model = DistributedDataParallel(model)
+    model = DistributedDataParallel(model) if env.distributed else model
     logger = RunLogger(args.output_dir, env.is_main, tensorboard=True)
     preemption = PreemptionHandler(sync_every=args.sync_every)
     throughput = Throughput()
