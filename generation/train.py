@@ -88,6 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-fid-samples", type=int, default=0,
                         help="samples for FID at each evaluation (0 = preview grid only)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="evaluation outputs, inside the experiment")
+    parser.add_argument("--fid-ref-batch", type=str, default=None,
+                        help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
+    parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
+    parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
     # SiT's transport flags (ignored for DiT).
     parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
     parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
@@ -141,6 +145,9 @@ def check_args(args) -> dict:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, got {args.max_steps}.")
+    for flag in ("fid_ref_batch", "inception_weights"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
     if args.vae_version == "d16" and args.vae_path is None:
         raise UserError("--vae-version d16 needs --vae-path pointing at the KL-16 autoencoder file kl16.ckpt.")
     return model_kwargs

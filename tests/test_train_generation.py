@@ -58,25 +58,20 @@ def fail_main(argv, capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_usp_checkpoint(tmp_path_factory):
-    """A USP pretraining checkpoint layout ({"model": MAE state dict, "epoch", "args"}) of width 32.
+def tiny_usp_checkpoint(tmp_path_factory, tiny_image_folder, tiny_vae_dir):
+    """A USP checkpoint made by pretrain/main_pretrain.py: a width-32 latent MAE, 8 masked-modeling steps."""
+    from pretrain import main_pretrain
 
-    The MAE is trained for a few masked-latent steps so its weights differ from a fresh init.
-    """
-    from models.mae import create_mae
-
-    torch.manual_seed(0)
-    mae = create_mae("vit_base_patch_vae", input_size=32, vae_version="d8", embed_dim=32, depth=2, num_heads=2,
-                     decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
-    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3)
-    for _ in range(5):
-        loss, _, _ = mae(torch.randn(8, 4, 4, 4), mask_ratio=0.75)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("usp") / "usp_pretrain.pth"
-    torch.save({"model": mae.state_dict(), "epoch": 4, "args": {"model": "vit_base_patch_vae"}}, path)
-    return path
+    output_dir = tmp_path_factory.mktemp("usp")
+    mae_kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+                  "decoder_num_heads": 2}
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args([
+        "--model", "vit_base_patch_vae", "--model_kwargs", json.dumps(mae_kwargs), "--input_size", "32",
+        "--data_path", str(tiny_image_folder), "--vae_path", str(tiny_vae_dir), "--device", "cpu",
+        "--precision", "fp32", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--blr", "1e-3",
+        "--num_workers", "0", "--output_dir", str(output_dir), "--log_dir", str(output_dir)]))
+    (checkpoint,) = sorted(output_dir.glob("checkpoint-*.pth"))
+    return checkpoint
 
 
 @pytest.mark.parametrize("family", ["diffusion", "transport"])
