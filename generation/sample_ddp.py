@@ -274,7 +274,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"generation.sample_ddp: error: {error}") from None
     if dist_env.device.type == "cuda" and args.tf32:
         enable_tf32()
-    torch.set_grad_enabled(False)
     try:
         generator = setup(args, dist_env)
     except USER_ERRORS as error:

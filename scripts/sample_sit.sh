@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# FID-50K samples of a SiT checkpoint: SiT-XL/2, 256 px, Linear/velocity transport, cfg 1.0, per-process
+# batch 32, with SiT's samplers: MODE=SDE (default; Euler-Maruyama, 250 steps, sigma diffusion, Mean last
+# step) or MODE=ODE (dopri5, atol 1e-6, rtol 1e-3); then ADM's evaluation (scripts/eval.sh) when REF_BATCH is set.
+#
+#   CKPT=results/000-SiT-XL-2-VAE-simple-usp/checkpoints/0400000.pt MODE=ODE REF_BATCH=VIRTUAL_imagenet256_labeled.npz \
+#   INCEPTION_WEIGHTS=pretrained/weights-inception-2015-12-05-6726825d.pth bash scripts/sample_sit.sh
+# The official SiT-XL-2-256x256.pt works too (MODEL=SiT-XL/2). Rerunning the same command resumes an
+# interrupted run. Multi-node: as scripts/train_sit.sh (MASTER_ADDR/MASTER_PORT, WORLD_SIZE nodes, RANK, GPUS).
+# Extra arguments are appended, e.g. `--sampling-method Heun` (SDE) or `--precision bf16`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+WORLD_SIZE=${WORLD_SIZE:-1}
+RANK=${RANK:-0}
+GPUS=${GPUS:-8}
+CKPT=${CKPT:?set CKPT to the SiT checkpoint (training checkpoint or official state dict)}
+MODEL=${MODEL:-SiT-XL/2-VAE-simple}
+MODE=${MODE:-SDE}
+CFG_SCALE=${CFG_SCALE:-1.0}
+SAMPLE_DIR=${SAMPLE_DIR:-samples/$(echo "$MODEL" | tr '/' '-')-$(basename "$CKPT" .pt)-$MODE-cfg-$CFG_SCALE-seed-0}
+
+case "$MODE" in
+  ODE) SAMPLER_FLAGS=(--sampling-method dopri5 --atol 1e-6 --rtol 1e-3) ;;
+  SDE) SAMPLER_FLAGS=(--sampling-method Euler --diffusion-form sigma --diffusion-norm 1.0
+                      --last-step Mean --last-step-size 0.04) ;;
+  *) echo "MODE must be ODE or SDE, got $MODE" >&2; exit 2 ;;
+esac
+
+torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  -m generation.sample_ddp "$MODE" \
+  --model "$MODEL" \
+  --ckpt "$CKPT" \
+  --image-size 256 \
+  --num-classes 1000 \
+  --vae ema \
+  --path-type Linear \
+  --prediction velocity \
+  "${SAMPLER_FLAGS[@]}" \
+  --num-sampling-steps 250 \
+  --cfg-scale "$CFG_SCALE" \
+  --num-fid-samples 50000 \
+  --per-proc-batch-size 32 \
+  --global-seed 0 \
+  --sample-dir "$SAMPLE_DIR" \
+  "$@"
+
+if [ "$RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
+  bash scripts/eval.sh "$REF_BATCH" "$SAMPLE_DIR.npz"
+fi
