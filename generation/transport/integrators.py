@@ -4,8 +4,8 @@ from torchdiffeq import odeint
 
 from .utils import randn_like
 
-ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun", "heun2",
-               "heun3", "rk4")
+ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+ODE_METHODS = ADAPTIVE_ODE_METHODS + ("euler", "midpoint", "heun", "heun2", "heun3", "rk4")
 SDE_METHODS = ("Euler", "Heun")
 
 
@@ -41,7 +41,10 @@ class ode:
             # torchdiffeq passes a scalar time; the model wants one time per sample.
             return self.drift(state, t.expand(state.shape[0]).to(state.dtype), model, **model_kwargs)
 
-        return odeint(velocity, x, times, method=self.sampler_type, atol=self.atol, rtol=self.rtol)
+        # Adaptive solvers may otherwise step past the last time and interpolate back, evaluating the
+        # model beyond t = 1 - eps where the VP path (and noise/score conversions) are undefined.
+        options = {"step_t": times[-1:]} if self.sampler_type in ADAPTIVE_ODE_METHODS else None
+        return odeint(velocity, x, times, method=self.sampler_type, atol=self.atol, rtol=self.rtol, options=options)
 
 
 class sde:

@@ -213,6 +213,16 @@ class Sampler:
             self.transport.train_eps, self.transport.sample_eps, diffusion_form=diffusion_form, sde=True,
             eval=True, last_step_size=last_step_size,
         )
+        if diffusion_form == "SBDM" and t0 == 0.0 and self.transport.path_type != PathType.VP:
+            raise ValueError(
+                "diffusion_form='SBDM' is infinite at t=0 on the Linear and GVP paths; pass sample_eps > 0 "
+                "(e.g. 1e-3) to create_transport or use diffusion_form='sigma'."
+            )
+        if sampling_method == "Heun" and t1 >= 1.0:
+            raise ValueError(
+                "the Heun SDE sampler would evaluate the model at t=1, where the score is undefined; use a last "
+                "step (Mean, Tweedie or Euler) or pass sample_eps > 0 to create_transport."
+            )
         integrator = sde(sde_drift, diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method)
         last_step_fn = self._last_step(sde_drift, last_step, last_step_size)
 
