@@ -120,7 +120,7 @@ class SafeImageFolder(datasets.ImageFolder):
         try:
             with Image.open(path) as image:
                 return image.convert("RGB"), label
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             if self.strict:
                 raise DataError(f"image {path} cannot be read ({error}); remove or replace it, "
                                 "or drop the strict-data flag to skip unreadable images.") from error
