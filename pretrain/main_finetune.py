@@ -127,7 +127,6 @@ def main(args) -> dict:
     dist_env = init_distributed(args.device)
     setup_for_distributed_printing(dist_env.is_main)
     device = dist_env.device
-    seed_everything(rank_seed(args.seed, dist_env.rank))
     if device.type == "cuda":
         enable_tf32()
         torch.backends.cudnn.benchmark = True
@@ -138,6 +137,9 @@ def main(args) -> dict:
     train_dataset = None if args.eval else build_train_dataset(args, pixel)
     mixup_fn = build_mixup(args)
 
+    seed_everything(args.seed)  # the same initial weights on every rank, whatever the world size
+    vit = build_vit(args, HEAD_INIT_STD).to(device)  # before the VAE: a wrong checkpoint fails fast
+    seed_everything(rank_seed(args.seed, dist_env.rank))  # dropout / drop path / mixup differ per rank
     codec = None
     if not pixel:
         from models.vae import LatentCodec
@@ -145,7 +147,6 @@ def main(args) -> dict:
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=device)
         if args.train_vae:
             codec.train_encoder(True)
-    vit = build_vit(args, HEAD_INIT_STD).to(device)
     classifier = LatentClassifier(vit, codec, args.vae_precision)
 
     if args.eval:

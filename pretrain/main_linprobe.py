@@ -108,7 +108,6 @@ def main(args) -> dict:
     dist_env = init_distributed(args.device)
     setup_for_distributed_printing(dist_env.is_main)
     device = dist_env.device
-    seed_everything(rank_seed(args.seed, dist_env.rank))
     if device.type == "cuda":
         enable_tf32()
         torch.backends.cudnn.benchmark = True
@@ -117,12 +116,14 @@ def main(args) -> dict:
     eval_loader = build_eval_loader(args, dist_env, pixel)
     train_dataset = None if args.eval else build_train_dataset(args, pixel)
 
+    seed_everything(args.seed)  # the same initial weights on every rank, whatever the world size
+    vit = attach_probe_head(build_vit(args, HEAD_INIT_STD)).to(device)  # before the VAE: fails fast
+    seed_everything(rank_seed(args.seed, dist_env.rank))
     codec = None
     if not pixel:
         from models.vae import LatentCodec
 
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=device)
-    vit = attach_probe_head(build_vit(args, HEAD_INIT_STD)).to(device)
     eval_model = LatentClassifier(vit, codec, args.vae_precision)
     # Cached latents skip the encoder during training; validation still starts from images.
     classifier = LatentClassifier(vit, None) if args.use_cached else eval_model
