@@ -166,6 +166,35 @@ class FIDStatistics:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps)
 
 
+class StatisticsAccumulator:
+    """Streaming mean and unbiased covariance of (B, D) activation batches, for sets too large to keep.
+
+    Sums are taken in float64 around a shift (the first batch's mean), which keeps the
+    sum-of-products formula as accurate as np.cov on the stacked activations.
+    """
+
+    def __init__(self):
+        self.count, self.shift, self.total, self.products = 0, None, None, None
+
+    def update(self, activations: np.ndarray) -> None:
+        batch = np.asarray(activations, dtype=np.float64)
+        if self.shift is None:
+            self.shift = batch.mean(axis=0)
+            self.total = np.zeros_like(self.shift)
+            self.products = np.zeros((len(self.shift), len(self.shift)))
+        centred = batch - self.shift  # (B, D)
+        self.count += len(batch)
+        self.total += centred.sum(axis=0)
+        self.products += centred.T @ centred  # (D, D)
+
+    def statistics(self) -> "FIDStatistics":
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 activations, got {self.count}.")
+        mean_centred = self.total / self.count
+        sigma = (self.products - self.count * np.outer(mean_centred, mean_centred)) / (self.count - 1)
+        return FIDStatistics(self.shift + mean_centred, sigma)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), with ADM's singular/imaginary handling.
 
