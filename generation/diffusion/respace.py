@@ -5,7 +5,6 @@ A respaced chain keeps alphas_cumprod at the kept steps exactly and recomputes e
 network still sees the original step indices (DiT's models are trained on 0..999).
 """
 import numpy as np
-import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 

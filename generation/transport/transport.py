@@ -9,7 +9,7 @@ import torch
 
 from .integrators import ode, sde
 from .path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan
-from .utils import expand_t_like_x, mean_flat, randn_like
+from .utils import expand_t_like_x, mean_flat
 
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
