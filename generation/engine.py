@@ -53,7 +53,8 @@ class TrainStep:
 
     def __init__(self, network: nn.Module, model: nn.Module, ema: nn.Module, objective: Objective,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-                 precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None):
+                 precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None,
+                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema):
         self.network = network
         self.model = model
         self.ema = ema
@@ -64,6 +65,7 @@ class TrainStep:
         self.precision = precision
         self.ema_decay = ema_decay
         self.codec = codec
+        self.ema_update = ema_update  # scripts/benchmark.py swaps in official DiT's per-parameter loop
 
     def model_fn(self, *args, **kwargs) -> torch.Tensor:
         """The network under autocast, returned in fp32 so the objective's loss math stays fp32."""
@@ -90,7 +92,7 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        update_ema(self.ema, self.model, self.ema_decay)
+        self.ema_update(self.ema, self.model, self.ema_decay)
         return loss.detach()
 
 
