@@ -154,8 +154,11 @@ def check_args(args) -> dict:
 
 
 def check_resume(args, checkpoint: dict, path: Path) -> None:
-    saved = checkpoint.get("args") or {}
+    saved = dict(checkpoint.get("args") or {})
     current = args_to_dict(args)
+    for values in (saved, current):  # compare the overrides, not their JSON spelling
+        if isinstance(values.get("model_kwargs"), str):
+            values["model_kwargs"] = json.loads(values["model_kwargs"])
     for key in RESUME_MUST_MATCH:
         if key in saved and saved[key] != current[key]:
             raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "

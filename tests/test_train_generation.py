@@ -186,3 +186,24 @@ def test_bad_input_stops_with_one_sentence(tmp_path, tiny_image_folder, tiny_vae
                         capsys)
     assert "fewer than its batch of 128" in message
     assert not results.exists() or not any(results.iterdir())  # no half-made experiment folder
+
+
+def test_trains_from_the_latent_cache(tmp_path, tiny_image_folder, tiny_vae_dir, capsys):
+    """--cached-path feeds stored moments (posterior noise per sample) instead of encoding online."""
+    from util import latent_cache
+
+    cache = tmp_path / "cache"
+    latent_cache.main(latent_cache.get_args_parser().parse_args([
+        "--data_path", str(tiny_image_folder / "train"), "--cached_path", str(cache), "--vae_path", str(tiny_vae_dir),
+        "--input_size", "32", "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]))
+    results = tmp_path / "results"
+    run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--cached-path", cache,
+                        "--max-steps", "4", "--eval-every", "4", "--num-sampling-steps", "2", "--eval-images", "2"))
+    (experiment,) = experiment_dirs(results)
+    assert sorted(step_losses(experiment)) == [1, 2, 3, 4]
+    assert (experiment / "samples" / "0000004.png").is_file()
+
+    capsys.readouterr()
+    message = fail_main(train_argv(tmp_path / "other", tiny_image_folder, tiny_vae_dir, MODELS["transport"],
+                                   "--cached-path", cache, "--image-size", "64"), capsys)
+    assert "image_size" in message
