@@ -136,7 +136,7 @@ def check_args(args) -> dict:
     if family == "transport":
         methods = ODE_METHODS if (args.mode or "ODE") == "ODE" else SDE_METHODS
         if args.sampling_method is not None and args.sampling_method not in methods:
-            raise UserError(f"--sampling-method {args.sampling_method} is not a {args.mode or 'ODE'} method; "
+            raise UserError(f"--sampling-method {args.sampling_method} is not an {args.mode or 'ODE'} method; "
                             f"use one of {', '.join(methods)}.")
     try:
         model_kwargs = json.loads(args.model_kwargs)
@@ -192,10 +192,12 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict, path, checkpoi
                  f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
                  f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} vs "
                  f"{tuple(expected[reshaped[0]].shape)})" if reshaped else ""]
-        trained = ""
-        if isinstance(checkpoint_args, dict) and "model" in checkpoint_args:
-            trained = (f" (it was trained as --model {checkpoint_args['model']} --image-size "
-                       f"{checkpoint_args.get('image_size')} --model-kwargs {checkpoint_args.get('model_kwargs', '{}')})")
+        if isinstance(checkpoint_args, argparse.Namespace):  # the official DiT/SiT train.py pickle their args
+            checkpoint_args = vars(checkpoint_args)
+        recorded = [f"--{key.replace('_', '-')} {checkpoint_args[key]}" for key in
+                     ("model", "image_size", "num_classes", "model_kwargs")
+                     if isinstance(checkpoint_args, dict) and checkpoint_args.get(key) is not None]
+        trained = f" (its args say {' '.join(recorded)})" if recorded else ""
         raise UserError(f"--ckpt {path} does not fit the model built from --model/--image-size/--num-classes/"
                         f"--model-kwargs: {'; '.join(part for part in parts if part)}; pass the settings it was "
                         f"trained with{trained}.")

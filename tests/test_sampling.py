@@ -180,3 +180,22 @@ def test_world_size_one_and_two_give_identical_npz(checkpoints, tiny_vae_dir, tm
     one, two = load_npz(tmp_path / "w1"), load_npz(tmp_path / "w2")
     assert one[0].shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("model", ["DiT-S/2", "SiT-S/2"])
+def test_trainer_fid_hook_writes_npz(tiny_image_folder, tiny_vae_dir, tmp_path, model):
+    """generation/train.py's --num-fid-samples hook: EMA samples on every rank -> fid-<step>.npz (PNGs removed)."""
+    from generation import train
+
+    train.main(["--model", model, "--data-path", str(tiny_image_folder / "train"), "--results-dir", str(tmp_path),
+                "--image-size", str(IMAGE_SIZE), "--num-classes", str(NUM_CLASSES), "--global-batch-size", "8",
+                "--vae-path", str(tiny_vae_dir), "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1000",
+                "--device", "cpu", "--precision", "fp32", "--model-kwargs", json.dumps(TINY), "--max-steps", "2",
+                "--eval-every", "2", "--eval-images", "2", "--num-sampling-steps", "2", "--num-fid-samples", "3",
+                "--per-proc-batch-size", "2", "--exp-name", "fid"])
+    (experiment,) = tmp_path.iterdir()
+    with np.load(experiment / "samples" / "fid-0000002.npz") as data:
+        assert data["arr_0"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and data["arr_1"].shape == (3,)
+    assert not (experiment / "samples" / "fid-0000002").exists()
+    logged = [json.loads(line) for line in (experiment / "log.txt").read_text().splitlines()]
+    assert any("fid_sampling_images_per_s" in json.dumps(entry) for entry in logged)
