@@ -166,7 +166,7 @@ class ImageGenerator:
     """
 
     def __init__(self, model: nn.Module, codec, sample_fn: LatentSampleFn, *, num_classes: int,
-                 latent_shape: Sequence[int], device: torch.device, guidance: Guidance = Guidance(),
+                 latent_shape: Sequence[int], device: torch.device, guidance: Optional[Guidance] = None,
                  precision: str = "fp32", stochastic: bool = True):
         self.model = model
         self.codec = codec
@@ -174,7 +174,7 @@ class ImageGenerator:
         self.num_classes = num_classes
         self.latent_shape = tuple(latent_shape)
         self.device = torch.device(device)
-        self.guidance = guidance
+        self.guidance = guidance or Guidance()
         self.precision = precision
         self.stochastic = stochastic
 
@@ -296,7 +296,7 @@ def sample_to_folder(generator: ImageGenerator, sample_dir, num_samples: int, ba
     batches = global_batches(num_samples, batch_size, rank, world_size)
     todo = []
     for indices in batches:
-        missing = [i for i in indices if i < num_samples and not png_path(sample_dir, i).exists()]
+        missing = {i for i in indices if i < num_samples and not png_path(sample_dir, i).exists()}
         if missing:
             todo.append((indices, missing))
     if rank == 0 and len(todo) < len(batches):
