@@ -6,13 +6,12 @@ noise) arrives from the data loader, drawn on CPU workers from per-sample genera
 global batch take the same steps, and a resumed run continues the exact curve.
 """
 import contextlib
-import math
-import time
 from dataclasses import dataclass
 
 import torch
 
 from util.distributed import all_reduce_mean
+from util.logging import Throughput, peak_memory_mb, progress
 from util.lr_sched import adjust_learning_rate
 from util.precision import autocast
 from util.preemption import check_finite
@@ -32,8 +31,9 @@ class LoopPosition:
 class EpochResult:
     """What one call of `train_one_epoch` did: MAE's per-epoch stats and why it returned."""
 
-    stats: dict
-    stop_reason: str | None  # None = epoch finished; "max_steps" or "preempted" = stop the run now
+    stats: dict              # MAE's train_lr / train_loss of the epoch (loss None if no batch was run)
+    epoch_finished: bool     # every optimizer step of the epoch has been taken
+    stop_reason: str | None  # "max_steps" or "preempted": stop the run now (the epoch may be finished too)
 
 
 def prepare_batch(batch: dict, codec, args, device: torch.device):
@@ -78,12 +78,13 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
     window_batches = 0
     epoch_loss = torch.zeros((), device=device)
     epoch_batches = 0
-    window_start = time.perf_counter()
-    window_steps = 0
+    throughput = Throughput()
     stop_reason = None
     lr = optimizer.param_groups[0]["lr"]
 
-    for batch in data_loader:
+    bar = progress(data_loader, run.dist.is_main, total=batches_per_epoch - position.batch,
+                   desc=f"epoch {position.epoch}", leave=False)
+    for batch in bar:
         if position.batch >= batches_per_epoch:
             break  # the trailing batches that do not fill an accumulation group are skipped
         if position.batch % accum == 0:
@@ -111,7 +112,7 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         position.global_step += 1
-        window_steps += 1
+        throughput.update(accum * args.batch_size * run.dist.world_size)
 
         reached_max = args.max_steps is not None and position.global_step >= args.max_steps
         if position.global_step % args.log_every == 0 or reached_max or position.batch >= batches_per_epoch:
@@ -119,15 +120,12 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
             # the window survives the sum, so checking here never lets a bad step be saved.
             loss_value = all_reduce_mean(window_loss / window_batches).item()
             check_finite(loss_value, position.global_step)
-            elapsed = time.perf_counter() - window_start
-            images = window_steps * accum * args.batch_size * run.dist.world_size
             run.logger.log(position.global_step, {
                 "loss": loss_value, "lr": lr, "epoch": position.epoch + position.batch / batches_per_epoch,
-                "images_per_s": images / max(elapsed, 1e-9),
+                "images_per_s": throughput.rate(), "peak_mem_mb": peak_memory_mb(device),
             })
             window_loss.zero_()
-            window_batches = window_steps = 0
-            window_start = time.perf_counter()
+            window_batches = 0
         # Cheap on most steps: the handler all-reduces its flag only every `sync_every` steps.
         if run.preemption.should_stop(position.global_step):
             stop_reason = "preempted"
@@ -135,10 +133,11 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
             stop_reason = "max_steps"
         if stop_reason is not None:
             break
+    bar.close()
 
     # Every rank ran the same number of batches, so this collective is matched across ranks.
     epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
     if epoch_batches:
         check_finite(epoch_mean, position.global_step)
-    stats = {"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}
-    return EpochResult(stats=stats, stop_reason=stop_reason)
+    stats = {"lr": lr, "loss": epoch_mean if epoch_batches else None}  # None: nothing left to train
+    return EpochResult(stats=stats, epoch_finished=position.batch >= batches_per_epoch, stop_reason=stop_reason)

@@ -10,7 +10,8 @@ reconstruction column looks like the original, masked latent modeling is learnin
         --data_path /imagenet --vae_path /path/to/sd-vae-ft-ema --num_images 8 --output recon.png
 
 Model settings (preset, --model_kwargs, input size, VAE version, norm_pix_loss, norm_image) come
-from the checkpoint's `args`; flags given here override them.
+from the checkpoint's `args`; flags given here override them. Models trained with --add_noise are
+shown clean latents (t = 1, the easiest end of their training range).
 """
 import argparse
 import sys

@@ -334,14 +334,14 @@ def train(run) -> None:
     while position.epoch < args.epochs:
         run.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
         result = train_one_epoch(run.model, run.codec, run.loader, run.optimizer, run.scaler, position, run)
-        epoch_done = result.stop_reason is None
-        if epoch_done:
+        finished = result.epoch_finished
+        if finished and result.stats["loss"] is not None:
             run.logger.log(position.global_step, {"train_lr": result.stats["lr"], "train_loss": result.stats["loss"],
                                                   "epoch": position.epoch}, prefix="epoch")
-        last_epoch = position.epoch + 1 == args.epochs
-        if not epoch_done or last_epoch or (position.epoch + 1) % args.save_every == 0:
-            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done)
-        if not epoch_done:
+        scheduled = finished and (position.epoch + 1 == args.epochs or (position.epoch + 1) % args.save_every == 0)
+        if scheduled or result.stop_reason is not None:
+            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done=finished)
+        if result.stop_reason is not None:
             run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}")
             return
         position.epoch += 1
