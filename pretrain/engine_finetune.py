@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
-from pretrain.engine_pretrain import EpochResult, LoopPosition
+from pretrain.engine_pretrain import LoopPosition
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.data import SeededDataset, build_image_folder, build_loader, eval_transform
 from util.distributed import all_reduce_mean, get_world_size, is_dist
@@ -83,6 +83,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all ranks (every image counted exactly once)")
+    parser.add_argument("--eval_freq", default=1, type=int,
+                        help="evaluate every N epochs (and always after the last one or an early stop)")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory for transfers")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -124,7 +126,7 @@ def validate_args(args) -> None:
         raise UsageError("--model_kwargs must be a JSON object (a dict of preset overrides).")
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
-    for flag in ("batch_size", "epochs", "accum_iter", "log_every"):
+    for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
 
@@ -353,13 +355,14 @@ class TrainSetup:
     clip_grad: float | None = None
 
 
-def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPosition, run: TrainSetup) -> EpochResult:
+def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPosition, run: TrainSetup) -> tuple:
     """Trains from `position` to the end of `position.epoch`, or until --max_steps / preemption.
 
     Per micro-batch: lr schedule (per optimizer step), Mixup/CutMix on the pixels, forward under
     autocast, backward (no DDP all-reduce until the last micro-batch of an accumulation group).
     Per optimizer step: unscale + clip, step, EMA. Losses stay on the device and are read only
-    every --log_every steps.
+    every --log_every steps. Returns (stats {"lr", "loss"}, stop_reason: None at the end of the
+    epoch, else "max_steps" or "preempted").
     """
     args, device = run.args, run.device
     model.train(True)
@@ -434,7 +437,7 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
     epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
     if epoch_batches:
         check_finite(epoch_mean, position.global_step)
-    return EpochResult(stats={"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}, stop_reason=stop_reason)
+    return {"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}, stop_reason
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -532,34 +535,43 @@ def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_m
         if args.max_steps is not None and position.global_step >= args.max_steps:
             break
         train_sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
-        result = train_one_epoch(model, train_loader, optimizer, scaler, position, run)
-        if result.stop_reason == "preempted":
+        stats, stop_reason = train_one_epoch(model, train_loader, optimizer, scaler, position, run)
+        if stop_reason == "preempted":
             save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
             logger.info(f"Stopped on {run.preemption.signal_name or 'a preemption signal'} at step "
                         f"{position.global_step}; resume with --resume {output_dir}.")
             return metrics
-        metrics = evaluate(eval_model, eval_loader, run.device, args.precision, reduce)
-        if run.model_ema is not None:
-            ema_metrics = evaluate(eval_model_with(eval_model, run.model_ema.module), eval_loader, run.device,
-                                   args.precision, reduce)
-            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
-        is_best = metrics["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, metrics["acc1"])
-        logger.log(position.global_step, {"epoch": position.epoch, "train_loss": result.stats["loss"],
-                                          **{k: v for k, v in metrics.items() if k != "images"},
-                                          "best_acc1": best_acc1}, prefix="eval")
-        logger.info(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.1f}% "
-                    f"(top-5 {metrics['acc5']:.1f}%, best top-1 {best_acc1:.2f}%)")
+        last_epoch = position.epoch + 1 >= args.epochs or stop_reason == "max_steps"
+        is_best = False
+        if last_epoch or (position.epoch + 1) % args.eval_freq == 0:
+            metrics = evaluate_all(eval_model, eval_loader, run, reduce)
+            is_best = metrics["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, metrics["acc1"])
+            logger.log(position.global_step, {"epoch": position.epoch, "train_loss": stats["loss"],
+                                              **{k: v for k, v in metrics.items() if k != "images"},
+                                              "best_acc1": best_acc1}, prefix="eval")
+            logger.info(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.1f}% "
+                        f"(top-5 {metrics['acc5']:.1f}%, best top-1 {best_acc1:.2f}%)")
         if args.output_dir:
             save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
             if is_best and run.dist.is_main:
                 save_checkpoint({"model": classifier.vit.state_dict(), "epoch": position.epoch,
                                  "acc1": metrics["acc1"], "args": args_to_dict(args)}, output_dir / BEST_NAME)
-        if result.stop_reason == "max_steps":
+        if stop_reason == "max_steps":
             break
         position.epoch, position.batch = position.epoch + 1, 0
     logger.info(f"Training time {time.time() - start_time:.1f}s; best top-1 {best_acc1:.2f}%")
     metrics["best_acc1"] = best_acc1
+    return metrics
+
+
+def evaluate_all(eval_model, eval_loader, run: TrainSetup, reduce: bool) -> dict:
+    """`evaluate` for the model and, with --model_ema, for its EMA weights (as ema_acc1, ...)."""
+    metrics = evaluate(eval_model, eval_loader, run.device, run.args.precision, reduce)
+    if run.model_ema is not None:
+        ema_model = LatentClassifier(run.model_ema.module, eval_model.codec, eval_model.vae_precision)
+        ema_metrics = evaluate(ema_model, eval_loader, run.device, run.args.precision, reduce)
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     return metrics
 
 
@@ -569,11 +581,6 @@ def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, r
                            getattr(args, "train_vae", False))
     if run.dist.is_main:
         save_checkpoint(state, path)
-
-
-def eval_model_with(eval_model: LatentClassifier, vit: nn.Module) -> LatentClassifier:
-    """The same image -> latent path with another ViT (the EMA weights)."""
-    return LatentClassifier(vit, eval_model.codec, eval_model.vae_precision)
 
 
 def run_main(main_fn, args) -> int:
