@@ -287,7 +287,7 @@ def test_cli_end_to_end_with_random_inception(tmp_path, random_weights):
     np.savez(tmp_path / "samples.npz", arr_0=ref[[7, 3, 0, 9, 1, 11, 5, 2]], arr_1=np.arange(8))
     result = run_python(["generation/evaluate.py", tmp_path / "ref.npz", tmp_path / "samples.npz",
                          "--inception-weights", random_weights, "--batch-size", "8", "--device", "cpu"],
-                        env={"OMP_NUM_THREADS": "2"})
+                        env={"OMP_NUM_THREADS": "2"}, timeout=1800)  # two 2048-d scipy sqrtm: the slow part
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     metrics = json.loads((tmp_path / "samples.metrics.json").read_text())
     for label, key in [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
