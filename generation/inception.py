@@ -87,7 +87,7 @@ def _build_network(state: dict, path: Path) -> FeatureExtractorInceptionV3:
 
 
 @contextlib.contextmanager
-def _full_fp32(device: torch.device):
+def full_fp32(device: torch.device):
     """TF32 off for the Inception pass: ADM's features are fp32, and TF32 convolutions move FID."""
     if device.type != "cuda":
         yield
@@ -134,8 +134,11 @@ class InceptionFeatureExtractor:
 
     @torch.no_grad()
     def features(self, images):
-        batch = to_nchw_uint8(images).to(self.device, non_blocking=True)
-        with _full_fp32(self.device):
+        batch = to_nchw_uint8(images)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy overlap the previous batch's kernels
+        batch = batch.to(self.device, non_blocking=True)
+        with full_fp32(self.device):
             pool, logits = self.network(batch)  # (N, 2048), (N, 1008) = pool @ fc.weight^T
         spatial, self._mixed_6_conv = self._mixed_6_conv, None
         return pool.float().cpu(), spatial.cpu(), logits.float().cpu()
