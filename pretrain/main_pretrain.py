@@ -208,6 +208,19 @@ def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def check_fits(model, state_dict: dict, path, args) -> None:
+    """One sentence (not torch's list of every mismatch) when a checkpoint holds another model."""
+    own = model.state_dict()
+    problems = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
+                if name in own and tensor.shape != own[name].shape]
+    problems += [f"missing {name}" for name in own if name not in state_dict]
+    problems += [f"unexpected {name}" for name in state_dict if name not in own]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
+                         f"({len(problems)} differences, e.g. {'; '.join(problems[:2])}); pass the model settings "
+                         "the checkpoint was trained with.")
+
+
 def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -> LoopPosition:
     """Loads --resume into model/optimizer/scaler and returns where the run continues.
 
@@ -218,20 +231,18 @@ def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -
     if not args.resume:
         return LoopPosition(epoch=args.start_epoch)
     path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    if missing or unexpected:
-        names = (missing or unexpected)[:3]
-        raise ValueError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs "
-                         f"{args.model_kwargs} ({'missing' if missing else 'unexpected'} weights, e.g. {names}); "
-                         "pass the model settings the checkpoint was trained with.")
+    check_fits(model, checkpoint["model"], path, args)
+    model.load_state_dict(checkpoint["model"])
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     state = checkpoint.get("resume")
     if state is None:
-        logger.info(f"resumed {path} (epoch {checkpoint['epoch']} finished)")
-        return LoopPosition(epoch=int(checkpoint["epoch"]) + 1)
+        # Released weights carry only `model`: continue from --start_epoch with fresh optimizer state.
+        next_epoch = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else args.start_epoch
+        logger.info(f"resumed {path}, continuing at epoch {next_epoch}")
+        return LoopPosition(epoch=next_epoch)
     restore_rank_rng(state["rng"])
     samples = int(state["samples"])
     if samples % global_batch:

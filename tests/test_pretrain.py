@@ -97,6 +97,17 @@ def test_resume_continues_the_exact_curve(reference_run, tiny_image_folder, tiny
     assert [resumed[s] for s in range(1, 13)] == [reference[s] for s in range(1, 13)]
 
 
+def test_resume_with_another_model_is_one_sentence(reference_run, tiny_image_folder, tiny_vae_dir, tmp_path):
+    wider = json.dumps({**TINY, "embed_dim": 64})
+    args = pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path, extra=["--resume", reference_run,
+                                                                         "--model_kwargs", wider])
+    with pytest.raises(SystemExit) as error:
+        run_in_process(args)
+    message = str(error.value)
+    assert "does not fit --model vit_base_patch_vae" in message and "(1, 1, 32) vs (1, 1, 64)" in message
+    assert "\n" not in message
+
+
 @pytest.fixture(scope="module")
 def latent_cache(tiny_image_folder, tiny_vae_dir, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("latent_cache")
