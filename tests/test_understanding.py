@@ -3,6 +3,7 @@
 Tiny ViTs on the tiny VAE's latents: the torchrun paths with exact distributed top-k, resume,
 user errors, and a linear probe on a USP-pretrained encoder against a randomly initialised one.
 """
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,12 @@ def common_flags(data, vae, out, **extra):
 
 def parse(module, args):
     return module.get_args_parser().parse_args([str(a) for a in args])
+
+
+def parse_finetune(extra):
+    from pretrain import main_finetune
+
+    return main_finetune.get_args_parser().parse_args(extra)
 
 
 def read_log(out):
@@ -102,6 +109,50 @@ def test_sharded_evaluation_counts_every_image_once():
     assert full == (2.0, 5)
     per_rank = [counts(EvalShardSampler(5, 2, rank)) for rank in range(2)]
     assert sum(c for c, _ in per_rank) == pytest.approx(2.0) and sum(n for _, n in per_rank) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisers: timm's layer decay and LARS set up with MAE's semantics
+# ---------------------------------------------------------------------------------------------
+
+def test_layer_decay_groups_match_mae():
+    """lr_scale = decay ** (depth + 1 - layer_id) with stem = 0, blocks.i = i + 1, head/norms = depth + 1;
+    no weight decay on 1-D tensors, pos_embed and cls_token (MAE's param_groups_lrd)."""
+    from models.vit import create_vit
+    from pretrain.main_finetune import build_optimizer
+
+    vit = create_vit("vit_base_patch16_vae", 32, num_classes=4, **TINY_VIT)
+    args = parse_finetune(["--layer_decay", "0.5", "--weight_decay", "0.05"])
+    optimizer = build_optimizer(vit, None, args, base_lr=1.0)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    seen = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            seen[names[id(param)]] = (group["lr_scale"], group["weight_decay"])
+    assert len(seen) == len(names)
+    assert seen["cls_token"] == (0.125, 0.0) and seen["pos_embed"] == (0.125, 0.0)
+    assert seen["patch_embed.proj.weight"] == (0.125, 0.05)
+    assert seen["blocks.0.attn.qkv.weight"] == (0.25, 0.05) and seen["blocks.0.norm1.weight"] == (0.25, 0.0)
+    assert seen["blocks.1.mlp.fc1.weight"] == (0.5, 0.05) and seen["blocks.1.mlp.fc1.bias"] == (0.5, 0.0)
+    assert seen["head.weight"] == (1.0, 0.05) and seen["fc_norm.weight"] == (1.0, 0.0)
+
+
+def test_lars_probe_step_matches_mae_rule():
+    """One LARS step without momentum history: W -= lr * 0.001 * ||W|| / ||g_W|| * g_W, b -= lr * g_b."""
+    from pretrain.main_linprobe import build_lars
+
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]]))  # ||W|| = 3
+        head.bias.copy_(torch.tensor([0.5, -0.5]))
+    head.weight.grad = torch.tensor([[0.0, 3.0, 4.0], [0.0, 0.0, 0.0]])  # ||g|| = 5
+    head.bias.grad = torch.tensor([1.0, 2.0])
+    weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+    optimizer = build_lars(head, argparse.Namespace(weight_decay=0.0), base_lr=10.0)
+    optimizer.step()
+    trust = 0.001 * 3.0 / 5.0
+    assert torch.allclose(head.weight, weight - 10.0 * trust * head.weight.grad, atol=1e-7)
+    assert torch.allclose(head.bias, bias - 10.0 * head.bias.grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +235,20 @@ def test_finetune_resume_is_exact(tiny_image_folder, tiny_vae_dir, tmp_path):
     for key in ("model", "model_ema"):
         for name, tensor in final_a[key].items():
             assert torch.equal(tensor, final_b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_train_vae_updates_the_encoder_only(tiny_image_folder, tiny_vae_dir, tmp_path):
+    """--train_vae: the VAE encoder joins the optimizer (saved as vae_encoder); the decoder is untouched."""
+    from models.vae import LatentCodec
+    from pretrain import main_finetune
+
+    out = tmp_path / "vae"
+    main_finetune.main(parse(main_finetune, common_flags(tiny_image_folder, tiny_vae_dir, out, train_vae=True,
+                                                         max_steps=2, lr=1e-2)))
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    original = LatentCodec.load("d8", tiny_vae_dir).autoencoder.state_dict()
+    assert state["vae_encoder"] and all(k.startswith(("encoder.", "quant_conv.")) for k in state["vae_encoder"])
+    assert not torch.equal(state["vae_encoder"]["encoder.conv_in.weight"], original["encoder.conv_in.weight"])
 
 
 # ---------------------------------------------------------------------------------------------
