@@ -24,7 +24,7 @@ from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.engine_pretrain import LoopPosition
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
-from util.data import SeededDataset, build_image_folder, build_loader, eval_transform
+from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import all_reduce_mean, get_world_size, is_dist
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast
@@ -414,8 +414,12 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
         if run.model_ema is not None:
             run.model_ema.update(unwrap(model).vit, step=position.global_step)
 
-        reached_max = args.max_steps is not None and position.global_step >= args.max_steps
-        if position.global_step % args.log_every == 0 or reached_max or position.batch >= batches_per_epoch:
+        if run.preemption.should_stop(position.global_step):
+            stop_reason = "preempted"
+        elif args.max_steps is not None and position.global_step >= args.max_steps:
+            stop_reason = "max_steps"
+        # Also read the loss before any stop: a checkpoint is only written after a finite check.
+        if position.global_step % args.log_every == 0 or stop_reason or position.batch >= batches_per_epoch:
             loss_value = all_reduce_mean(window_loss / window_batches).item()
             check_finite(loss_value, position.global_step)
             elapsed = time.perf_counter() - window_start
@@ -427,10 +431,6 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
             window_loss.zero_()
             window_batches = window_steps = 0
             window_start = time.perf_counter()
-        if run.preemption.should_stop(position.global_step):
-            stop_reason = "preempted"
-        elif reached_max:
-            stop_reason = "max_steps"
         if stop_reason is not None:
             break
 
@@ -584,15 +584,16 @@ def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, r
 
 
 def run_main(main_fn, args) -> int:
-    """Runs `main_fn(args)`, turning user errors into one line on stderr and exit code 2."""
+    """Runs `main_fn(args)`, turning user errors (and a diverged loss) into one line on stderr, exit code 2."""
     from models.vae import VAEWeightsError
     from util.checkpoint import CheckpointError
     from util.data import DataError
     from util.latent_cache import LatentCacheError
+    from util.preemption import NonFiniteLossError
 
     try:
         main_fn(args)
-    except (UsageError, DataError, CheckpointError, VAEWeightsError, LatentCacheError) as error:
+    except (UsageError, DataError, CheckpointError, VAEWeightsError, LatentCacheError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
