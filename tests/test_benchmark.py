@@ -109,3 +109,14 @@ def test_bad_input_is_one_sentence(capsys):
     assert "--vae /does/not/exist is neither" in capsys.readouterr().err
     with pytest.raises(ValueError, match="precision"):
         ModeConfig(precision="fp8")
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    """--grad-ckpt recomputes blocks in the backward pass: same losses, same step, same state-dict names."""
+    args = bench.parse_args(TINY)
+    device = torch.device("cpu")
+    modes = [ModeConfig(), ModeConfig(name="checkpointed", grad_ckpt=True, attention="sdpa", latent_cache=True)]
+    built = bench.build_train_workload("dit", "tiny", args, modes, device, bench.load_codec(args, device), perturb=0.02)
+    for _ in range(2):
+        losses = {name: runner().item() for name, runner in built.runners.items()}
+        assert losses["checkpointed"] == pytest.approx(losses["baseline"], rel=1e-4), losses
