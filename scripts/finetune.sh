@@ -13,13 +13,7 @@
 # `--resume OUTPUT_DIR`, `--eval --resume OUTPUT_DIR/checkpoint-best.pth`, `--model_ema`, `--train_vae`,
 # `--vae_version d16 --vae_path kl16.ckpt`.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-GPUS=${GPUS:-8}                      # GPUs per node
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet folder that holds train/ and val/}
 FINETUNE=${FINETUNE:?set FINETUNE to the USP pretraining checkpoint (checkpoint-*.pth)}
 MODEL=${MODEL:-vit_base_patch16_vae}
@@ -34,9 +28,7 @@ if [[ "$MODEL" == *_vae ]]; then
   VAE_ARGS=(--vae_version "${VAE_VERSION:-d8}" --vae_path "$VAE_PATH")
 fi
 
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  -m pretrain.main_finetune \
+launch -m pretrain.main_finetune \
   --model "$MODEL" \
   "${VAE_ARGS[@]}" \
   --finetune "$FINETUNE" \

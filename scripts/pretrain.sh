@@ -9,13 +9,7 @@
 # DATA_PATH holds train/<class>/<image>. Extra arguments are appended, e.g. `--resume output_pretrain`,
 # `--use_cached --cached_path CACHE`, `--model vit_large_patch_vae`, `--vae_version d16 --vae_path kl16.ckpt`.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-GPUS=${GPUS:-8}                      # GPUs per node
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet folder that holds train/}
 VAE_PATH=${VAE_PATH:?set VAE_PATH to a local sd-vae-ft-ema diffusers folder (or kl16.ckpt with --vae_version d16)}
 MODEL=${MODEL:-vit_base_patch_vae}
@@ -23,9 +17,7 @@ EPOCHS=${EPOCHS:-800}                # the released USP weights use 1600
 ACCUM_ITER=${ACCUM_ITER:-1}
 OUTPUT_DIR=${OUTPUT_DIR:-output_pretrain/${MODEL}_${EPOCHS}ep}
 
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  -m pretrain.main_pretrain \
+launch -m pretrain.main_pretrain \
   --model "$MODEL" \
   --vae_version d8 \
   --vae_path "$VAE_PATH" \

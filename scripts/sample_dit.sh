@@ -5,24 +5,16 @@
 #   CKPT=results/000-DiT-XL-2-VAE-simple-usp/checkpoints/0400000.pt REF_BATCH=VIRTUAL_imagenet256_labeled.npz \
 #   INCEPTION_WEIGHTS=pretrained/weights-inception-2015-12-05-6726825d.pth bash scripts/sample_dit.sh
 # The official DiT-XL-2-256x256.pt works too (MODEL=DiT-XL/2). Rerunning the same command resumes an
-# interrupted run. Multi-node: as scripts/train_dit.sh (MASTER_ADDR/MASTER_PORT, WORLD_SIZE nodes, RANK, GPUS).
+# interrupted run. Multi-node: as scripts/train_dit.sh (MASTER_ADDR/MASTER_PORT, NNODES or WORLD_SIZE, NODE_RANK or RANK, GPUS; see scripts/launch.sh).
 # Extra arguments are appended, e.g. `--sampler ddim --num-sampling-steps 50` or `--precision bf16`.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-WORLD_SIZE=${WORLD_SIZE:-1}
-RANK=${RANK:-0}
-GPUS=${GPUS:-8}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 CKPT=${CKPT:?set CKPT to the DiT checkpoint (training checkpoint or official state dict)}
 MODEL=${MODEL:-DiT-XL/2-VAE-simple}
 CFG_SCALE=${CFG_SCALE:-1.0}
 SAMPLE_DIR=${SAMPLE_DIR:-samples/$(echo "$MODEL" | tr '/' '-')-$(basename "$CKPT" .pt)-cfg-$CFG_SCALE-seed-0}
 
-torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  -m generation.sample_ddp \
+launch -m generation.sample_ddp \
   --model "$MODEL" \
   --ckpt "$CKPT" \
   --image-size 256 \
@@ -37,6 +29,6 @@ torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
   --sample-dir "$SAMPLE_DIR" \
   "$@"
 
-if [ "$RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
+if [ "$NODE_RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
   bash scripts/eval.sh "$REF_BATCH" "$SAMPLE_DIR.npz"
 fi

@@ -6,16 +6,10 @@
 #   CKPT=results/000-SiT-XL-2-VAE-simple-usp/checkpoints/0400000.pt MODE=ODE REF_BATCH=VIRTUAL_imagenet256_labeled.npz \
 #   INCEPTION_WEIGHTS=pretrained/weights-inception-2015-12-05-6726825d.pth bash scripts/sample_sit.sh
 # The official SiT-XL-2-256x256.pt works too (MODEL=SiT-XL/2). Rerunning the same command resumes an
-# interrupted run. Multi-node: as scripts/train_sit.sh (MASTER_ADDR/MASTER_PORT, WORLD_SIZE nodes, RANK, GPUS).
+# interrupted run. Multi-node: as scripts/train_sit.sh (MASTER_ADDR/MASTER_PORT, NNODES or WORLD_SIZE, NODE_RANK or RANK, GPUS; see scripts/launch.sh).
 # Extra arguments are appended, e.g. `--sampling-method Heun` (SDE) or `--precision bf16`.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-WORLD_SIZE=${WORLD_SIZE:-1}
-RANK=${RANK:-0}
-GPUS=${GPUS:-8}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 CKPT=${CKPT:?set CKPT to the SiT checkpoint (training checkpoint or official state dict)}
 MODEL=${MODEL:-SiT-XL/2-VAE-simple}
 MODE=${MODE:-SDE}
@@ -29,9 +23,7 @@ case "$MODE" in
   *) echo "MODE must be ODE or SDE, got $MODE" >&2; exit 2 ;;
 esac
 
-torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  -m generation.sample_ddp "$MODE" \
+launch -m generation.sample_ddp "$MODE" \
   --model "$MODEL" \
   --ckpt "$CKPT" \
   --image-size 256 \
@@ -48,6 +40,6 @@ torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
   --sample-dir "$SAMPLE_DIR" \
   "$@"
 
-if [ "$RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
+if [ "$NODE_RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
   bash scripts/eval.sh "$REF_BATCH" "$SAMPLE_DIR.npz"
 fi

@@ -1,25 +1,17 @@
 #!/usr/bin/env bash
 # DiT-XL/2 finetuned from a USP checkpoint at 256 px: global batch 256, 400K steps (USP's generation recipe).
 #
-# Multi-node: every node runs this script with the same MASTER_ADDR/MASTER_PORT, WORLD_SIZE = number of nodes,
-# RANK = this node's index and GPUS = GPUs per node (the variables the original scripts read).
+# Multi-node: every node runs this script with the same MASTER_ADDR/MASTER_PORT, NNODES (or WORLD_SIZE) = number of nodes,
+# NODE_RANK (or RANK) = this node's index and GPUS = GPUs per node (the variables the original scripts read).
 #   DATA_PATH=/data/imagenet/train FINETUNE=/ckpt/usp_vit_xlarge_patch_vae_1600ep.pth bash scripts/train_dit.sh
 # Extra arguments are appended, e.g. `--resume results/000-DiT-XL-2-VAE-simple-usp` or `--cached-path CACHE`.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-WORLD_SIZE=${WORLD_SIZE:-1}
-RANK=${RANK:-0}
-GPUS=${GPUS:-8}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet train folder}
 FINETUNE=${FINETUNE:?set FINETUNE to the USP pretraining checkpoint}
 MODEL=${MODEL:-DiT-XL/2-VAE-simple}
 
-torchrun --nnodes="$WORLD_SIZE" --node_rank="$RANK" --nproc_per_node="$GPUS" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  -m generation.train \
+launch -m generation.train \
   --model "$MODEL" \
   --data-path "$DATA_PATH" \
   --finetune "$FINETUNE" \

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's main job at toy scale, on CPU, in about 10 minutes on 2 cores:
+# toy dataset -> tiny VAE -> latent cache -> USP pretraining -> linear probe and DiT/SiT (USP init vs
+# scratch) -> samples -> toy metrics (+ FID/IS with --inception-weights) -> <out>/report.md.
+#   bash scripts/demo.sh [--out DIR] [--redo STAGE|all] [--inception-weights PATH] [--fast] [--jobs N]
+# Re-running skips finished stages; see demo/run_demo.py.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo_root/scripts/setup_env.sh"
+# Run from the caller's folder so a relative --out / --inception-weights means what the user typed.
+exec python "$repo_root/demo/run_demo.py" "$@"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sourced by every torchrun recipe in scripts/: one place that turns the cluster's environment into
+# torchrun's rendezvous flags, so all recipes take the same variables.
+#
+#   MASTER_ADDR, MASTER_PORT   rendezvous host and port (default 127.0.0.1:29500)
+#   NNODES (or WORLD_SIZE)     number of nodes (the original DiT/SiT/USP scripts call it WORLD_SIZE)
+#   NODE_RANK (or RANK)        this node's index, 0..NNODES-1
+#   GPUS                       processes (GPUs) per node, default 8
+#
+# Usage inside a recipe:  source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"; launch -m pretrain.main_pretrain ...
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${NNODES:-${WORLD_SIZE:-1}}
+NODE_RANK=${NODE_RANK:-${RANK:-0}}
+GPUS=${GPUS:-8}
+
+launch() {
+  torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
+}
