@@ -39,7 +39,7 @@ from util.ema import requires_grad
 from util.latent_cache import LatentCacheDataset
 from util.logging import RunLogger
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
-from util.preemption import PreemptionHandler
+from util.preemption import NonFiniteLossError, PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
 
@@ -408,6 +408,11 @@ def main(argv=None) -> None:
         sys.exit(2)
     try:
         train(run)
+    except NonFiniteLossError as error:
+        # The last good checkpoint is untouched; say so in one sentence rather than a traceback.
+        if run.dist_env.is_main:
+            print(f"generation.train: error: {error}", file=sys.stderr)
+        sys.exit(1)
     finally:
         cleanup()
 

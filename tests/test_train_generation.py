@@ -207,3 +207,28 @@ def test_trains_from_the_latent_cache(tmp_path, tiny_image_folder, tiny_vae_dir,
     message = fail_main(train_argv(tmp_path / "other", tiny_image_folder, tiny_vae_dir, MODELS["transport"],
                                    "--cached-path", cache, "--image-size", "64"), capsys)
     assert "image_size" in message
+
+
+def test_non_finite_loss_stops_with_one_sentence_and_keeps_last_checkpoint(tmp_path, tiny_image_folder, tiny_vae_dir,
+                                                                          capsys, monkeypatch):
+    """A diverged run stops with exit 1 and one sentence; the checkpoint saved before it is left as it was."""
+    from generation import engine
+
+    results = tmp_path / "results"
+    run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["diffusion"], "--max-steps", "2",
+                        "--ckpt-every", "2"))
+    (experiment,) = experiment_dirs(results)
+    saved = experiment / "checkpoints" / "0000002.pt"
+    before = saved.read_bytes()
+    capsys.readouterr()
+
+    real_call = engine.TrainStep.__call__
+    monkeypatch.setattr(engine.TrainStep, "__call__", lambda self, batch: real_call(self, batch) * float("nan"))
+    with pytest.raises(SystemExit) as stopped:
+        main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["diffusion"], "--max-steps", "4",
+                        "--ckpt-every", "2", "--resume", str(experiment)))
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("generation.train: error: ") and "\n" not in message, message
+    assert sorted(p.name for p in (experiment / "checkpoints").iterdir()) == ["0000002.pt"]
+    assert saved.read_bytes() == before
