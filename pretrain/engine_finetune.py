@@ -9,13 +9,11 @@ import argparse
 import contextlib
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -189,31 +187,6 @@ def build_vit(args, head_init_std: float) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-class GlobalRNGScope:
-    """Runs a transform with Python's and NumPy's global RNGs seeded from torch's default generator.
-
-    timm's augmentations (RandomResizedCropAndInterpolation, RandAugment, RandomErasing) draw from
-    `random` and `numpy.random`, which `util.data.SeededDataset` does not reseed (it reseeds torch
-    only). Inside SeededDataset torch's generator is already keyed by (seed, epoch, index), so
-    deriving the other two from it makes the whole augmentation a function of the sample; the
-    process's own Python/NumPy states are put back afterwards (Mixup draws from them).
-    """
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed)
-        try:
-            return self.transform(image)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
 
 def posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
     """timm's posterize, extended to bits_to_keep = 0 (a black image, what Pillow < 11 returned).

@@ -24,7 +24,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from models.vit import is_pixel_model
-from pretrain.engine_finetune import (GlobalRNGScope, LatentClassifier, TrainSetup, UsageError, add_common_args,
+from pretrain.engine_finetune import (LatentClassifier, TrainSetup, UsageError, add_common_args,
                                       build_eval_loader, build_vit, check_class_count, evaluate, fit,
                                       guard_posterize, image_mean_std, resume_from, run_main, validate_args)
 from pretrain.engine_pretrain import LoopPosition
@@ -83,7 +83,7 @@ def build_train_dataset(args, pixel: bool) -> SeededDataset:
     )
     base = build_image_folder(args.data_path, "train")
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
-    return SeededDataset(base, GlobalRNGScope(guard_posterize(transform)), seed=args.seed)
+    return SeededDataset(base, guard_posterize(transform), seed=args.seed)
 
 
 def build_mixup(args):

@@ -23,7 +23,7 @@ from timm.data import create_transform
 from timm.optim import Lars
 
 from models.vit import is_pixel_model
-from pretrain.engine_finetune import (GlobalRNGScope, LatentClassifier, TrainSetup, UsageError, add_common_args,
+from pretrain.engine_finetune import (LatentClassifier, TrainSetup, UsageError, add_common_args,
                                       build_eval_loader, build_vit, check_class_count, evaluate, fit,
                                       image_mean_std, resume_from, run_main, validate_args)
 from pretrain.engine_pretrain import LoopPosition
@@ -72,7 +72,7 @@ def build_train_dataset(args, pixel: bool):
                                  auto_augment=None, interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
     base = build_image_folder(args.data_path, "train")
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
-    return SeededDataset(base, GlobalRNGScope(transform), seed=args.seed)
+    return SeededDataset(base, transform, seed=args.seed)
 
 
 def attach_probe_head(vit: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ transform of sample `index` in `epoch` runs under a torch generator seeded from
 in it, not on the rank, the worker process or the resume point.
 """
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +167,10 @@ class SeededDataset(torch.utils.data.Dataset):
     """Applies `transform` to `base.load(index)` under the sample's own generator.
 
     `__getitem__((epoch, index))` -> (tensor, label, index). torchvision's v1 transforms draw from
-    torch's default CPU generator, so we reseed that generator from (seed, epoch, index) inside a
-    `fork_rng` scope and put the process's own state back afterwards: the global stream that
-    dropout etc. use is untouched, which keeps exact resume simple.
+    torch's default CPU generator and timm's (RandomResizedCropAndInterpolation, RandAugment,
+    RandomErasing) from Python's `random` and NumPy, so all three are reseeded from (seed, epoch,
+    index) for the transform and put back afterwards: the augmentation is a function of the sample,
+    and the process's own streams (dropout, Mixup) are untouched, which keeps exact resume simple.
     """
 
     def __init__(self, base: SafeImageFolder, transform, seed: int = 0):
@@ -182,9 +184,17 @@ class SeededDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image, label = self.base.load(index)
+        seed = sample_seed(self.seed, epoch, index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            tensor = self.transform(image)
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                tensor = self.transform(image)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
         return tensor, label, index
 
 
