@@ -1,0 +1,102 @@
+"""Held-out diffusion / transport loss of every checkpoint of a DiT or SiT experiment.
+
+    python -m demo.heldout_loss --experiment demo_out/gen/dit_usp --cached_path demo_out/cache/val \
+        --output demo_out/heldout/dit_usp.json
+
+The training loss is measured on the batch being fitted, with fresh t and noise every step, so two
+runs' curves are noisy and not on the same data. Here every checkpoint is scored on the same
+held-out latents (the val split's posterior means, unflipped) with the same timestep and noise
+per latent, drawn once from `--seed`: two experiments evaluated with the same flags see exactly
+the same (x, t, noise) triples, so their curves differ only by the weights (common random numbers).
+The objective is the run's own training loss (DiT: MSE + VB hybrid; SiT: the transport loss), with
+labels kept (no CFG dropout). Writes {"steps": [...], "loss": [...], "ema_loss": [...], ...}.
+"""
+import argparse
+import json
+import re
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from generation.objectives import NoiseBundle, build_objective
+from generation.train import CHECKPOINT_PATTERN, build_model
+from util.checkpoint import load_checkpoint
+from util.latent_cache import LatentCacheDataset
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Held-out loss of a DiT/SiT experiment's checkpoints")
+    parser.add_argument("--experiment", required=True,
+                        help="generation.train results folder (the NNN-<model> folder or its parent)")
+    parser.add_argument("--cached_path", required=True, help="latent cache of the held-out images")
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--repeats", type=int, default=2, help="(t, noise) draws per held-out latent")
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1234)
+    return parser
+
+
+def find_checkpoints(experiment) -> list[tuple[int, Path]]:
+    """(step, path) of every `checkpoints/NNNNNNN.pt` under `experiment`, oldest first."""
+    paths = sorted(Path(experiment).glob("**/checkpoints/*.pt"))
+    found = [(int(match.group(1)), path) for path in paths if (match := re.match(CHECKPOINT_PATTERN, path.name))]
+    if not found:
+        raise SystemExit(f"heldout_loss: error: no checkpoints under {experiment}; run generation.train first.")
+    return sorted(found)
+
+
+def heldout_batch(cached_path, repeats: int, seed: int):
+    """(latents (M, C, h, w), labels (M,), bundle) with M = repeats x held-out images, fixed by `seed`."""
+    dataset = LatentCacheDataset(cached_path, use_mean=True, random_flip=False)
+    items = [dataset[(0, index)] for index in range(len(dataset))]
+    latents = torch.stack([item[0] for item in items]).repeat(repeats, 1, 1, 1)
+    labels = torch.tensor([item[1] for item in items]).repeat(repeats)
+    generator = torch.Generator().manual_seed(seed)
+    bundle = NoiseBundle(u=torch.rand(len(latents), generator=generator),
+                         noise=torch.randn(latents.shape, generator=generator),
+                         drop=torch.zeros(len(latents), dtype=torch.int64))
+    return latents, labels, bundle
+
+
+@torch.no_grad()
+def mean_loss(model, objective, latents, labels, bundle: NoiseBundle, batch_size: int) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(latents), batch_size):
+        part = slice(start, start + batch_size)
+        chunk = NoiseBundle(bundle.u[part], bundle.noise[part], bundle.drop[part])
+        total += objective.loss(model, latents[part], labels[part], chunk).sum().item()
+    return total / len(latents)
+
+
+def main(args) -> dict:
+    checkpoints = find_checkpoints(args.experiment)
+    latents, labels, bundle = heldout_batch(args.cached_path, args.repeats, args.seed)
+    result = {"steps": [], "loss": [], "ema_loss": [], "num_latents": len(latents), "seed": args.seed}
+    for step, path in tqdm(checkpoints, desc="held-out loss"):
+        checkpoint = load_checkpoint(path)
+        run_args = Namespace(**checkpoint["args"])
+        model = build_model(run_args, json.loads(run_args.model_kwargs), latents.shape[-1], latents.shape[1])
+        objective = build_objective(run_args.model, run_args.num_classes, run_args.path_type,
+                                    run_args.prediction, run_args.loss_weight, run_args.train_eps,
+                                    run_args.sample_eps)
+        result["model"] = run_args.model
+        result["steps"].append(step)
+        for key, weights in (("loss", "model"), ("ema_loss", "ema")):
+            model.load_state_dict(checkpoint[weights])
+            result[key].append(mean_loss(model, objective, latents, labels, bundle, args.batch_size))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(f"held-out loss of {args.experiment}: " +
+          ", ".join(f"step {s}: {l:.4f}" for s, l in zip(result["steps"], result["loss"])))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

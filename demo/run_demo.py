@@ -1,0 +1,264 @@
+"""Runs the demo pipeline (see demo/stages.py) with markers, progress bars and per-stage timings.
+
+    python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
+
+- Stages run as subprocesses, `--jobs` at a time (default: one per CPU core, each single-threaded:
+  the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
+  machine). Each stage's output goes to `<out>/logs/<stage>.log`; its tqdm counter is mirrored
+  into a bar of its own here.
+- A finished stage leaves `<out>/.stages/<stage>.json` (seconds, command) and is skipped next
+  time. `--redo X` reruns X and everything downstream of it; a stage whose inputs were rerun is
+  rerun too. A stage that is (re)run first deletes its outputs, so no stale file survives.
+- `<out>/timings.json` records every stage's seconds and the wall time of each invocation.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from demo.config import FAST, FULL
+from demo.stages import build_stages
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKERS = ".stages"
+CONFIG_NAME = "demo_config.json"
+TIMINGS_NAME = "timings.json"
+# tqdm's "  12/300 [" counter, the last one in a chunk of a child's output.
+PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
+
+
+class DemoError(RuntimeError):
+    """A problem the user can fix (bad flag, output folder from another configuration, failed stage)."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("USP toy demo: pretrain, probe, generate, evaluate, report (CPU)")
+    parser.add_argument("--out", default="demo_out", help="output folder (everything goes under it)")
+    parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                        help="rerun STAGE and everything after it (repeatable; 'all' = start over)")
+    parser.add_argument("--inception-weights", default=None,
+                        help="weights-inception-2015-12-05-6726825d.pth: also compute FID/IS (adds minutes on CPU)")
+    parser.add_argument("--fast", action="store_true", help="a few steps per stage (CI)")
+    parser.add_argument("--jobs", type=int, default=None, help="stages run at once (default: CPU cores, max 2)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Which stages to run
+# ----------------------------------------------------------------------------------------------
+
+def marker_path(out: Path, name: str) -> Path:
+    return out / MARKERS / f"{name}.json"
+
+
+def check_config(out: Path, config: dict, redo_all: bool) -> None:
+    """Refuses to mix a --fast and a full run (or other settings) in one output folder."""
+    path = out / CONFIG_NAME
+    if path.is_file() and not redo_all:
+        saved = json.loads(path.read_text())
+        if saved != config:
+            raise DemoError(f"{out} holds a {saved.get('name', 'different')} demo run made with other settings; "
+                            f"pass --redo all to start it over, or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+
+
+def stages_to_run(stages, out: Path, redo: list) -> list:
+    """Names of stages without a marker, those named in --redo, and everything downstream of either."""
+    names = [stage.name for stage in stages]
+    unknown = [name for name in redo if name != "all" and name not in names]
+    if unknown:
+        raise DemoError(f"--redo {unknown[0]} is not a stage; choose 'all' or one of {', '.join(names)}.")
+    pending = {name for name in names if "all" in redo or name in redo or not marker_path(out, name).is_file()}
+    for stage in stages:  # the table is in dependency order, so one pass closes over dependents
+        if any(need in pending for need in stage.needs):
+            pending.add(stage.name)
+    return [name for name in names if name in pending]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one stage
+# ----------------------------------------------------------------------------------------------
+
+class StageProcess:
+    """A stage's subprocess, its log file and a progress bar fed from the child's tqdm output."""
+
+    def __init__(self, stage, out: Path, position: int, env: dict):
+        self.stage = stage
+        self.command = stage.command()
+        self.log_path = out / "logs" / f"{stage.name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "wb")
+        self.log.write(("$ " + " ".join(self.command) + "\n").encode())
+        self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True)
+        self.started = time.time()
+        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+
+    def _pump(self) -> None:
+        """Copies the child's output to its log and mirrors its latest tqdm counter into our bar."""
+        fd = self.process.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            self.log.write(chunk)
+            counters = PROGRESS.findall(chunk)
+            if counters:
+                done, total = map(int, counters[-1])
+                self.bar.total, self.bar.n = total, done
+                self.bar.refresh()
+
+    def finish(self) -> int:
+        self.reader.join()
+        self.log.close()
+        self.bar.close()
+        return self.process.returncode
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def clear_outputs(out: Path, stage) -> None:
+    marker_path(out, stage.name).unlink(missing_ok=True)
+    for relative in stage.outputs:
+        path = out / relative
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_marker(out: Path, stage, seconds: float, command) -> None:
+    path = marker_path(out, stage.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": round(seconds, 2), "finished": time.time(), "command": command}, indent=1))
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    text = path.read_bytes().decode(errors="replace").replace("\r", "\n")
+    kept = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The scheduler
+# ----------------------------------------------------------------------------------------------
+
+def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict:
+    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done."""
+    by_name = {stage.name: stage for stage in stages}
+    done = {stage.name for stage in stages if stage.name not in pending}
+    waiting = list(pending)
+    running: dict[str, StageProcess] = {}
+    seconds = {}
+    env = child_env(max(1, (os.cpu_count() or 1) // jobs))
+    overall = tqdm(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
+                   dynamic_ncols=True)
+    try:
+        while waiting or running:
+            for name in list(waiting):
+                stage = by_name[name]
+                if len(running) >= jobs or not all(need in done for need in stage.needs):
+                    continue
+                waiting.remove(name)
+                clear_outputs(out, stage)
+                if stage.function is not None:  # quick in-process stage (the dataset)
+                    started = time.time()
+                    stage.function()
+                    seconds[name] = time.time() - started
+                    write_marker(out, stage, seconds[name], None)
+                    done.add(name)
+                    overall.update(1)
+                    continue
+                try:
+                    running[name] = StageProcess(stage, out, position=1 + len(running), env=env)
+                except FileNotFoundError as error:  # an input of the command is missing
+                    raise DemoError(f"stage {name} cannot start: {error}") from None
+            time.sleep(0.2)
+            for name, child in list(running.items()):
+                if child.process.poll() is None:
+                    continue
+                returncode = child.finish()
+                del running[name]
+                if returncode != 0:
+                    raise DemoError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
+                                    f"{log_tail(child.log_path)}\ncommand: {' '.join(child.command)}")
+                seconds[name] = time.time() - child.started
+                write_marker(out, child.stage, seconds[name], child.command)
+                done.add(name)
+                overall.update(1)
+                tqdm.write(f"[demo] {name} done in {seconds[name]:.1f}s ({child.stage.about})")
+    finally:
+        for child in running.values():  # stop our own children if we are stopping early
+            child.process.terminate()
+            child.process.wait()
+            child.finish()
+        overall.close()
+    return seconds
+
+
+def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
+    """Updates timings.json: every stage's last measured seconds + this invocation's wall time.
+
+    The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
+    final call replaces.
+    """
+    path = out / TIMINGS_NAME
+    timings = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    if timings["invocations"] and timings["invocations"][-1].get("in_progress"):
+        timings["invocations"].pop()
+    timings["stages"] = {stage.name: json.loads(marker_path(out, stage.name).read_text())["seconds"]
+                         for stage in stages if marker_path(out, stage.name).is_file()}
+    timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
+                                   "in_progress": not final})
+    path.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
+def main(args) -> int:
+    started = time.time()
+    cfg = FAST if args.fast else FULL
+    out = Path(args.out).resolve()
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise DemoError(f"--inception-weights {args.inception_weights} does not exist; pass the file "
+                        "weights-inception-2015-12-05-6726825d.pth (see README) or leave the flag out.")
+    inception_weights = str(Path(args.inception_weights).resolve()) if args.inception_weights else None
+    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
+    stages = build_stages(out, cfg, inception_weights)
+    check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
+    pending = stages_to_run(stages, out, args.redo)
+    skipped = [stage.name for stage in stages if stage.name not in pending]
+    if skipped:
+        print(f"[demo] skipping finished stages: {', '.join(skipped)} (use --redo STAGE to rerun one)")
+    if not pending:
+        print(f"[demo] everything is up to date; the report is {out / 'report.md'}")
+        return 0
+    # The report reads the timings, so they are written before it runs and again at the very end.
+    before_report = [name for name in pending if name != "report"]
+    run_pipeline(stages, out, before_report, jobs)
+    record_timings(out, stages, time.time() - started, before_report, final=False)
+    run_pipeline(stages, out, ["report"], jobs)  # always pending: it depends on every other stage
+    record_timings(out, stages, time.time() - started, pending, final=True)
+    print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except DemoError as error:
+        sys.exit(f"demo: error: {error}")

@@ -1,0 +1,193 @@
+"""The demo pipeline as a table of stages: what each runs, what it needs, where it writes.
+
+Every stage but the first is a subprocess running a real entry point exactly as a user would type it
+(`python -m pretrain.main_pretrain ...`); the commands are built when the stage starts, so a stage
+can point at a file an earlier stage produced (e.g. the newest pretraining checkpoint).
+
+Pipeline (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr are shared):
+  data -> vae -> cache_train, cache_val -> pretrain -> recon, probe_usp, {dit,sit}_usp
+                                cache_train -> probe_random, {dit,sit}_scratch
+  each generator -> heldout_<run> (held-out loss curve), samples_<run> (sample_ddp npz)
+  data -> classifier;  samples + classifier -> toy_metrics;  [--inception-weights] fid_*;  all -> report
+"""
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from demo import config as C
+
+RUNS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
+
+
+@dataclass
+class Stage:
+    """One step of the demo.
+
+    command: () -> argv after `python` (a subprocess), or None when `function` runs in-process.
+    outputs: paths (relative to the output folder) deleted before the stage (re)runs.
+    """
+
+    name: str
+    needs: tuple
+    outputs: tuple
+    command: Optional[Callable[[], list]] = None
+    function: Optional[Callable[[], None]] = None
+    about: str = ""
+
+
+def newest(directory: Path, pattern: str) -> Path:
+    """The file matching `pattern` under `directory` with the highest number in its name."""
+    found = sorted(directory.glob(pattern), key=lambda p: [int(part) for part in _digits(p.name)])
+    if not found:
+        raise FileNotFoundError(f"no {pattern} under {directory}; rerun the stage that writes it (--redo).")
+    return found[-1]
+
+
+def _digits(name: str) -> list:
+    return re.findall(r"\d+", name) or ["0"]
+
+
+def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] = None) -> list:
+    """The ordered stage table; the order is also the scheduler's priority among ready stages."""
+    py = sys.executable
+    data, vae = out / "data", out / "vae"
+    cache_train, cache_val = out / "cache" / "train", out / "cache" / "val"
+    num_train = C.NUM_CLASSES * cfg.train_per_class
+    common_vae = ["--vae_version", C.VAE_VERSION, "--vae_path", str(vae), "--input_size", str(C.IMAGE_SIZE)]
+
+    def write_data():
+        from util.toy_dataset import write_toy_dataset
+
+        write_toy_dataset(data, C.NUM_CLASSES, cfg.train_per_class, cfg.val_per_class, C.IMAGE_SIZE, cfg.seed)
+
+    def cache(split: str, target: Path):
+        return lambda: [py, "-m", "util.latent_cache", "--data_path", str(data / split), "--cached_path", str(target),
+                        *common_vae, "--batch_size", "250", "--shard_size", "4096", "--num_workers", "0",
+                        "--device", "cpu"]
+
+    steps_per_epoch = num_train // cfg.pretrain_batch
+    pretrain_epochs = math.ceil(cfg.pretrain_steps / steps_per_epoch)
+
+    def pretrain():
+        return [py, "-m", "pretrain.main_pretrain", "--model", C.MAE_MODEL, "--model_kwargs", json.dumps(C.mae_kwargs()),
+                *common_vae, "--use_cached", "--cached_path", str(cache_train), "--data_path", str(data),
+                "--batch_size", str(cfg.pretrain_batch), "--epochs", str(pretrain_epochs),
+                "--max_steps", str(cfg.pretrain_steps), "--warmup_epochs", str(max(1, pretrain_epochs // 10)),
+                # MAE's blr 1.5e-4 is scaled for batch 4096 (lr 2.4e-3); a 64-batch toy run takes lr 1e-3.
+                "--lr", "1e-3", "--weight_decay", "0.05", "--mask_ratio", "0.75",
+                "--output_dir", str(out / "pretrain"), "--log_dir", str(out / "pretrain"),
+                "--save_every", str(pretrain_epochs), "--log_every", "10", "--device", "cpu", "--precision", "fp32",
+                "--num_workers", "0", "--seed", str(cfg.seed)]
+
+    def usp_checkpoint() -> str:
+        return str(newest(out / "pretrain", "checkpoint-*.pth"))
+
+    def recon():
+        return [py, "-m", "pretrain.main_generate", "--checkpoint", usp_checkpoint(), "--data_path", str(data),
+                "--vae_path", str(vae), "--num_images", "10", "--output", str(out / "recon" / "reconstruction.png"),
+                "--device", "cpu"]
+
+    def probe(init: str):
+        def command():
+            finetune = ["--finetune", usp_checkpoint()] if init == "usp" else []
+            return [py, "-m", "pretrain.main_linprobe", "--model", C.VIT_MODEL, "--model_kwargs",
+                    json.dumps(C.vit_kwargs()), *common_vae, "--cls_token", *finetune, "--use_cached",
+                    "--cached_path", str(cache_train), "--data_path", str(data), "--nb_classes", str(C.NUM_CLASSES),
+                    "--batch_size", str(cfg.probe_batch), "--epochs", str(cfg.probe_epochs), "--warmup_epochs", "1",
+                    "--blr", "0.1", "--weight_decay", "0.0", "--output_dir", str(out / "probe" / init),
+                    "--log_dir", str(out / "probe" / init), "--device", "cpu", "--num_workers", "0",
+                    "--seed", str(cfg.seed), "--log_every", "5"]
+        return command
+
+    ckpt_every = max(1, cfg.gen_steps // cfg.gen_checkpoints)
+
+    def generator(run: str):
+        family, init = run.split("_")
+
+        def command():
+            finetune = ["--finetune", usp_checkpoint()] if init == "usp" else []
+            return [py, "-m", "generation.train", "--model", C.GENERATORS[family],
+                    "--model-kwargs", json.dumps(C.generator_kwargs()), "--image-size", str(C.IMAGE_SIZE),
+                    "--num-classes", str(C.NUM_CLASSES), "--vae-version", C.VAE_VERSION, "--vae-path", str(vae),
+                    "--cached-path", str(cache_train), "--results-dir", str(out / "gen" / run), "--exp-name", init,
+                    *finetune, "--global-batch-size", str(cfg.gen_batch), "--max-steps", str(cfg.gen_steps),
+                    "--epochs", "100000", "--ckpt-every", str(ckpt_every), "--eval-every", str(cfg.gen_steps),
+                    "--log-every", str(max(1, ckpt_every // 4)), "--eval-images", "20", "--cfg-scale", "1.0",
+                    "--num-sampling-steps", str(cfg.sampling_steps), "--lr", str(cfg.gen_lr),
+                    "--ema-decay", str(cfg.ema_decay), "--milestone-every", "0", "--keep-last", "0",
+                    "--global-seed", str(cfg.seed), "--device", "cpu", "--precision", "fp32", "--num-workers", "0"]
+        return command
+
+    def final_generator_checkpoint(run: str) -> str:
+        return str(newest(out / "gen" / run, "*/checkpoints/*.pt"))
+
+    def heldout(run: str):
+        return lambda: [py, "-m", "demo.heldout_loss", "--experiment", str(out / "gen" / run),
+                        "--cached_path", str(cache_val), "--output", str(out / "heldout" / f"{run}.json"),
+                        "--repeats", str(cfg.heldout_repeats)]
+
+    def samples(run: str):
+        family = run.split("_")[0]
+        sampler = ["--sampler", "ddpm"] if family == "dit" else ["--mode", "ODE", "--sampling-method", "euler"]
+
+        def command():
+            return [py, "-m", "generation.sample_ddp", "--model", C.GENERATORS[family],
+                    "--ckpt", final_generator_checkpoint(run), "--model-kwargs", json.dumps(C.generator_kwargs()),
+                    "--image-size", str(C.IMAGE_SIZE), "--num-classes", str(C.NUM_CLASSES),
+                    "--vae-version", C.VAE_VERSION, "--vae-path", str(vae), *sampler,
+                    "--sample-dir", str(out / "samples" / run), "--num-fid-samples", str(cfg.num_samples),
+                    "--per-proc-batch-size", str(min(cfg.num_samples, 250)), "--cfg-scale", "1.0",
+                    "--num-sampling-steps", str(cfg.sampling_steps), "--global-seed", str(cfg.seed),
+                    "--device", "cpu", "--precision", "fp32", "--npz-workers", "2"]
+        return command
+
+    stages = [
+        Stage("data", (), ("data",), function=write_data, about="toy dataset (10 shape classes, 32 px)"),
+        Stage("vae", ("data",), ("vae",), lambda: [
+            py, "-m", "demo.train_vae", "--data_path", str(data), "--output", str(vae), "--steps", str(cfg.vae_steps),
+            "--batch_size", str(cfg.vae_batch), "--width", str(cfg.vae_width), "--seed", str(cfg.seed)],
+            about="tiny AutoencoderKL + latent scale"),
+        Stage("classifier", ("data",), ("toy_classifier",), lambda: [
+            py, "-m", "demo.toy_classifier", "--data_path", str(data), "--output", str(out / "toy_classifier"),
+            "--epochs", str(cfg.classifier_epochs), "--seed", str(cfg.seed)], about="toy metric classifier"),
+        Stage("cache_train", ("vae",), ("cache/train",), cache("train", cache_train), about="latent cache (train)"),
+        Stage("cache_val", ("vae",), ("cache/val",), cache("val", cache_val), about="latent cache (val)"),
+        Stage("pretrain", ("cache_train",), ("pretrain",), pretrain, about="USP masked latent modeling"),
+    ]
+    for run in RUNS:
+        needs = ("pretrain",) if run.endswith("usp") else ("cache_train",)
+        stages.append(Stage(run, needs, (f"gen/{run}",), generator(run), about=f"{run.replace('_', ' from ')}"))
+    stages += [
+        Stage("recon", ("pretrain",), ("recon",), recon, about="reconstruction grid"),
+        Stage("probe_usp", ("pretrain",), ("probe/usp",), probe("usp"), about="linear probe, USP encoder"),
+        Stage("probe_random", ("cache_train",), ("probe/random",), probe("random"),
+              about="linear probe, random encoder"),
+    ]
+    for run in RUNS:
+        stages.append(Stage(f"heldout_{run}", (run, "cache_val"), (f"heldout/{run}.json",), heldout(run),
+                            about=f"held-out loss curve, {run}"))
+        stages.append(Stage(f"samples_{run}", (run,), (f"samples/{run}", f"samples/{run}.npz"), samples(run),
+                            about=f"samples, {run}"))
+    stages.append(Stage("toy_metrics", ("classifier", "vae", "cache_val", *(f"samples_{r}" for r in RUNS)),
+                        ("toy_metrics.json",), lambda: [
+                            py, "-m", "demo.toy_metrics", "--data_path", str(data),
+                            "--classifier", str(out / "toy_classifier"), "--vae_path", str(vae),
+                            "--samples", *[str(out / "samples" / f"{r}.npz") for r in RUNS],
+                            "--output", str(out / "toy_metrics.json")], about="toy quality metrics"))
+    if inception_weights:
+        stages.append(Stage("fid_reference", ("data",), ("fid/reference.npz",), lambda: [
+            py, "scripts/make_reference_batch.py", "--data-path", str(data / "val"), "--image-size", str(C.IMAGE_SIZE),
+            "--inception-weights", inception_weights, "--output", str(out / "fid" / "reference.npz"),
+            "--device", "cpu", "--num-workers", "0"], about="Inception reference batch (val)"))
+        for run in RUNS:
+            stages.append(Stage(f"fid_{run}", ("fid_reference", f"samples_{run}"), (f"fid/{run}.json",), lambda run=run: [
+                py, "-m", "generation.evaluate", str(out / "fid" / "reference.npz"), str(out / "samples" / f"{run}.npz"),
+                "--inception-weights", inception_weights, "--device", "cpu",
+                "--output-json", str(out / "fid" / f"{run}.json")], about=f"FID/IS, {run}"))
+    stages.append(Stage("report", tuple(s.name for s in stages), ("report.md", "loss_curves.png", "samples.png"),
+                        lambda: [py, "-m", "demo.report", "--out", str(out)], about="report.md and plots"))
+    return stages
