@@ -1,9 +1,10 @@
 """The classification loop shared by fine-tuning and linear probing (MAE's engine_finetune + setup).
 
 main_finetune.py and main_linprobe.py differ in which parameters train, the optimizer, the
-criterion and the augmentation; everything else - the image -> (VAE) -> ViT model wrapper, data
-loading with per-sample randomness, one epoch of training, exact top-k evaluation across ranks,
-checkpoints (last + best) and resume - lives here once.
+criterion and the augmentation; everything else - process-group start, seeded model building,
+the image -> (VAE) -> ViT model wrapper, data loading with per-sample randomness, one epoch of
+training, exact top-k evaluation across ranks, checkpoints (last + best), resume, and the two
+endings (`evaluate_only` for --eval, `train`) - lives here once.
 """
 import argparse
 import contextlib
@@ -23,11 +24,14 @@ from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.engine_pretrain import LoopPosition
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.data import build_image_folder, build_loader, eval_transform
-from util.distributed import all_reduce_mean, get_world_size, is_dist
+from util.distributed import (all_reduce_mean, cleanup, get_world_size, init_distributed, is_dist, rank_seed,
+                              seed_everything, setup_for_distributed_printing)
+from util.logging import RunLogger
 from util.lr_sched import adjust_learning_rate
-from util.precision import add_precision_arg, autocast
-from util.preemption import check_finite
+from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
+from util.preemption import PreemptionHandler, check_finite
 from util.rng import gather_rng_states, restore_rank_rng
+from util.sampler import ResumableDistributedSampler
 
 
 class UsageError(ValueError):
@@ -129,6 +133,18 @@ def validate_args(args) -> None:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
 
 
+def start(args):
+    """Checks the flags, joins the process group (torchrun or a single process), prints on rank 0 only
+    and turns on the CUDA speed flags. Returns the DistEnv."""
+    validate_args(args)
+    dist_env = init_distributed(args.device)
+    setup_for_distributed_printing(dist_env.is_main)
+    if dist_env.device.type == "cuda":
+        enable_tf32()
+        torch.backends.cudnn.benchmark = True
+    return dist_env
+
+
 # ----------------------------------------------------------------------------------------------
 # Model: images -> (frozen or trainable VAE encoder) -> ViT
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +198,28 @@ def build_vit(args, head_init_std: float) -> nn.Module:
             raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
         print(f"Initialised from {args.finetune}:\n{report}")
     return vit
+
+
+def build_models(args, dist_env, pixel: bool, head_init_std: float, adapt_vit=None) -> tuple:
+    """(vit on the device, LatentCodec or None for pixel presets), seeded so runs are reproducible.
+
+    The ViT is built under the global seed, so every rank starts from the same weights whatever the
+    world size; afterwards each rank gets its own seed (dropout, drop path, mixup differ per rank).
+    `adapt_vit(vit) -> vit` changes the network before it moves (the linear probe's head). The ViT
+    comes before the VAE so a wrong --finetune checkpoint fails before the VAE weights are read.
+    """
+    seed_everything(args.seed)
+    vit = build_vit(args, head_init_std)
+    if adapt_vit is not None:
+        vit = adapt_vit(vit)
+    vit = vit.to(dist_env.device)
+    seed_everything(rank_seed(args.seed, dist_env.rank))
+    codec = None
+    if not pixel:
+        from models.vae import LatentCodec
+
+        codec = LatentCodec.load(args.vae_version, args.vae_path, device=dist_env.device)
+    return vit, codec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +300,29 @@ def build_eval_loader(args, dist_env, pixel: bool):
         sampler = EvalShardSampler(len(dataset))  # every rank evaluates everything (MAE's default)
     return build_loader(dataset, sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and dist_env.device.type == "cuda", drop_last=False)
+
+
+@dataclass
+class TrainData:
+    """The training sampler (resumable, keyed by (epoch, index)), its loader, and optimizer steps per epoch."""
+
+    sampler: ResumableDistributedSampler
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+
+
+def build_train_loader(args, train_dataset, dist_env) -> TrainData:
+    """Shuffled, rank-split, drop-last loader; one sentence when an epoch cannot fill one optimizer step."""
+    sampler = ResumableDistributedSampler(len(train_dataset), dist_env.world_size, dist_env.rank,
+                                          shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // (args.batch_size * args.accum_iter)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{sampler.num_samples} training images per rank do not fill one optimizer step of "
+                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; lower them.")
+    loader = build_loader(train_dataset, sampler, args.batch_size, args.num_workers,
+                          pin_memory=args.pin_mem and dist_env.device.type == "cuda",
+                          persistent_workers=True, drop_last=True)
+    return TrainData(sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,6 +615,56 @@ def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, r
                            getattr(args, "train_vae", False))
     if run.dist.is_main:
         save_checkpoint(state, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two ways an entry point ends: evaluate a checkpoint, or train
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_only(args, eval_model: LatentClassifier, eval_loader, dist_env) -> dict:
+    """--eval: loads the --resume weights, prints MAE's accuracy line and leaves the process group."""
+    resume_from(args, eval_model)
+    metrics = evaluate(eval_model, eval_loader, dist_env.device, args.precision,
+                       args.dist_eval and dist_env.world_size > 1)
+    print(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.2f}% "
+          f"(top-5 {metrics['acc5']:.2f}%)")
+    cleanup()
+    return metrics
+
+
+def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, eval_model: LatentClassifier,
+          eval_loader, optimizer, base_lr: float, criterion: nn.Module, *, mixup_fn=None, model_ema=None,
+          clip_grad: float | None = None) -> dict:
+    """Grad scaler, DDP, --resume, logging and preemption around `fit`; leaves the process group at the end.
+
+    `classifier` is what trains (its codec may be None when training reads cached latents);
+    `eval_model` is what evaluates (see `fit`). Returns the last evaluation's metrics.
+    """
+    device = dist_env.device
+    scaler = make_grad_scaler(device, args.precision)
+    model = classifier
+    if dist_env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+    position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
+    if args.resume:
+        position, best_acc1 = resume_from(args, classifier, optimizer, scaler, model_ema)
+    print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
+          f"steps/epoch: {train_data.steps_per_epoch}")
+
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
+                     base_lr=base_lr, steps_per_epoch=train_data.steps_per_epoch, criterion=criterion,
+                     mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=clip_grad)
+    try:
+        metrics = fit(classifier, model, train_data.sampler, train_data.loader, eval_model, eval_loader, optimizer,
+                      scaler, position, best_acc1, run)
+    finally:
+        logger.close()
+        run.preemption.restore()
+    cleanup()
+    return metrics
 
 
 def run_main(main_fn, args) -> int:

@@ -24,17 +24,11 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from models.vit import is_pixel_model
-from pretrain.engine_finetune import (LatentClassifier, TrainSetup, UsageError, add_common_args,
-                                      build_eval_loader, build_vit, check_class_count, evaluate, fit,
-                                      guard_posterize, image_mean_std, resume_from, run_main, validate_args)
-from pretrain.engine_pretrain import LoopPosition
-from util.data import SeededDataset, build_image_folder, build_loader
-from util.distributed import cleanup, init_distributed, rank_seed, seed_everything, setup_for_distributed_printing
-from util.logging import RunLogger
+from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
+                                      build_models, build_train_loader, check_class_count, evaluate_only,
+                                      guard_posterize, image_mean_std, run_main, start, train)
+from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
-from util.precision import enable_tf32, make_grad_scaler
-from util.preemption import PreemptionHandler
-from util.sampler import ResumableDistributedSampler
 
 HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wreck the pretrained features
 
@@ -123,13 +117,7 @@ def build_criterion(args, mixup_fn) -> torch.nn.Module:
 
 
 def main(args) -> dict:
-    validate_args(args)
-    dist_env = init_distributed(args.device)
-    setup_for_distributed_printing(dist_env.is_main)
-    device = dist_env.device
-    if device.type == "cuda":
-        enable_tf32()
-        torch.backends.cudnn.benchmark = True
+    dist_env = start(args)
     pixel = is_pixel_model(args.model)
 
     # Data first: a wrong path or class count fails in seconds, before any weights are read.
@@ -137,63 +125,19 @@ def main(args) -> dict:
     train_dataset = None if args.eval else build_train_dataset(args, pixel)
     mixup_fn = build_mixup(args)
 
-    seed_everything(args.seed)  # the same initial weights on every rank, whatever the world size
-    vit = build_vit(args, HEAD_INIT_STD).to(device)  # before the VAE: a wrong checkpoint fails fast
-    seed_everything(rank_seed(args.seed, dist_env.rank))  # dropout / drop path / mixup differ per rank
-    codec = None
-    if not pixel:
-        from models.vae import LatentCodec
-
-        codec = LatentCodec.load(args.vae_version, args.vae_path, device=device)
-        if args.train_vae:
-            codec.train_encoder(True)
+    vit, codec = build_models(args, dist_env, pixel, HEAD_INIT_STD)
+    if codec is not None and args.train_vae:
+        codec.train_encoder(True)
     classifier = LatentClassifier(vit, codec, args.vae_precision)
-
     if args.eval:
-        resume_from(args, classifier)
-        metrics = evaluate(classifier, eval_loader, device, args.precision, args.dist_eval and dist_env.world_size > 1)
-        print(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.2f}% "
-              f"(top-5 {metrics['acc5']:.2f}%)")
-        cleanup()
-        return metrics
+        return evaluate_only(args, classifier, eval_loader, dist_env)
 
-    sampler = ResumableDistributedSampler(len(train_dataset), dist_env.world_size, dist_env.rank,
-                                          shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = sampler.num_samples // (args.batch_size * args.accum_iter)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{sampler.num_samples} training images per rank do not fill one optimizer step of "
-                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; lower them.")
-    train_loader = build_loader(train_dataset, sampler, args.batch_size, args.num_workers,
-                                pin_memory=args.pin_mem and device.type == "cuda",
-                                persistent_workers=True, drop_last=True)
-
+    train_data = build_train_loader(args, train_dataset, dist_env)
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(vit, codec, args, base_lr)
-    scaler = make_grad_scaler(device, args.precision)
     model_ema = ModelEmaV3(vit, decay=args.model_ema_decay) if args.model_ema else None
-    model = classifier
-    if dist_env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            classifier, device_ids=[device.index] if device.type == "cuda" else None)
-
-    position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
-    if args.resume:
-        position, best_acc1 = resume_from(args, classifier, optimizer, scaler, model_ema)
-    print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
-          f"steps/epoch: {steps_per_epoch}")
-
-    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
-    run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
-                     base_lr=base_lr, steps_per_epoch=steps_per_epoch, criterion=build_criterion(args, mixup_fn),
-                     mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=args.clip_grad)
-    try:
-        metrics = fit(classifier, model, sampler, train_loader, classifier, eval_loader, optimizer, scaler,
-                      position, best_acc1, run)
-    finally:
-        logger.close()
-        run.preemption.restore()
-    cleanup()
-    return metrics
+    return train(args, dist_env, classifier, train_data, classifier, eval_loader, optimizer, base_lr,
+                 build_criterion(args, mixup_fn), mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=args.clip_grad)
 
 
 if __name__ == "__main__":
