@@ -19,7 +19,6 @@ the settings; here `sampling_config.json` in the folder records them and a resum
 refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image.
 """
 import argparse
-import json
 import shutil
 import sys
 import warnings
@@ -41,6 +40,7 @@ from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
 from util.checkpoint import CheckpointError, load_checkpoint
+from util.cli import parse_json_object
 from util.distributed import barrier, cleanup, init_distributed, is_dist
 from util.precision import add_precision_arg, enable_tf32
 
@@ -139,11 +139,9 @@ def check_args(args) -> dict:
             raise UserError(f"--sampling-method {args.sampling_method} is not an {args.mode or 'ODE'} method; "
                             f"use one of {', '.join(methods)}.")
     try:
-        model_kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as error:
-        raise UserError(f"--model-kwargs is not valid JSON ({error.msg}); pass an object like '{{\"depth\": 2}}'.")
-    if not isinstance(model_kwargs, dict):
-        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"depth\": 2}'.")
+        model_kwargs = parse_json_object(args.model_kwargs, "--model-kwargs")
+    except ValueError as error:
+        raise UserError(str(error)) from None
     get_latent_spec(args.vae_version).latent_size(args.image_size)
     for flag in ("num_fid_samples", "per_proc_batch_size", "num_sampling_steps", "num_classes"):
         if getattr(args, flag) <= 0:

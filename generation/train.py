@@ -33,6 +33,7 @@ from models.sit import SiT_models
 from models.transfer import TransferError, transfer_pretrained
 from models.vae import LatentCodec, vae_identity
 from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
+from util.cli import parse_json_object
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
 from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
@@ -128,11 +129,9 @@ def check_args(args) -> dict:
         objective_family(args.model)  # a name that is neither DiT nor SiT gets that sentence
         raise UserError(f"--model {args.model!r} is not a known preset; choose one of {', '.join(ALL_MODELS)}.")
     try:
-        model_kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as error:
-        raise UserError(f"--model-kwargs is not valid JSON ({error.msg}); pass an object like '{{\"depth\": 2}}'.")
-    if not isinstance(model_kwargs, dict):
-        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"depth\": 2}'.")
+        model_kwargs = parse_json_object(args.model_kwargs, "--model-kwargs")
+    except ValueError as error:
+        raise UserError(str(error)) from None
     get_latent_spec(args.vae_version).latent_size(args.image_size)  # image size vs VAE factor
     if args.cached_path is None and args.data_path is None:
         raise UserError("give --data-path (an ImageFolder root) or --cached-path (a latent cache).")

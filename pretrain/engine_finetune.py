@@ -8,7 +8,6 @@ endings (`evaluate_only` for --eval, `train`) - lives here once.
 """
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.engine_pretrain import LoopPosition
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
+from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (all_reduce_mean, cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
@@ -120,12 +120,9 @@ def validate_args(args) -> None:
     if getattr(args, "train_vae", False) and pixel:
         raise UsageError(f"--train_vae needs a *_vae preset, but --model {args.model} reads pixels; drop --train_vae.")
     try:
-        args.model_kwargs_dict = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--model_kwargs is not valid JSON ({error.msg}); pass a dict such as "
-                         "'{\"embed_dim\": 64, \"depth\": 2}'.") from None
-    if not isinstance(args.model_kwargs_dict, dict):
-        raise UsageError("--model_kwargs must be a JSON object (a dict of preset overrides).")
+        args.model_kwargs_dict = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 64, "depth": 2}')
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):

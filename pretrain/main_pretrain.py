@@ -13,7 +13,6 @@ Tiny models for tests and experiments: `--model_kwargs '{"embed_dim": 32, "depth
 argument of the preset (JSON object), and is stored in the checkpoint's args so tools can rebuild it.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from models.mae import create_mae, is_pixel_model
 from models.vae import LatentCodec, vae_identity
 from pretrain.engine_pretrain import LoopPosition, train_one_epoch
 from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
+from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
 from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
@@ -148,17 +148,6 @@ class MaskedModelingDataset(torch.utils.data.Dataset):
         return item
 
 
-def parse_model_kwargs(text: str) -> dict:
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--model_kwargs is not valid JSON ({error.msg}); pass an object such as "
-                         "'{\"embed_dim\": 32, \"depth\": 2}'.") from None
-    if not isinstance(overrides, dict):
-        raise ValueError("--model_kwargs must be a JSON object of constructor arguments, e.g. '{\"depth\": 2}'.")
-    return overrides
-
-
 def build_model(args) -> torch.nn.Module:
     """The MAE preset for --model at --input_size (latent presets sized from --vae_version).
 
@@ -167,7 +156,7 @@ def build_model(args) -> torch.nn.Module:
     """
     return create_mae(args.model, args.input_size, vae_version=args.vae_version,
                       norm_pix_loss=args.norm_pix_loss, norm_image=args.norm_image,
-                      **parse_model_kwargs(args.model_kwargs))
+                      **parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 32, "depth": 2}'))
 
 
 def build_dataset(args, model, pixel: bool):
