@@ -7,7 +7,6 @@ training, exact top-k evaluation across ranks, checkpoints (last + best), resume
 endings (`evaluate_only` for --eval, `train`) - lives here once.
 """
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -20,16 +19,16 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
-from pretrain.engine_pretrain import LoopPosition
+from pretrain.engine_pretrain import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
-from util.distributed import (all_reduce_mean, cleanup, get_world_size, init_distributed, is_dist, rank_seed,
+from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
 from util.logging import RunLogger
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
-from util.preemption import PreemptionHandler, check_finite
+from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
 
@@ -399,13 +398,11 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
     model.train(True)
     accum = args.accum_iter
     batches_per_epoch = run.steps_per_epoch * accum
-    window_loss = torch.zeros((), device=device)
-    epoch_loss = torch.zeros((), device=device)
-    window_batches = epoch_batches = window_steps = 0
+    losses = LossWindow(device)
+    window_steps = 0
     window_start = time.perf_counter()
     stop_reason = None
     lr = optimizer.param_groups[0]["lr"]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     for samples, targets, _ in data_loader:
         if position.batch >= batches_per_epoch:
@@ -418,29 +415,18 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
         if run.mixup_fn is not None:
             samples, targets = run.mixup_fn(samples, targets)  # pixel-space mixing, soft targets (N, K)
 
-        boundary = (position.batch + 1) % accum == 0
-        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        def compute_loss():
             with autocast(device, args.precision):
                 logits = model(samples)
-            loss = run.criterion(logits.float(), targets)
-            scaler.scale(loss / accum).backward()
-        loss = loss.detach()
-        window_loss += loss
-        epoch_loss += loss
-        window_batches += 1
-        epoch_batches += 1
+            return run.criterion(logits.float(), targets)
+
+        boundary = (position.batch + 1) % accum == 0
+        losses.add(backward_micro_batch(model, scaler, compute_loss, accum, boundary))
         position.batch += 1
         if not boundary:
             continue
 
-        if run.clip_grad is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(params, run.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        position.global_step += 1
+        optimizer_step(optimizer, scaler, position, run.clip_grad)
         window_steps += 1
         if run.model_ema is not None:
             run.model_ema.update(unwrap(model).vit, step=position.global_step)
@@ -451,24 +437,20 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
             stop_reason = "max_steps"
         # Also read the loss before any stop: a checkpoint is only written after a finite check.
         if position.global_step % args.log_every == 0 or stop_reason or position.batch >= batches_per_epoch:
-            loss_value = all_reduce_mean(window_loss / window_batches).item()
-            check_finite(loss_value, position.global_step)
+            loss_value = losses.read_window(position.global_step)
             elapsed = time.perf_counter() - window_start
             images = window_steps * accum * args.batch_size * run.dist.world_size
             run.logger.log(position.global_step, {
                 "loss": loss_value, "lr": lr, "epoch": position.epoch + position.batch / batches_per_epoch,
                 "images_per_s": images / max(elapsed, 1e-9),
             })
-            window_loss.zero_()
-            window_batches = window_steps = 0
+            window_steps = 0
             window_start = time.perf_counter()
         if stop_reason is not None:
             break
 
-    epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
-    if epoch_batches:
-        check_finite(epoch_mean, position.global_step)
-    return {"lr": lr, "loss": epoch_mean if epoch_batches else math.nan}, stop_reason
+    epoch_mean = losses.read_epoch(position.global_step)
+    return {"lr": lr, "loss": math.nan if epoch_mean is None else epoch_mean}, stop_reason
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -36,6 +36,69 @@ class EpochResult:
     stop_reason: str | None  # "max_steps" or "preempted": stop the run now (the epoch may be finished too)
 
 
+class LossWindow:
+    """Micro-batch losses summed on the device: since the last log line, and over the epoch.
+
+    Nothing is read to the host until `read_window` / `read_epoch` (one all-reduce + .item()
+    each), which is what keeps the training loops free of per-step host syncs. A NaN anywhere
+    in a window survives the sum, so checking at read time never lets a bad step be saved.
+    """
+
+    def __init__(self, device: torch.device):
+        self.window = torch.zeros((), device=device)
+        self.window_batches = 0
+        self.epoch = torch.zeros((), device=device)
+        self.epoch_batches = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        """loss: detached scalar of one micro-batch."""
+        self.window += loss
+        self.epoch += loss
+        self.window_batches += 1
+        self.epoch_batches += 1
+
+    def read_window(self, step: int) -> float:
+        """Mean over ranks of the window's losses (raises NonFiniteLossError), then starts a new window."""
+        value = all_reduce_mean(self.window / self.window_batches).item()
+        check_finite(value, step)
+        self.window.zero_()
+        self.window_batches = 0
+        return value
+
+    def read_epoch(self, step: int) -> float | None:
+        """Mean over ranks of the epoch's losses, None when no batch ran. A collective: every rank calls it."""
+        value = all_reduce_mean(self.epoch / max(self.epoch_batches, 1)).item()
+        if not self.epoch_batches:
+            return None
+        check_finite(value, step)
+        return value
+
+
+def backward_micro_batch(model, scaler, compute_loss, accum: int, boundary: bool) -> torch.Tensor:
+    """Runs `compute_loss()` (forward + loss, a scalar) and backward of loss / accum; returns the loss detached.
+
+    Gradients of the first accum-1 micro-batches stay local; DDP all-reduces on the last one
+    (`boundary`), so gradient accumulation costs one all-reduce per optimizer step.
+    """
+    sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+    with sync:
+        loss = compute_loss()
+        scaler.scale(loss / accum).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer, scaler, position: LoopPosition, clip_grad: float | None = None) -> None:
+    """[unscale + clip the gradient norm], step through the grad scaler, clear the gradients, count the step."""
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    position.global_step += 1
+
+
 def prepare_batch(batch: dict, codec, args, device: torch.device):
     """Moves a collated batch to `device` and builds the model's input and target.
 
@@ -74,10 +137,7 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
     model.train(True)
     accum = args.accum_iter
     batches_per_epoch = run.steps_per_epoch * accum
-    window_loss = torch.zeros((), device=device)  # sum of micro-batch losses since the last log
-    window_batches = 0
-    epoch_loss = torch.zeros((), device=device)
-    epoch_batches = 0
+    losses = LossWindow(device)
     throughput = Throughput()
     stop_reason = None
     lr = optimizer.param_groups[0]["lr"]
@@ -92,40 +152,28 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
                                       run.base_lr, args.min_lr, args.warmup_epochs, args.epochs)
         inputs, target, mask_noise = prepare_batch(batch, codec, args, device)
 
-        boundary = (position.batch + 1) % accum == 0
-        # Gradients of the first accum-1 micro-batches stay local; DDP all-reduces on the last one.
-        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        def compute_loss():
             with autocast(device, args.precision):
                 loss, _, _ = model(inputs, mask_ratio=args.mask_ratio, target=target, noise=mask_noise)
-            scaler.scale(loss / accum).backward()
-        loss = loss.detach()
-        window_loss += loss
-        epoch_loss += loss
-        window_batches += 1
-        epoch_batches += 1
+            return loss
+
+        boundary = (position.batch + 1) % accum == 0
+        losses.add(backward_micro_batch(model, scaler, compute_loss, accum, boundary))
         position.batch += 1
         if not boundary:
             continue
 
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        position.global_step += 1
+        optimizer_step(optimizer, scaler, position)
         throughput.update(accum * args.batch_size * run.dist.world_size)
 
         reached_max = args.max_steps is not None and position.global_step >= args.max_steps
         if position.global_step % args.log_every == 0 or reached_max or position.batch >= batches_per_epoch:
-            # The only host sync: one all-reduce + .item() per log interval. A NaN anywhere in
-            # the window survives the sum, so checking here never lets a bad step be saved.
-            loss_value = all_reduce_mean(window_loss / window_batches).item()
-            check_finite(loss_value, position.global_step)
+            # The only host sync: one all-reduce + .item() per log interval.
             run.logger.log(position.global_step, {
-                "loss": loss_value, "lr": lr, "epoch": position.epoch + position.batch / batches_per_epoch,
+                "loss": losses.read_window(position.global_step), "lr": lr,
+                "epoch": position.epoch + position.batch / batches_per_epoch,
                 "images_per_s": throughput.rate(), "peak_mem_mb": peak_memory_mb(device),
             })
-            window_loss.zero_()
-            window_batches = 0
         # Cheap on most steps: the handler all-reduces its flag only every `sync_every` steps.
         if run.preemption.should_stop(position.global_step):
             stop_reason = "preempted"
@@ -136,8 +184,5 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
     bar.close()
 
     # Every rank ran the same number of batches, so this collective is matched across ranks.
-    epoch_mean = all_reduce_mean(epoch_loss / max(epoch_batches, 1)).item()
-    if epoch_batches:
-        check_finite(epoch_mean, position.global_step)
-    stats = {"lr": lr, "loss": epoch_mean if epoch_batches else None}  # None: nothing left to train
+    stats = {"lr": lr, "loss": losses.read_epoch(position.global_step)}  # None: nothing left to train
     return EpochResult(stats=stats, epoch_finished=position.batch >= batches_per_epoch, stop_reason=stop_reason)
