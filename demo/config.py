@@ -66,7 +66,7 @@ class DemoConfig:
 
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
-    vae_steps=300, vae_batch=32, vae_width=16, classifier_epochs=4,
+    vae_steps=600, vae_batch=8, vae_width=16, classifier_epochs=2,
     pretrain_steps=1000, pretrain_batch=64, probe_epochs=10, probe_batch=256,
     gen_steps=800, gen_batch=64, gen_checkpoints=8, gen_lr=5e-4, ema_decay=0.99,
     num_samples=500, sampling_steps=50, heldout_repeats=2,

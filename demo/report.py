@@ -96,23 +96,23 @@ def plot_curves(out: Path, heldout: dict, path: Path) -> None:
                 steps, losses = [e["step"] for e in log], [e["loss"] for e in log]
                 axes[1, column].plot(steps, losses, color=COLOURS[init], alpha=0.25)
                 axes[1, column].plot(steps, smooth(losses, 8), color=COLOURS[init], label=LABELS[run])
-        name = "DiT (diffusion: MSE + VB)" if family == "dit" else "SiT (transport: velocity MSE)"
-        axes[0, column].set_title(f"{name}: held-out loss (fixed t, noise)")
-        axes[1, column].set_title(f"{name}: training loss (per batch, smoothed)")
+        name = "DiT (MSE + VB)" if family == "dit" else "SiT (velocity MSE)"
+        axes[0, column].set_title(f"{name}: held-out loss", fontsize=10)
+        axes[1, column].set_title(f"{name}: training loss (smoothed)", fontsize=10)
         for row in range(2):
             axes[row, column].set_xlabel("optimizer step")
             axes[row, column].legend(fontsize=8)
     pretrain = [e for e in read_jsonl(out / "pretrain" / "log.txt") if "loss" in e]
     if pretrain:
-        axes[0, 2].plot([e["step"] for e in pretrain], [e["loss"] for e in pretrain], color=COLOURS["usp"])
-    axes[0, 2].set_title("USP pretraining: masked latent modeling loss")
+        axes[0, 2].plot([e["step"] for e in pretrain], [e["loss"] for e in pretrain], ".-", color=COLOURS["usp"])
+    axes[0, 2].set_title("USP pretraining: masked latent modeling loss", fontsize=10)
     axes[0, 2].set_xlabel("optimizer step")
     for init in ("usp", "random"):
         history = probe_history(out, init)
         if history:
             axes[1, 2].plot([e + 1 for e, _ in history], [a for _, a in history], "o-", color=COLOURS[init],
                             label=f"{'USP' if init == 'usp' else 'random'} encoder")
-    axes[1, 2].set_title("Linear probe: val top-1 (%)")
+    axes[1, 2].set_title("Linear probe: val top-1 (%)", fontsize=10)
     axes[1, 2].set_xlabel("epoch")
     axes[1, 2].legend(fontsize=8)
     figure.tight_layout()
@@ -135,17 +135,25 @@ def plot_samples(out: Path, toy: dict, path: Path) -> bool:
     present = [run for run in RUNS if (out / "samples" / f"{run}.npz").is_file()]
     if not present:
         return False
-    figure, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 4.6))
-    for axis, run in zip(np.atleast_1d(axes), present):
+    figure, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 4.8))
+    class_names = (toy or {}).get("classes") or [str(k) for k in range(C.NUM_CLASSES)]
+    for column, (axis, run) in enumerate(zip(np.atleast_1d(axes), present)):
         with np.load(out / "samples" / f"{run}.npz") as npz:
-            axis.imshow(class_grid(npz["arr_0"], npz["arr_1"], C.NUM_CLASSES, SAMPLES_PER_CLASS))
+            grid = class_grid(npz["arr_0"], npz["arr_1"], C.NUM_CLASSES, SAMPLES_PER_CLASS)
+        axis.imshow(grid)
         metrics = (toy or {}).get("samples", {}).get(run)
         subtitle = f"\nclass acc {fmt(metrics['class_accuracy'], percent=True)}, toy FD {fmt(metrics['toy_fd'], 2)}" \
             if metrics else ""
         axis.set_title(LABELS[run] + subtitle, fontsize=9)
-        axis.axis("off")
+        axis.set_xticks([])
+        axis.tick_params(length=0)
+        row_height = grid.shape[0] / C.NUM_CLASSES
+        axis.set_yticks((np.arange(C.NUM_CLASSES) + 0.5) * row_height, class_names if column == 0 else [],
+                        fontsize=7)
+        for spine in axis.spines.values():
+            spine.set_visible(False)
     figure.suptitle("Generated samples (EMA weights, cfg 1.0), one class per row", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True

@@ -1,6 +1,6 @@
 """Trains the demo's tiny VAE: a diffusers `AutoencoderKL` with the SD-VAE layout (factor 8, 4 channels).
 
-    python -m demo.train_vae --data_path demo_out/data --output demo_out/vae --steps 400
+    python -m demo.train_vae --data_path demo_out/data --output demo_out/vae --steps 600
 
 Same class and encode/decode path as the SD-VAE, only narrower: images (N, 3, H, W) in [-1, 1] ->
 posterior over (N, 4, H/8, W/8) -> images. Trained with reconstruction (MSE + L1) and a small KL
@@ -33,18 +33,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Train the demo's tiny AutoencoderKL and measure its latent scale")
     parser.add_argument("--data_path", required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--output", required=True, help="folder for save_pretrained + vae_stats.json")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="small batches: on a CPU minute, more updates beat bigger batches")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-4,
                         help="weight of the per-element KL to N(0, 1) (small, as SD-VAE's, so latents stay informative)")
     parser.add_argument("--width", type=int, default=16,
                         help="channels of the full-resolution block (x2, x4, x4 in the deeper ones)")
+    parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (norm_num_groups)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def build_autoencoder(width: int):
+def build_autoencoder(width: int, groups: int = 8):
     """A factor-8, 4-latent-channel AutoencoderKL (4 resolution levels like SD's).
 
     Channels (w, 2w, 4w, 4w): the full-resolution level dominates the cost, so width goes to the
@@ -58,7 +60,7 @@ def build_autoencoder(width: int):
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(width * min(2 ** level, 4) for level in range(levels)), layers_per_block=1,
-        latent_channels=spec.channels, norm_num_groups=8,
+        latent_channels=spec.channels, norm_num_groups=groups,
     )
 
 
@@ -104,7 +106,7 @@ def train(args) -> dict:
     val_images, _, _ = load_split(args.data_path, "val")
     spec = get_latent_spec(VAE_VERSION)
     spec.latent_size(train_images.shape[-1])  # the image size must be divisible by the factor
-    autoencoder = build_autoencoder(args.width)
+    autoencoder = build_autoencoder(args.width, args.groups)
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=args.lr, weight_decay=0.0)
     # Cosine decay: a short run still ends on a small lr, which sharpens the reconstructions.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
