@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from demo.stages import RUNS
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT
 
 
 def run_demo(out: Path, *flags, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
