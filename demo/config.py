@@ -50,6 +50,8 @@ class DemoConfig:
     pretrain_batch: int
     probe_epochs: int
     probe_batch: int
+    probe_blr: float              # LARS changes the head by ~lr x 0.001 of its norm per step: MAE's 0.1 needs
+                                  # its ~100K steps; a probe of ~100 steps needs a proportionally larger lr
     gen_steps: int
     gen_batch: int
     gen_checkpoints: int          # held-out loss is measured at this many evenly spaced checkpoints
@@ -66,16 +68,16 @@ class DemoConfig:
 
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
-    vae_steps=600, vae_batch=8, vae_width=16, classifier_epochs=2,
-    pretrain_steps=1000, pretrain_batch=64, probe_epochs=10, probe_batch=256,
-    gen_steps=800, gen_batch=64, gen_checkpoints=8, gen_lr=5e-4, ema_decay=0.99,
-    num_samples=500, sampling_steps=50, heldout_repeats=2,
+    vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=2,
+    pretrain_steps=600, pretrain_batch=64, probe_epochs=4, probe_batch=256, probe_blr=20.0,
+    gen_steps=600, gen_batch=32, gen_checkpoints=6, gen_lr=5e-4, ema_decay=0.99,
+    num_samples=300, sampling_steps=50, heldout_repeats=2,
 )
 
 FAST = DemoConfig(
     name="fast", train_per_class=24, val_per_class=8,
     vae_steps=6, vae_batch=16, vae_width=8, classifier_epochs=1,
-    pretrain_steps=6, pretrain_batch=32, probe_epochs=1, probe_batch=64,
+    pretrain_steps=6, pretrain_batch=32, probe_epochs=1, probe_batch=64, probe_blr=20.0,
     gen_steps=6, gen_batch=32, gen_checkpoints=2, gen_lr=5e-4, ema_decay=0.9,
     num_samples=20, sampling_steps=5, heldout_repeats=1,
 )

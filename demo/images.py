@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from generation.sampling import to_uint8
 from util.data import build_image_folder
 
 
@@ -26,3 +27,14 @@ def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float in [-1, 1], the range the VAE reads and writes."""
     return images.float() / 127.5 - 1.0
 
+
+
+@torch.no_grad()
+def vae_reconstructions(vae_path, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> uint8 images decoded from their posterior-mean latents (d8 codec)."""
+    from models.vae import LatentCodec
+
+    codec = LatentCodec.load("d8", vae_path)
+    parts = [to_uint8(codec.decode(codec.encode(to_signed_unit(images[start:start + batch_size])))).permute(0, 3, 1, 2)
+             for start in range(0, len(images), batch_size)]
+    return torch.cat(parts)

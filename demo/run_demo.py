@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,11 +97,12 @@ class StageProcess:
 
     def __init__(self, stage, out: Path, position: int, env: dict):
         self.stage = stage
+        self.position = position
         self.command = stage.command()
         self.log_path = out / "logs" / f"{stage.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "wb")
-        self.log.write(("$ " + " ".join(self.command) + "\n").encode())
+        self.log.write(("$ " + shlex.join(self.command) + "\n").encode())  # copy-pasteable
         self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True)
         self.started = time.time()
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
@@ -184,8 +186,9 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                     done.add(name)
                     overall.update(1)
                     continue
+                free = min(set(range(1, jobs + 1)) - {child.position for child in running.values()})
                 try:
-                    running[name] = StageProcess(stage, out, position=1 + len(running), env=env)
+                    running[name] = StageProcess(stage, out, position=free, env=env)
                 except FileNotFoundError as error:  # an input of the command is missing
                     raise DemoError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
@@ -196,7 +199,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                 del running[name]
                 if returncode != 0:
                     raise DemoError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
-                                    f"{log_tail(child.log_path)}\ncommand: {' '.join(child.command)}")
+                                    f"{log_tail(child.log_path)}\ncommand: {shlex.join(child.command)}")
                 seconds[name] = time.time() - child.started
                 write_marker(out, child.stage, seconds[name], child.command)
                 done.add(name)

@@ -8,7 +8,7 @@ Pipeline (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr 
   data -> vae -> cache_train, cache_val -> pretrain -> recon, probe_usp, {dit,sit}_usp
                                 cache_train -> probe_random, {dit,sit}_scratch
   each generator -> heldout_<run> (held-out loss curve), samples_<run> (sample_ddp npz)
-  data -> classifier;  samples + classifier -> toy_metrics;  [--inception-weights] fid_*;  all -> report
+  vae -> classifier;  samples + classifier -> toy_metrics;  [--inception-weights] fid_*;  all -> report
 """
 import json
 import math
@@ -98,7 +98,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                     json.dumps(C.vit_kwargs()), *common_vae, "--cls_token", *finetune, "--use_cached",
                     "--cached_path", str(cache_train), "--data_path", str(data), "--nb_classes", str(C.NUM_CLASSES),
                     "--batch_size", str(cfg.probe_batch), "--epochs", str(cfg.probe_epochs), "--warmup_epochs", "1",
-                    "--blr", "0.1", "--weight_decay", "0.0", "--output_dir", str(out / "probe" / init),
+                    "--blr", str(cfg.probe_blr), "--weight_decay", "0.0", "--output_dir", str(out / "probe" / init),
                     "--log_dir", str(out / "probe" / init), "--device", "cpu", "--num_workers", "0",
                     "--seed", str(cfg.seed), "--log_every", "5"]
         return command
@@ -151,9 +151,6 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
             py, "-m", "demo.train_vae", "--data_path", str(data), "--output", str(vae), "--steps", str(cfg.vae_steps),
             "--batch_size", str(cfg.vae_batch), "--width", str(cfg.vae_width), "--seed", str(cfg.seed)],
             about="tiny AutoencoderKL + latent scale"),
-        Stage("classifier", ("data",), ("toy_classifier",), lambda: [
-            py, "-m", "demo.toy_classifier", "--data_path", str(data), "--output", str(out / "toy_classifier"),
-            "--epochs", str(cfg.classifier_epochs), "--seed", str(cfg.seed)], about="toy metric classifier"),
         Stage("cache_train", ("vae",), ("cache/train",), cache("train", cache_train), about="latent cache (train)"),
         Stage("cache_val", ("vae",), ("cache/val",), cache("val", cache_val), about="latent cache (val)"),
         Stage("pretrain", ("cache_train",), ("pretrain",), pretrain, about="USP masked latent modeling"),
@@ -166,13 +163,17 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
         Stage("probe_usp", ("pretrain",), ("probe/usp",), probe("usp"), about="linear probe, USP encoder"),
         Stage("probe_random", ("cache_train",), ("probe/random",), probe("random"),
               about="linear probe, random encoder"),
+        Stage("classifier", ("vae",), ("toy_classifier",), lambda: [
+            py, "-m", "demo.toy_classifier", "--data_path", str(data), "--vae_path", str(vae),
+            "--output", str(out / "toy_classifier"),
+            "--epochs", str(cfg.classifier_epochs), "--seed", str(cfg.seed)], about="toy metric classifier"),
     ]
     for run in RUNS:
         stages.append(Stage(f"heldout_{run}", (run, "cache_val"), (f"heldout/{run}.json",), heldout(run),
                             about=f"held-out loss curve, {run}"))
         stages.append(Stage(f"samples_{run}", (run,), (f"samples/{run}", f"samples/{run}.npz"), samples(run),
                             about=f"samples, {run}"))
-    stages.append(Stage("toy_metrics", ("classifier", "vae", "cache_val", *(f"samples_{r}" for r in RUNS)),
+    stages.append(Stage("toy_metrics", ("classifier", "vae", *(f"samples_{r}" for r in RUNS)),
                         ("toy_metrics.json",), lambda: [
                             py, "-m", "demo.toy_metrics", "--data_path", str(data),
                             "--classifier", str(out / "toy_classifier"), "--vae_path", str(vae),

@@ -1,10 +1,13 @@
 """The demo's own image classifier, the yardstick of its toy quality metrics (no download needed).
 
-    python -m demo.toy_classifier --data_path demo_out/data --output demo_out/toy_classifier --epochs 4
+    python -m demo.toy_classifier --data_path demo_out/data --vae_path demo_out/vae --output demo_out/toy_classifier
 
-A small CNN trained on the toy dataset's train pixels. Its accuracy on generated images of a
-given class says whether a generator draws the class it was asked for; its penultimate features
-(64-d) play the role Inception's pool_3 plays for FID. It never sees generated images while training.
+A small CNN trained on the toy dataset's train pixels, both as they are and as the tiny VAE
+reconstructs them (encode to the posterior mean, decode): generated images are VAE decodings, so
+the classifier must know what a shape looks like after the VAE (blurred, colours washed out) for
+its verdict on samples to mean anything. Its accuracy on generated images of a given class says
+whether a generator draws the class it was asked for; its penultimate features (64-d) play the
+role Inception's pool_3 plays for FID. It never sees generated images while training.
 Writes `<output>/classifier.pt` (weights-only) and `<output>/classifier.json` (val accuracy).
 """
 import argparse
@@ -19,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from demo.images import load_split, to_signed_unit
+from demo.images import load_split, to_signed_unit, vae_reconstructions
 
 FEATURE_DIM = 64
 WEIGHTS_NAME = "classifier.pt"
@@ -65,8 +68,9 @@ def load_classifier(directory) -> ToyClassifier:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Train the demo's toy classifier on the training pixels")
     parser.add_argument("--data_path", required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument("--vae_path", required=True, help="the tiny VAE whose reconstructions it also learns")
     parser.add_argument("--output", required=True, help="folder for classifier.pt and classifier.json")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the real + reconstructed images")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -75,8 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def train(args) -> dict:
     torch.manual_seed(args.seed)
-    images, labels, classes = load_split(args.data_path, "train", show_progress=True)
+    real, labels, classes = load_split(args.data_path, "train", show_progress=True)
     val_images, val_labels, _ = load_split(args.data_path, "val")
+    images = torch.cat([real, vae_reconstructions(args.vae_path, real)])  # (2N, 3, H, W)
+    labels = labels.repeat(2)
     model = ToyClassifier(len(classes))
     steps = args.epochs * (len(images) // args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -96,13 +102,16 @@ def train(args) -> dict:
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     _, predictions = features_and_predictions(model, val_images)
-    result = {"val_accuracy": (predictions == val_labels).double().mean().item(), "steps": steps,
-              "classes": classes}
+    _, reconstructed = features_and_predictions(model, vae_reconstructions(args.vae_path, val_images))
+    result = {"val_accuracy": (predictions == val_labels).double().mean().item(),
+              "val_reconstruction_accuracy": (reconstructed == val_labels).double().mean().item(),
+              "steps": steps, "classes": classes}
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "num_classes": len(classes)}, output / WEIGHTS_NAME)
     (output / "classifier.json").write_text(json.dumps(result, indent=1))
-    print(f"toy classifier: val accuracy {100 * result['val_accuracy']:.1f}% after {steps} steps")
+    print(f"toy classifier: val accuracy {100 * result['val_accuracy']:.1f}% on real images, "
+          f"{100 * result['val_reconstruction_accuracy']:.1f}% on their VAE reconstructions, after {steps} steps")
     return result
 
 

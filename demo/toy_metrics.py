@@ -24,11 +24,9 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from demo.images import load_split, to_signed_unit
+from demo.images import load_split, vae_reconstructions
 from demo.toy_classifier import features_and_predictions, load_classifier
 from generation.evaluate import frechet_distance
-from generation.sampling import to_uint8
-from models.vae import LatentCodec
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,15 +54,6 @@ def score(classifier, images: torch.Tensor, labels: torch.Tensor, reference, num
     return {"class_accuracy": correct.mean().item(), "per_class_accuracy": per_class,
             # A Fréchet distance is >= 0; sqrtm round-off can leave -1e-16 for identical statistics.
             "toy_fd": max(0.0, frechet_distance(mu, sigma, *reference)), "count": len(images)}
-
-
-@torch.no_grad()
-def vae_reconstructions(vae_path, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """uint8 images -> uint8 images decoded from their posterior-mean latents."""
-    codec = LatentCodec.load("d8", vae_path)
-    parts = [to_uint8(codec.decode(codec.encode(to_signed_unit(images[start:start + batch_size])))).permute(0, 3, 1, 2)
-             for start in range(0, len(images), batch_size)]
-    return torch.cat(parts)
 
 
 def load_samples(path) -> tuple[torch.Tensor, torch.Tensor]:
