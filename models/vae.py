@@ -267,15 +267,19 @@ class LatentCodec(nn.Module):
 
         vae_path: d8 - a diffusers AutoencoderKL folder or a hub id (default stabilityai/sd-vae-ft-ema);
                   d16 - the kl16.ckpt file (or a folder holding it).
-        scale:    overrides the spec's latent scale (e.g. one measured on the data as 1 / std).
+        scale:    overrides the spec's latent scale (e.g. one measured on the data as 1 / std); d8 defaults
+                  to the folder's config.json `scaling_factor` (0.18215 for SD-VAE and untouched configs).
         """
         spec = get_latent_spec(vae_version)
-        if scale is not None:
-            spec = dataclasses.replace(spec, scale=float(scale))
         if vae_version == "d16":
             autoencoder = load_ldm_autoencoder(_resolve_kl16_path(vae_path))
         else:
             autoencoder = _load_d8_autoencoder(vae_path)
+            # A diffusers folder carries its latent scale in config.json (SD-VAE: 0.18215, also the
+            # diffusers default); a VAE trained elsewhere (the demo's) records its own 1 / std there.
+            scale = scale if scale is not None else autoencoder.config.get("scaling_factor")
+        if scale is not None:
+            spec = dataclasses.replace(spec, scale=float(scale))
         codec = cls(autoencoder, spec)
         return codec.to(device) if device is not None else codec
 
