@@ -71,13 +71,13 @@ def fmt(value, digits: int = 4, percent: bool = False) -> str:
 # Plots
 # ----------------------------------------------------------------------------------------------
 
-def smooth(values: list, window: int) -> np.ndarray:
-    """Trailing moving average (the training loss is one noisy batch per point)."""
-    values = np.asarray(values, dtype=float)
-    window = max(1, min(window, len(values)))
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    head = cumulative[1:window] / np.arange(1, window)
-    return np.concatenate([head, (cumulative[window:] - cumulative[:-window]) / window])
+def smooth(values: list, weight: float = 0.6) -> np.ndarray:
+    """Exponential moving average (the training loss is one noisy batch per point), as TensorBoard draws it."""
+    smoothed, last = [], values[0] if values else 0.0
+    for value in values:
+        last = weight * last + (1 - weight) * value
+        smoothed.append(last)
+    return np.asarray(smoothed)
 
 
 def plot_curves(out: Path, heldout: dict, path: Path) -> None:
@@ -95,7 +95,7 @@ def plot_curves(out: Path, heldout: dict, path: Path) -> None:
             if log:
                 steps, losses = [e["step"] for e in log], [e["loss"] for e in log]
                 axes[1, column].plot(steps, losses, color=COLOURS[init], alpha=0.25)
-                axes[1, column].plot(steps, smooth(losses, 8), color=COLOURS[init], label=LABELS[run])
+                axes[1, column].plot(steps, smooth(losses), color=COLOURS[init], label=LABELS[run])
         name = "DiT (MSE + VB)" if family == "dit" else "SiT (velocity MSE)"
         axes[0, column].set_title(f"{name}: held-out loss", fontsize=10)
         axes[1, column].set_title(f"{name}: training loss (smoothed)", fontsize=10)
