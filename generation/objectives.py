@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from generation.diffusion import create_diffusion
-from generation.transport import Sampler, create_transport
+from generation.sampling import diffusion_sampler, transport_sampler
+from generation.transport import create_transport
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -87,9 +88,7 @@ class DiffusionObjective(Objective):
 
     def _sample_from(self, model_fn, z, model_kwargs, num_steps):
         # Respaced sampling (DiT's sample.py): DDPM ancestral sampling over `num_steps` of the 1000 steps.
-        diffusion = create_diffusion(str(num_steps))
-        return diffusion.p_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False,
-                                       model_kwargs=model_kwargs, device=z.device, progress=False)
+        return diffusion_sampler(num_steps, method="ddpm")(model_fn, z, model_kwargs, None)
 
 
 class TransportObjective(Objective):
@@ -102,7 +101,6 @@ class TransportObjective(Objective):
                  sample_eps: Optional[float] = None):
         super().__init__(num_classes)
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
-        self.sampler = Sampler(self.transport)
 
     def loss(self, model_fn, latents, labels, bundle):
         # The same interval SiT's Transport.sample draws t from, avoiding the singular ends of VP/score paths.
@@ -114,8 +112,8 @@ class TransportObjective(Objective):
 
     def _sample_from(self, model_fn, z, model_kwargs, num_steps):
         # Fixed-step Euler ODE keeps training-time previews bounded in cost (dopri5 is adaptive).
-        sample_fn = self.sampler.sample_ode(sampling_method="euler", num_steps=num_steps)
-        return sample_fn(z, model_fn, **model_kwargs)[-1]
+        sample_fn = transport_sampler(self.transport, mode="ODE", num_steps=num_steps, sampling_method="euler")
+        return sample_fn(model_fn, z, model_kwargs, None)
 
 
 def objective_family(model_name: str) -> str:
