@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from generation.objectives import NoiseBundle, build_objective
-from generation.train import CHECKPOINT_PATTERN, build_model
+from generation.train_utils import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import load_checkpoint
 from util.latent_cache import LatentCacheDataset
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from demo.config import FAST, FULL
 from demo.stages import build_stages
+from util.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ".stages"
@@ -39,8 +40,7 @@ TIMINGS_NAME = "timings.json"
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
 
 
-class DemoError(RuntimeError):
-    """A problem the user can fix (bad flag, output folder from another configuration, failed stage)."""
+DemoError = UserError  # a demo flag, output folder or stage the user can fix; one type for every user error (util/errors.py)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The DiT/SiT training loop: one optimizer step, the step/epoch loop, and the evaluation hooks.
+"""The DiT/SiT training loop: one optimizer step and the step/epoch loop (the hooks: generation/eval_hooks.py).
 
 `generation/train.py` builds everything (data, model, objective, optimizer, checkpoints) and hands it
 to `train_loop`; the loop is the same for both families because the objective hides behind
@@ -7,15 +7,11 @@ and are read (`.item()`) only at log intervals.
 """
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
-from torchvision.utils import save_image
 
 from generation.objectives import NoiseBundle, Objective
 from util.distributed import all_reduce_mean
@@ -154,47 +150,3 @@ def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: 
         check_finite(all_reduce_mean(running_loss), state.step)
         save_fn(state)
     return state
-
-
-class SampleGridHook:
-    """Samples a few images with the EMA weights and writes `<sample_dir>/<step>.png` (rank 0 only).
-
-    The noise and labels are fixed (drawn once from `seed`), so grids from different steps show how
-    the same samples evolve. Returns {"eval_seconds": ...} for the log.
-    """
-
-    def __init__(self, objective: Objective, codec: nn.Module, sample_dir: Path, latent_shape: Sequence[int],
-                 num_images: int, num_classes: int, cfg_scale: float, num_steps: int, seed: int,
-                 device: torch.device, precision: str, is_main: bool):
-        self.objective = objective
-        self.codec = codec
-        self.sample_dir = Path(sample_dir)
-        self.cfg_scale = cfg_scale
-        self.num_steps = num_steps
-        self.device = device
-        self.precision = precision
-        self.is_main = is_main
-        generator = torch.Generator().manual_seed(seed)
-        self.z = torch.randn((num_images, *latent_shape), generator=generator)  # (n, C, h, w)
-        self.y = torch.arange(num_images) % num_classes  # (n,): cycle through the classes
-
-    def _wrap(self, fn):
-        def wrapped(*args, **kwargs):
-            with autocast(self.device, self.precision):
-                return fn(*args, **kwargs).float()
-        return wrapped
-
-    @torch.no_grad()
-    def __call__(self, ema: nn.Module, step: int) -> dict:
-        if not self.is_main:
-            return {}
-        start = time.perf_counter()
-        latents = self.objective.sample(ema, self.z.to(self.device), self.y.to(self.device), self.cfg_scale,
-                                        self.num_steps, wrap=self._wrap)
-        images = self.codec.decode(latents)  # (n, 3, H, W) in [-1, 1]
-        self.sample_dir.mkdir(parents=True, exist_ok=True)
-        path = self.sample_dir / f"{step:07d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_image(images, tmp, format="png", nrow=min(8, len(images)), normalize=True, value_range=(-1, 1))
-        os.replace(tmp, path)  # a reader never sees a half-written grid
-        return {"eval_seconds": time.perf_counter() - start}

@@ -40,8 +40,8 @@ from scipy import linalg
 from scipy.special import log_softmax, xlogy
 from tqdm import tqdm
 
-from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, InceptionWeightsError,
-                                  full_fp32)
+from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, full_fp32)
+from util.errors import UserError, run_cli
 
 IS_SPLIT_SIZE = 5000
 NEAREST_K = 3
@@ -51,8 +51,7 @@ STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
 MIN_IMAGES = NEAREST_K + 1  # a k-th neighbour other than the point itself
 
 
-class NpzError(ValueError):
-    """An npz batch that ADM's evaluator cannot use (missing arr_0, wrong dtype/shape, NaNs)."""
+NpzError = UserError  # an npz batch that ADM's evaluator cannot use (missing arr_0, wrong dtype/shape, NaNs); one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------- npz batches
@@ -119,7 +118,6 @@ class NpzBatch:
             for start in range(0, len(images), batch_size):
                 yield images[start:start + batch_size]
             return
-        image_bytes = int(np.prod(self.shape[1:]))
         with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as stream:
             _read_npy_header(stream, self.path)
             for start in range(0, len(self), batch_size):
@@ -395,11 +393,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        metrics = evaluate_npz(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
-                               args.device)
-    except (NpzError, InceptionWeightsError) as error:
-        raise SystemExit(f"error: {error}") from None
+    metrics = run_cli(evaluate_npz, args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
+                      args.device, prog="generation.evaluate")
     json_path = write_json(metrics, args.output_json or default_json_path(args.sample_batch))
     print(f"wrote {json_path}")
     return metrics

@@ -23,6 +23,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from util.checkpoint import CheckpointError, load_checkpoint
+from util.errors import UserError
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_HINT = (f"download {WEIGHTS_FILENAME} from {URL_INCEPTION_V3} (or use pytorch-fid's "
@@ -45,8 +46,7 @@ SIGNATURE_SHAPES = {
 }
 
 
-class InceptionWeightsError(ValueError):
-    """The Inception weights file is missing, unreadable, or of another architecture."""
+InceptionWeightsError = UserError  # the Inception weights file is missing, unreadable, or of another architecture; one type for every user error (util/errors.py)
 
 
 def load_inception_state_dict(weights_path) -> dict:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from generation.diffusion import create_diffusion
 from generation.sampling import diffusion_sampler, transport_sampler
 from generation.transport import create_transport
+from util.errors import UserError
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -122,7 +123,7 @@ def objective_family(model_name: str) -> str:
         return "diffusion"
     if model_name.startswith("SiT-"):
         return "transport"
-    raise ValueError(f"--model {model_name!r} names neither a DiT nor a SiT; use a name starting with 'DiT-' or 'SiT-'.")
+    raise UserError(f"--model {model_name!r} names neither a DiT nor a SiT; use a name starting with 'DiT-' or 'SiT-'.")
 
 
 def build_objective(model_name: str, num_classes: int, path_type: str = "Linear", prediction: str = "velocity",

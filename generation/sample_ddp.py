@@ -19,7 +19,6 @@ the settings; here `sampling_config.json` in the folder records them and a resum
 refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image.
 """
 import argparse
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -28,20 +27,21 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.distributed as dist
 
+from generation.eval_hooks import total_throughput
 from generation.objectives import objective_family
-from generation.sampling import (Guidance, ImageGenerator, SamplingError, check_sample_folder,
-                                 create_npz_from_sample_folder, diffusion_sampler, npz_path_for, sample_to_folder,
+from generation.sampling import (Guidance, ImageGenerator, check_sample_folder,
+                                 create_npz_from_sample_folder, diffusion_sampler, sample_to_folder,
                                  transport_sampler)
-from generation.train import ALL_MODELS, UserError, build_model, build_vae, none_or_str
+from generation.train_utils import (TRANSPORT_FLAGS, add_flags, build_model, build_vae, check_model_args,
+                                    check_vae_args, none_or_str)
 from generation.transport import create_transport
 from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
-from util.checkpoint import CheckpointError, load_checkpoint
-from util.cli import parse_json_object
-from util.distributed import barrier, cleanup, init_distributed, is_dist
+from util.checkpoint import load_checkpoint
+from util.errors import UserError, run_cli
+from util.distributed import barrier, cleanup, init_distributed
 from util.precision import add_precision_arg, enable_tf32
 
 MODES = ("ODE", "SDE")
@@ -53,18 +53,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DiT / SiT DDP sampling into an ADM npz",
                                      usage="%(prog)s [ODE|SDE] --model NAME --ckpt PATH [options]")
     # DiT / SiT sample_ddp.py flags.
-    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
+    add_flags(parser, "--model")
     parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
-    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
-                        help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
+    add_flags(parser, "--vae")
     parser.add_argument("--sample-dir", type=str, default="samples", help="PNG folder; the npz goes next to it")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    add_flags(parser, "--image-size", "--num-classes")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 = no guidance (the USP tables)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--global-seed", type=int, default=0)
+    add_flags(parser, "--num-sampling-steps", "--global-seed")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ (DiT's default; --no-tf32 for strict fp32)")
     # DiT samplers.
@@ -73,11 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # SiT: the mode and the transport / ODE / SDE flags of SiT's sample_ddp.py.
     parser.add_argument("--mode", type=str, choices=MODES, default=None,
                         help="SiT only (also accepted as the first argument): ODE (default) or SDE")
-    parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
-    parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
-    parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
-    parser.add_argument("--sample-eps", type=float, default=None)
-    parser.add_argument("--train-eps", type=float, default=None)
+    add_flags(parser, *TRANSPORT_FLAGS)
     parser.add_argument("--sampling-method", type=str, default=None,
                         help=f"ODE: {', '.join(ODE_METHODS)} (default dopri5); SDE: {', '.join(SDE_METHODS)} "
                              "(default Euler)")
@@ -96,13 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only where LO <= t <= HI, in the model's t units (DiT 0..999, SiT 0..1, 1 = data)")
     # This re-implementation's additions.
-    parser.add_argument("--vae-version", type=str, default="d8", choices=["d8", "d16"])
-    parser.add_argument("--vae-path", type=str, default=None,
-                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
-    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    add_flags(parser, "--vae-version", "--vae-path", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
-    parser.add_argument("--model-kwargs", type=str, default="{}",
-                        help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\'')
+    add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return parser
@@ -125,9 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> dict:
     """Validates the command line before anything is loaded; returns the parsed --model-kwargs."""
-    if args.model not in ALL_MODELS:
-        objective_family(args.model)
-        raise UserError(f"--model {args.model!r} is not a known preset; choose one of {', '.join(ALL_MODELS)}.")
+    model_kwargs = check_model_args(args)
     family = objective_family(args.model)
     if family == "diffusion" and args.mode is not None:
         raise UserError(f"mode {args.mode} is a SiT sampler but --model is {args.model}; drop it (DiT uses --sampler).")
@@ -138,11 +125,6 @@ def check_args(args) -> dict:
         if args.sampling_method is not None and args.sampling_method not in methods:
             raise UserError(f"--sampling-method {args.sampling_method} is not an {args.mode or 'ODE'} method; "
                             f"use one of {', '.join(methods)}.")
-    try:
-        model_kwargs = parse_json_object(args.model_kwargs, "--model-kwargs")
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    get_latent_spec(args.vae_version).latent_size(args.image_size)
     for flag in ("num_fid_samples", "per_proc_batch_size", "num_sampling_steps", "num_classes"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
@@ -153,8 +135,7 @@ def check_args(args) -> dict:
                         "give LO <= HI.")
     if not Path(args.ckpt).is_file():
         raise UserError(f"--ckpt {args.ckpt} does not exist; pass a DiT/SiT checkpoint file.")
-    if args.vae_version == "d16" and args.vae_path is None:
-        raise UserError("--vae-version d16 needs --vae-path pointing at the KL-16 autoencoder file kl16.ckpt.")
+    check_vae_args(args)
     return model_kwargs
 
 
@@ -252,35 +233,17 @@ def setup(args, dist_env, log=print) -> ImageGenerator:
                           guidance=guidance, precision=args.precision, stochastic=stochastic)
 
 
-def total_throughput(images: int, seconds: float, device) -> tuple[int, float, float]:
-    """(images written by all ranks, the slowest rank's seconds, images/s over that wall time)."""
-    count = torch.tensor([float(images)], device=device, dtype=torch.float64)
-    wall = torch.tensor([float(seconds)], device=device, dtype=torch.float64)
-    if is_dist():
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-    total, wall_seconds = int(count.item()), float(wall.item())
-    return total, wall_seconds, total / max(wall_seconds, 1e-9)
-
-
-USER_ERRORS = (UserError, SamplingError, CheckpointError, ValueError, FileNotFoundError)
-
-
 def main(argv=None) -> None:
-    try:
-        args = parse_args(argv)
-        dist_env = init_distributed(args.device)
-    except UserError as error:
-        raise SystemExit(f"generation.sample_ddp: error: {error}") from None
+    """Exit codes (util.errors): 2 = a user error, reported as one sentence on stderr."""
+    run_cli(sample, argv, prog="generation.sample_ddp", cleanup=cleanup)
+
+
+def sample(argv=None) -> None:
+    args = parse_args(argv)
+    dist_env = init_distributed(args.device)
     if dist_env.device.type == "cuda" and args.tf32:
         enable_tf32()
-    try:
-        generator = setup(args, dist_env)
-    except USER_ERRORS as error:
-        if dist_env.is_main:
-            print(f"generation.sample_ddp: error: {error}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
+    generator = setup(args, dist_env)
     try:
         result = sample_to_folder(generator, args.sample_dir, args.num_fid_samples, args.per_proc_batch_size,
                                   args.global_seed, dist_env.rank, dist_env.world_size,
@@ -290,96 +253,10 @@ def main(argv=None) -> None:
         if dist_env.is_main:
             print(f"sampled {total} images in {seconds:.1f}s ({rate:.2f} images/s over "
                   f"{dist_env.world_size} process(es))")
-            try:
-                out = create_npz_from_sample_folder(args.sample_dir, args.num_fid_samples, args.npz_workers)
-            except SamplingError as error:
-                print(f"generation.sample_ddp: error: {error}", file=sys.stderr)
-                sys.exit(2)
+            out = create_npz_from_sample_folder(args.sample_dir, args.num_fid_samples, args.npz_workers)
             print(f"Saved .npz file to {out} [shape={(args.num_fid_samples, args.image_size, args.image_size, 3)}].")
     finally:
         cleanup()
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer's FID hook
-# ----------------------------------------------------------------------------------------------
-
-class FIDEvalHook:
-    """Draws `num_samples` EMA images on every rank into `<sample_dir>/fid-<step>.npz` and, when a reference
-    batch and Inception weights are configured, returns ADM's metrics (rank 0) for the training log.
-
-    The sampler is the family's standard one (DiT: DDPM with --num-sampling-steps; SiT: dopri5 ODE), without
-    guidance unless `cfg_scale` > 1, as in USP's tables. The PNG folder is removed once the npz exists.
-    """
-
-    def __init__(self, objective, codec, sample_dir, latent_shape, *, num_samples: int, batch_size: int,
-                 num_steps: int, num_classes: int, global_seed: int, dist_env, precision: str,
-                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None):
-        self.objective = objective
-        self.codec = codec
-        self.sample_dir = Path(sample_dir)
-        self.latent_shape = tuple(latent_shape)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.num_steps = num_steps
-        self.num_classes = num_classes
-        self.global_seed = global_seed
-        self.dist_env = dist_env
-        self.precision = precision
-        self.guidance = Guidance(scale=cfg_scale)
-        self.ref_batch = ref_batch
-        self.inception_weights = inception_weights
-
-    def _sample_fn(self, ema):
-        if hasattr(self.objective, "transport"):
-            return transport_sampler(self.objective.transport, "ODE", self.num_steps), False
-        return diffusion_sampler(self.num_steps, "ddpm", learn_sigma=ema.learn_sigma), True
-
-    def __call__(self, ema, step: int) -> dict:
-        sample_fn, stochastic = self._sample_fn(ema)
-        generator = ImageGenerator(ema, self.codec, sample_fn, num_classes=self.num_classes,
-                                   latent_shape=self.latent_shape, device=self.dist_env.device,
-                                   guidance=self.guidance, precision=self.precision, stochastic=stochastic)
-        folder = self.sample_dir / f"fid-{step:07d}"
-        result = sample_to_folder(generator, folder, self.num_samples, self.batch_size, self.global_seed,
-                                  self.dist_env.rank, self.dist_env.world_size)
-        _, _, rate = total_throughput(result["images"], result["seconds"], self.dist_env.device)
-        barrier()
-        metrics = {}
-        if self.dist_env.is_main:
-            npz = create_npz_from_sample_folder(folder, self.num_samples)
-            shutil.rmtree(folder)
-            metrics = {"fid_sampling_images_per_s": rate}
-            if self.ref_batch is not None and self.inception_weights is not None:
-                # Imported here: torch-fidelity pulls in torchvision's model zoo, seconds of start-up that
-                # plain sampling never needs.
-                from generation.evaluate import evaluate_npz, write_json
-
-                evaluation = evaluate_npz(self.ref_batch, npz, self.inception_weights, device=self.dist_env.device,
-                                          log=lambda *parts: None)
-                write_json(evaluation, npz.with_name(f"{npz.stem}.metrics.json"))
-                metrics.update({key: evaluation[key] for key in
-                                ("fid", "sfid", "inception_score", "precision", "recall")})
-        barrier()  # the other ranks wait for the evaluation instead of racing ahead into training
-        return metrics
-
-
-def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
-    """The trainer's hook (generation/train.py `build_eval_hooks`) built from its arguments.
-
-    The reference batch, Inception weights and guidance scale come from `--fid-ref-batch`,
-    `--inception-weights` and `--fid-cfg-scale` when the trainer defines them; without a reference batch
-    the hook only writes the npz (evaluate it later with generation/evaluate.py).
-    """
-    spec = get_latent_spec(args.vae_version)
-    latent_size = spec.latent_size(args.image_size)
-    return FIDEvalHook(objective, codec, sample_dir, (spec.channels, latent_size, latent_size),
-                       num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size,
-                       num_steps=args.num_sampling_steps, num_classes=args.num_classes,
-                       global_seed=args.global_seed, dist_env=dist_env, precision=args.precision,
-                       cfg_scale=getattr(args, "fid_cfg_scale", 1.0),
-                       ref_batch=getattr(args, "fid_ref_batch", None),
-                       inception_weights=getattr(args, "inception_weights", None))
 
 
 if __name__ == "__main__":

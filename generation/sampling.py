@@ -40,6 +40,7 @@ from generation.diffusion import create_diffusion
 from generation.transport import Sampler
 from util.precision import autocast
 from util.rng import sample_seed
+from util.errors import UserError
 
 INPUT_STREAM, STEP_NOISE_STREAM, NULL_STEP_NOISE_STREAM = 0, 1, 2
 SAMPLING_CONFIG_NAME = "sampling_config.json"
@@ -50,8 +51,7 @@ LABEL_KEY = "class_label"
 LatentSampleFn = Callable[[Callable, torch.Tensor, dict, Optional[list]], torch.Tensor]
 
 
-class SamplingError(ValueError):
-    """A sampling request or sample folder that cannot work, explained in one sentence."""
+SamplingError = UserError  # a sampling request or sample folder that cannot work; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ TensorBoard events and `samples/` (EMA preview grids).
 """
 import argparse
 import json
-import os
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
@@ -24,56 +23,47 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from generation.engine import LoopState, SampleGridHook, TrainStep, train_loop
-from generation.objectives import build_objective, objective_family
+from generation.engine import LoopState, TrainStep, train_loop
+from generation.eval_hooks import SampleGridHook, fid_eval_hook
+from generation.objectives import build_objective
 from generation.train_data import GenerationTrainSet
-from models.dit import DiT_models
+from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, TRANSPORT_FLAGS, add_flags, build_model, build_vae,
+                                    check_model_args, check_vae_args, none_or_str, vae_source)
 from models.latent_spec import get_latent_spec
-from models.sit import SiT_models
-from models.transfer import TransferError, transfer_pretrained
-from models.vae import LatentCodec, vae_identity
-from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
-from util.cli import parse_json_object
+from models.transfer import transfer_pretrained
+from models.vae import vae_identity
+from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
 from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
+from util.errors import UserError, run_cli
 from util.latent_cache import LatentCacheDataset
 from util.logging import RunLogger
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
-from util.preemption import NonFiniteLossError, PreemptionHandler
+from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
 
-ALL_MODELS = {**DiT_models, **SiT_models}
-VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-CHECKPOINT_PATTERN = r"^(\d+)\.pt$"
 # Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
 # shapes and the order/content of the batches, without which "continue the exact run" is impossible.
+# Names other modules and users' scripts import from here (defined in generation/train_utils.py).
+__all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "build_vae", "get_args_parser", "main",
+           "none_or_str", "setup", "train"]
 RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
                      "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
-
-
-class UserError(ValueError):
-    """A problem with the command line or the files it names, reported as one sentence."""
-
-
-def none_or_str(value):
-    return None if value == "None" else value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DiT / SiT training (USP finetuning)", add_help=True)
     # The official DiT/SiT train.py flags.
-    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
+    # The official DiT/SiT train.py flags.
+    add_flags(parser, "--model")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root (e.g. imagenet/train)")
     parser.add_argument("--results-dir", type=str, default="results")
-    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor (8 or 16)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    add_flags(parser, "--image-size", "--num-classes")
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--global-batch-size", type=int, default=256)
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
-                        help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
+    add_flags(parser, "--global-seed", "--vae")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
@@ -84,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp-name", type=str, default=None, help="suffix of the experiment folder name")
     parser.add_argument("--eval-every", type=int, default=10_000, help="EMA preview (and metrics) every N steps; 0 = off")
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    add_flags(parser, "--num-sampling-steps")
     parser.add_argument("--per-proc-batch-size", type=int, default=32, help="per-rank batch of the FID evaluation hook")
     parser.add_argument("--num-fid-samples", type=int, default=0,
                         help="samples for FID at each evaluation (0 = preview grid only)")
@@ -94,15 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
     # SiT's transport flags (ignored for DiT).
-    parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
-    parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
-    parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
-    parser.add_argument("--sample-eps", type=float, default=None)
-    parser.add_argument("--train-eps", type=float, default=None)
+    add_flags(parser, *TRANSPORT_FLAGS)
     # This re-implementation's additions.
-    parser.add_argument("--vae-version", type=str, default="d8", choices=["d8", "d16"])
-    parser.add_argument("--vae-path", type=str, default=None,
-                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
+    add_flags(parser, "--vae-version", "--vae-path")
     parser.add_argument("--cached-path", type=str, default=None, help="latent cache from util/latent_cache.py")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpointing)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
@@ -111,11 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0 = all)")
     parser.add_argument("--milestone-every", type=int, default=100_000,
                         help="checkpoints at multiples of this step survive --keep-last rotation")
-    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    add_flags(parser, "--device")
     add_precision_arg(parser, "--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--model-kwargs", type=str, default="{}",
-                        help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\'')
+    add_flags(parser, "--model-kwargs")
     return parser
 
 
@@ -125,14 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> dict:
     """Validates the command line; returns the parsed --model-kwargs."""
-    if args.model not in ALL_MODELS:
-        objective_family(args.model)  # a name that is neither DiT nor SiT gets that sentence
-        raise UserError(f"--model {args.model!r} is not a known preset; choose one of {', '.join(ALL_MODELS)}.")
-    try:
-        model_kwargs = parse_json_object(args.model_kwargs, "--model-kwargs")
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    get_latent_spec(args.vae_version).latent_size(args.image_size)  # image size vs VAE factor
+    model_kwargs = check_model_args(args)
     if args.cached_path is None and args.data_path is None:
         raise UserError("give --data-path (an ImageFolder root) or --cached-path (a latent cache).")
     if args.cached_path is not None and not Path(args.cached_path).is_dir():
@@ -147,8 +123,7 @@ def check_args(args) -> dict:
     for flag in ("fid_ref_batch", "inception_weights"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
-    if args.vae_version == "d16" and args.vae_path is None:
-        raise UserError("--vae-version d16 needs --vae-path pointing at the KL-16 autoencoder file kl16.ckpt.")
+    check_vae_args(args)
     return model_kwargs
 
 
@@ -209,28 +184,10 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
                               online_vae=args.cached_path is None)
 
 
-def build_model(args, model_kwargs: dict, latent_size: int, channels: int):
-    kwargs = dict(input_size=latent_size, num_classes=args.num_classes, in_channels=channels)
-    kwargs.update(model_kwargs)
-    try:
-        return ALL_MODELS[args.model](**kwargs)
-    except TypeError as error:
-        raise UserError(f"--model-kwargs does not fit {args.model} ({error}); use the DiT constructor's names.")
-
-
-def vae_source(args):
-    """--vae-path, else (d8) the hub id that --vae names, as DiT's f"stabilityai/sd-vae-ft-{args.vae}"."""
-    return args.vae_path if args.vae_path is not None or args.vae_version == "d16" else VAE_HUB_IDS[args.vae]
-
-
-def build_vae(args, device):
-    return LatentCodec.load(args.vae_version, vae_source(args), device=device)
-
-
 def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list:
     """Hooks run every --eval-every steps with the EMA model; each returns a dict of metrics to log.
 
-    The FID/IS hook of generation/sample_ddp.py plugs in here (it draws --num-fid-samples images with
+    The FID/IS hook of generation/eval_hooks.py plugs in here (it draws --num-fid-samples images with
     --per-proc-batch-size per rank, writes them under --sample-dir and returns the metrics).
     """
     if args.eval_every <= 0:
@@ -239,11 +196,6 @@ def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape,
                             args.num_classes, args.cfg_scale, args.num_sampling_steps, args.global_seed,
                             dist_env.device, args.precision, dist_env.is_main)]
     if args.num_fid_samples > 0:
-        try:
-            from generation.sample_ddp import fid_eval_hook
-        except ImportError:
-            raise UserError("--num-fid-samples > 0 needs the FID hook of generation/sample_ddp.py, which this "
-                            "checkout lacks; use --num-fid-samples 0 and evaluate checkpoints with sample_ddp.")
         hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env))
     return hooks
 
@@ -392,26 +344,12 @@ def train(run: Run) -> LoopState:
     return state
 
 
-USER_ERRORS = (UserError, ValueError, CheckpointError, TransferError, FileNotFoundError)
-
-
 def main(argv=None) -> None:
+    """Exit codes (util.errors): 2 = a user error (one sentence on stderr), 1 = the loss diverged."""
     args = get_args_parser().parse_args(argv)
+    run = run_cli(setup, args, prog="generation.train", cleanup=cleanup)
     try:
-        run = setup(args)
-    except USER_ERRORS as error:
-        # One sentence, no traceback: these are problems with the command line or the files it names.
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"generation.train: error: {error}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
-    try:
-        train(run)
-    except NonFiniteLossError as error:
-        # The last good checkpoint is untouched; say so in one sentence rather than a traceback.
-        if run.dist_env.is_main:
-            print(f"generation.train: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        run_cli(train, run, prog="generation.train")
     finally:
         cleanup()
 

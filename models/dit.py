@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from util.errors import UserError
 
 
 def _tanh_gelu():
@@ -89,12 +90,12 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if input_size % patch_size != 0:
-            raise ValueError(
+            raise UserError(
                 f"latent size {input_size} is not divisible by the patch size {patch_size}; "
                 f"pick an image size whose latent side is a multiple of {patch_size}."
             )
         if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
+            raise UserError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

@@ -5,6 +5,8 @@ sampling) sizes its networks from one of these, so the numbers live in one place
 """
 from dataclasses import dataclass
 
+from util.errors import UserError
+
 
 @dataclass(frozen=True)
 class LatentSpec:
@@ -22,7 +24,7 @@ class LatentSpec:
     def latent_size(self, image_size: int) -> int:
         """Side of the latent grid for a square image of `image_size` pixels."""
         if image_size % self.factor != 0:
-            raise ValueError(
+            raise UserError(
                 f"image size {image_size} is not divisible by the VAE factor {self.factor}; "
                 f"use a multiple of {self.factor} (e.g. {max(self.factor, image_size // self.factor * self.factor)})."
             )
@@ -38,5 +40,5 @@ LATENT_SPECS = {
 
 def get_latent_spec(vae_version: str) -> LatentSpec:
     if vae_version not in LATENT_SPECS:
-        raise ValueError(f"unknown --vae_version {vae_version!r}; choose one of {sorted(LATENT_SPECS)}.")
+        raise UserError(f"unknown --vae_version {vae_version!r}; choose one of {sorted(LATENT_SPECS)}.")
     return LATENT_SPECS[vae_version]

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.layers import Block, PatchEmbed, get_2d_sincos_pos_embed
+from util.errors import UserError
 
 
 def standardize_per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -65,7 +66,7 @@ class MaskedAutoencoderViT(nn.Module):
     ):
         super().__init__()
         if img_size % patch_size != 0:
-            raise ValueError(
+            raise UserError(
                 f"input side {img_size} is not divisible by the patch size {patch_size}; "
                 f"choose an input size whose (latent) side is a multiple of {patch_size}."
             )
@@ -229,7 +230,7 @@ class MaskedAutoencoderViT(nn.Module):
     def _check_input(self, x: torch.Tensor, what: str):
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise UserError(
                 f"MAE {what} has shape {tuple(x.shape)} but the model was built for (N, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}); match --input_size / --vae_version to the data."
             )
@@ -324,7 +325,7 @@ def is_pixel_model(name: str) -> bool:
 
 def _check_name(name: str):
     if name not in PIXEL_MODELS and name not in LATENT_MODELS:
-        raise ValueError(f"unknown MAE model {name!r}; choose one of: {', '.join(MAE_MODEL_NAMES)}.")
+        raise UserError(f"unknown MAE model {name!r}; choose one of: {', '.join(MAE_MODEL_NAMES)}.")
 
 
 def create_mae(name: str, input_size: int, vae_version: str = None, **kwargs) -> MaskedAutoencoderViT:

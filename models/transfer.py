@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from models.dit import DiT
 from util.checkpoint import load_checkpoint
+from util.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ _HEADS = ("head.",)
 _SIZE_OF_WIDTH = {384: "S", 768: "B", 1024: "L", 1152: "XL", 1280: "H"}
 
 
-class TransferError(ValueError):
-    """The pretrained checkpoint cannot initialise this model (wrong width, family or file)."""
+TransferError = UserError  # a pretrained checkpoint that cannot initialise this model; one type for every user error (util/errors.py)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from models.latent_spec import LatentSpec, get_latent_spec
+from util.errors import UserError
 
 DEFAULT_D8_HUB_ID = "stabilityai/sd-vae-ft-ema"
 KL16_FILENAME = "kl16.ckpt"
@@ -38,8 +39,7 @@ _MISSING_WEIGHTS = {
 }
 
 
-class VAEWeightsError(ValueError):
-    """The VAE weights the user asked for are missing or do not fit the requested latent space."""
+VAEWeightsError = UserError  # VAE weights that are missing or do not fit the requested latent space; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import timm.models.vision_transformer
 import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
+from util.errors import UserError
 
 
 class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
@@ -29,10 +30,10 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
 
     def __init__(self, global_pool: bool = False, **kwargs):
         if not isinstance(global_pool, bool):
-            raise ValueError(f"global_pool must be True (average pool + fc_norm) or False (cls token), got {global_pool!r}.")
+            raise UserError(f"global_pool must be True (average pool + fc_norm) or False (cls token), got {global_pool!r}.")
         img_size, patch_size = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
         if isinstance(img_size, int) and isinstance(patch_size, int) and img_size % patch_size != 0:
-            raise ValueError(
+            raise UserError(
                 f"input side {img_size} is not divisible by the patch size {patch_size}; "
                 f"choose an input size whose (latent) side is a multiple of {patch_size}."
             )
@@ -93,7 +94,7 @@ VIT_MODEL_NAMES = sorted([*PIXEL_MODELS, *LATENT_MODELS])
 def is_pixel_model(name: str) -> bool:
     """True for the RGB presets, False for the latent ones; unknown name -> ValueError."""
     if name not in PIXEL_MODELS and name not in LATENT_MODELS:
-        raise ValueError(f"unknown ViT model {name!r}; choose one of: {', '.join(VIT_MODEL_NAMES)}.")
+        raise UserError(f"unknown ViT model {name!r}; choose one of: {', '.join(VIT_MODEL_NAMES)}.")
     return name in PIXEL_MODELS
 
 

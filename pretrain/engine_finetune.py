@@ -8,7 +8,6 @@ endings (`evaluate_only` for --eval, `train`) - lives here once.
 """
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_s
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
+from util.errors import CommandLineExit, UserError, run_cli
 
 
-class UsageError(ValueError):
-    """A command-line problem the user can fix; main() prints its one sentence and exits 2."""
+UsageError = UserError  # a command-line problem of the understanding entry points; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,16 +646,10 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
 
 
 def run_main(main_fn, args) -> int:
-    """Runs `main_fn(args)`, turning user errors (and a diverged loss) into one line on stderr, exit code 2."""
-    from models.vae import VAEWeightsError
-    from util.checkpoint import CheckpointError
-    from util.data import DataError
-    from util.latent_cache import LatentCacheError
-    from util.preemption import NonFiniteLossError
-
+    """Runs `main_fn(args)` under `util.errors.run_cli` and returns the exit code (0; 2 after a user error,
+    1 after a diverged loss, each reported as one line on stderr) for `sys.exit`."""
     try:
-        main_fn(args)
-    except (UsageError, DataError, CheckpointError, VAEWeightsError, LatentCacheError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        run_cli(main_fn, args, prog="")
+    except CommandLineExit as stopped:
+        return stopped.code
     return 0

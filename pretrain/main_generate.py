@@ -27,7 +27,8 @@ from torchvision.utils import save_image
 from models.mae import is_pixel_model, standardize_per_sample
 from models.vae import LatentCodec
 from pretrain.main_pretrain import CHECKPOINT_PATTERN, build_model
-from util.checkpoint import CheckpointError, resolve_resume
+from util.checkpoint import resolve_resume
+from util.errors import run_cli
 from util.data import IMAGENET_MEAN, IMAGENET_STD, build_image_folder, eval_transform
 
 GREY = 0.5  # colour of removed patches in the "masked" column, in [0, 1]
@@ -148,7 +149,4 @@ def main(cli) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, CheckpointError, FileNotFoundError) as error:
-        sys.exit(f"main_generate: error: {error}")
+    run_cli(main, get_args_parser().parse_args(), prog="main_generate")

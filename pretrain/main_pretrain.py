@@ -26,16 +26,17 @@ from timm.optim import param_groups_weight_decay
 from models.mae import create_mae, is_pixel_model
 from models.vae import LatentCodec, vae_identity
 from pretrain.engine_pretrain import LoopPosition, train_one_epoch
-from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
+from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
 from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
 from util.logging import RunLogger
+from util.errors import UserError, run_cli
 from util.lr_sched import effective_lr
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
-from util.preemption import NonFiniteLossError, PreemptionHandler
+from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
 
@@ -163,10 +164,10 @@ def build_dataset(args, model, pixel: bool):
     """The keyed pretraining dataset: a latent cache (--use_cached) or an ImageFolder of train/."""
     if args.use_cached:
         if pixel:
-            raise ValueError(f"--use_cached holds VAE latents but {args.model} is a pixel model; "
+            raise UserError(f"--use_cached holds VAE latents but {args.model} is a pixel model; "
                              "use a latent preset (vit_*_patch_vae*) or drop --use_cached.")
         if not args.cached_path:
-            raise ValueError("--use_cached needs --cached_path pointing at a latent cache directory "
+            raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
                              "(made by util.latent_cache).")
         expect = {"vae_version": args.vae_version, "image_size": args.input_size}
         if args.vae_path:
@@ -185,7 +186,7 @@ def build_codec(args, device, pixel: bool):
     if pixel or args.use_cached:
         return None
     if args.vae_path is None:
-        raise ValueError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
+        raise UserError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
                          "AutoencoderKL folder such as a download of stabilityai/sd-vae-ft-ema; d16: kl16.ckpt), "
                          "or --use_cached with a latent cache.")
     return LatentCodec.load(args.vae_version, args.vae_path, device=device)
@@ -205,7 +206,7 @@ def check_fits(model, state_dict: dict, path, args) -> None:
     problems += [f"missing {name}" for name in own if name not in state_dict]
     problems += [f"unexpected {name}" for name in state_dict if name not in own]
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
+        raise UserError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
                          f"({len(problems)} differences, e.g. {'; '.join(problems[:2])}); pass the model settings "
                          "the checkpoint was trained with.")
 
@@ -235,7 +236,7 @@ def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -
     restore_rank_rng(state["rng"])
     samples = int(state["samples"])
     if samples % global_batch:
-        raise ValueError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
+        raise UserError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
                          f"not a whole number of global batches of {global_batch}; resume with the original "
                          "--batch_size, --accum_iter and number of processes.")
     logger.info(f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
@@ -278,7 +279,7 @@ def setup(args) -> SimpleNamespace:
     if device.type == "cuda":
         enable_tf32()
     if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
-        raise ValueError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
+        raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
 
     pixel = is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
     seed_everything(args.seed)  # same initial weights on every rank and for every world size
@@ -291,7 +292,7 @@ def setup(args) -> SimpleNamespace:
                                           seed=args.seed, drop_last=True)
     steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one optimizer step needs "
+        raise UserError(f"the dataset has {len(dataset)} samples, fewer than one optimizer step needs "
                          f"({args.batch_size} x {args.accum_iter} x {dist_env.world_size} processes); "
                          "lower --batch_size or --accum_iter.")
     loader = build_loader(dataset, sampler, args.batch_size, num_workers=args.num_workers,
@@ -350,16 +351,9 @@ def train(run) -> None:
 
 def main(args) -> None:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    run = run_cli(setup, args, prog="main_pretrain", cleanup=cleanup)  # bad input: one sentence, exit 2
     try:
-        run = setup(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as error:
-        # Bad input (data, model name, sizes, VAE file, cache, checkpoint): one sentence, no traceback.
-        cleanup()
-        sys.exit(f"main_pretrain: error: {error}")
-    try:
-        train(run)
-    except NonFiniteLossError as error:
-        sys.exit(f"main_pretrain: error: {error}")
+        run_cli(train, run, prog="main_pretrain")  # a diverged loss: one sentence, exit 1
     finally:
         run.preemption.restore()
         run.logger.close()

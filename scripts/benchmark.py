@@ -50,6 +50,7 @@ from util.benchmark import (ModeConfig, build_adamw, count_flops, enable_gradien
                             interleaved_timings, measure_matmul_peak, set_attention, tf32_enabled,
                             update_ema_loop)
 from util.ema import update_ema
+from util.errors import UserError
 from util.precision import autocast, make_grad_scaler
 
 WORKLOADS = ("mae", "dit", "sit", "sample-ddpm", "sample-ode", "vae", "inception")
@@ -133,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec = get_latent_spec(args.vae_version)
     try:
         spec.latent_size(args.image_size)
-    except ValueError as error:
+    except UserError as error:
         parser.error(str(error))
     if (args.image_size // spec.factor) % 2:
         parser.error(f"--image-size {args.image_size} gives an odd latent side; the /2 models need a multiple of "
@@ -180,7 +181,7 @@ def random_codec(layout: str, vae_version: str = "d8") -> LatentCodec:
     channels, layers = VAE_LAYOUTS[layout]
     spec = get_latent_spec(vae_version)
     if vae_version != "d8":
-        raise ValueError("the random VAE layouts are d8 (factor 8, 4 channels); pass a kl16 file via --vae for d16.")
+        raise UserError("the random VAE layouts are d8 (factor 8, 4 channels); pass a kl16 file via --vae for d16.")
     autoencoder = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                 block_out_channels=channels, layers_per_block=layers, latent_channels=spec.channels,
                                 norm_num_groups=min(32, channels[0]))

@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from generation.evaluate import StatisticsAccumulator
-from generation.inception import InceptionFeatureExtractor, InceptionWeightsError
+from generation.inception import InceptionFeatureExtractor
 from util.data import CenterCropArr, DataError, build_image_folder
+from util.errors import run_cli
 
 ADM_ARR_IMAGES = 10000
 
@@ -109,16 +110,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        num_images = len(build_image_folder(args.data_path))  # a bad path costs seconds, not an Inception load
-        if num_images < 4:
-            raise DataError(f"{args.data_path} has {num_images} images; a reference batch needs at least 4.")
-        extractor = InceptionFeatureExtractor(args.inception_weights, args.device)
-        arrays = build_reference_batch(args.data_path, args.image_size, extractor, args.max_images,
-                                       args.arr_images, args.batch_size, args.num_workers, args.seed)
-    except (DataError, InceptionWeightsError) as error:
-        raise SystemExit(f"error: {error}") from None
+    run_cli(write_reference_batch, parse_args(argv), prog="make_reference_batch")
+
+
+def write_reference_batch(args) -> None:
+    num_images = len(build_image_folder(args.data_path))  # a bad path costs seconds, not an Inception load
+    if num_images < 4:
+        raise DataError(f"{args.data_path} has {num_images} images; a reference batch needs at least 4.")
+    extractor = InceptionFeatureExtractor(args.inception_weights, args.device)
+    arrays = build_reference_batch(args.data_path, args.image_size, extractor, args.max_images,
+                                   args.arr_images, args.batch_size, args.num_workers, args.seed)
     output = Path(args.output)
     write_npz(arrays, output)
     print(f"wrote {output}: arr_0 {arrays['arr_0'].shape}, statistics of "

@@ -305,11 +305,12 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, random_weights)
     result = run_python(["-m", "generation.evaluate", tmp_path / "ref.npz", tmp_path / "samples.npz",
                          "--inception-weights", random_weights], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "expected uint8" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("generation.evaluate: error:")
+    assert "expected uint8" in result.stderr and result.returncode == 2  # util.errors.EXIT_USER_ERROR
     with pytest.raises(SystemExit) as info:  # same path in-process: a missing weights file
         ev.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), "--inception-weights", str(tmp_path / "no.pth")])
-    assert str(info.value.code).startswith("error: Inception weights file") and "torch-fidelity/releases" in str(
-        info.value.code)
+    assert info.value.code == 2 and str(info.value).startswith("generation.evaluate: error: Inception weights file")
+    assert "torch-fidelity/releases" in str(info.value)
     assert not (tmp_path / "samples.metrics.json").exists()
 
 

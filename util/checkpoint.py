@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from util.errors import UserError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated/corrupt, or unsafe to load."""
+
+CheckpointError = UserError  # a checkpoint that is missing, truncated/corrupt, or unsafe to load; one type for every user error (util/errors.py)
 
 
 def args_to_dict(args) -> dict:

@@ -16,13 +16,13 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.rng import sample_seed
+from util.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
-    """A user-fixable problem with the data (missing/empty folder, unreadable image in strict mode)."""
+DataError = UserError  # a missing/empty data folder, or an unreadable image in strict mode; one type for every user error (util/errors.py)
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

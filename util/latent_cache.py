@@ -34,10 +34,11 @@ import torch
 from torchvision import transforms
 
 from util.checkpoint import atomic_open
-from util.data import CenterCropArr, DataError, build_image_folder, eval_crop
+from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import barrier, cleanup, init_distributed
 from util.logging import progress
 from util.rng import sample_generator
+from util.errors import UserError, run_cli
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -45,8 +46,7 @@ MANIFEST = "manifest.json"
 CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
 
 
-class LatentCacheError(ValueError):
-    """A latent cache that is missing, unfinished, or made for other settings."""
+LatentCacheError = UserError  # a latent cache that is missing, unfinished, or made for other settings; one type for every user error (util/errors.py)
 
 
 def shard_path(cache_dir, shard: int) -> Path:
@@ -292,7 +292,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (DataError, LatentCacheError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run_cli(main, get_args_parser().parse_args(), prog="util.latent_cache", cleanup=cleanup)

@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from util.errors import UserError
+
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):
     """Splits a per-epoch permutation over ranks like `torch.utils.data.DistributedSampler`.
@@ -22,9 +24,9 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = True):
         if dataset_len <= 0:
-            raise ValueError("the dataset is empty; point the data path at a folder that contains images.")
+            raise UserError("the dataset is empty; point the data path at a folder that contains images.")
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas}).")
+            raise UserError(f"rank {rank} is outside [0, {num_replicas}).")
         self.dataset_len = dataset_len
         self.num_replicas = num_replicas
         self.rank = rank
@@ -36,7 +38,7 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         else:
             self.num_samples = math.ceil(dataset_len / num_replicas)
         if self.num_samples == 0:
-            raise ValueError(f"the dataset has {dataset_len} samples, fewer than the {num_replicas} ranks; "
+            raise UserError(f"the dataset has {dataset_len} samples, fewer than the {num_replicas} ranks; "
                              "use fewer processes or more data.")
         self.total_size = self.num_samples * num_replicas
         self.epoch = 0

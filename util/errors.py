@@ -1,0 +1,69 @@
+"""The project's one user-error type and the one command-line wrapper every entry point uses.
+
+A `UserError` is a problem the person running the command can fix (a missing path, a flag that does not
+fit a checkpoint, an image size the VAE cannot encode): `run_cli` prints its sentence once, on rank 0, and
+exits with `EXIT_USER_ERROR` (2, the code argparse uses for a bad command line). A diverged loss
+(`util.preemption.NonFiniteLossError`) is reported the same way with `EXIT_DIVERGED` (1): the command was
+right, the run was not. Every other exception is a bug and keeps its traceback.
+
+The older, more specific names (`CheckpointError`, `DataError`, `TransferError`, ...) are subclasses of
+`UserError`, so code that catches them keeps working and the wrapper needs no list of them.
+"""
+import os
+import sys
+from typing import Callable, Optional
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 1
+
+
+class UserError(ValueError):
+    """A problem with the command line or the files it names, reported as one sentence, no traceback."""
+
+
+class CommandLineExit(SystemExit):
+    """`SystemExit` with a numeric `code` whose `str()` is the sentence that was printed (handy in tests)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _is_rank_zero() -> bool:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def exit_with(error: BaseException, prog: str, code: int, cleanup: Optional[Callable[[], None]] = None):
+    """Prints `<prog>: error: <sentence>` on rank 0, runs `cleanup`, and raises `CommandLineExit(code)`."""
+    message = f"{prog}: error: {error}" if prog else f"error: {error}"
+    if _is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+    if cleanup is not None:
+        cleanup()
+    raise CommandLineExit(code, message) from None
+
+
+def run_cli(main_fn: Callable, *args, prog: str = "", cleanup: Optional[Callable[[], None]] = None, **kwargs):
+    """Calls `main_fn(*args, **kwargs)`; a `UserError` or a diverged loss becomes one line and an exit code.
+
+    prog: the name printed before `error:` (e.g. "generation.train"); `cleanup` (e.g. tearing down the
+    process group) runs before exiting. Returns what `main_fn` returns.
+    """
+    from util.preemption import NonFiniteLossError
+
+    try:
+        return main_fn(*args, **kwargs)
+    except UserError as error:
+        exit_with(error, prog, EXIT_USER_ERROR, cleanup)
+    except NonFiniteLossError as error:
+        exit_with(error, prog, EXIT_DIVERGED, cleanup)
