@@ -18,13 +18,13 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
-from pretrain.engine_pretrain import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
 from util.logging import RunLogger
+from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler

@@ -25,7 +25,7 @@ from timm.optim import param_groups_weight_decay
 
 from models.mae import create_mae, is_pixel_model
 from models.vae import LatentCodec, vae_identity
-from pretrain.engine_pretrain import LoopPosition, train_one_epoch
+from pretrain.engine_pretrain import train_one_epoch
 from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
@@ -34,6 +34,7 @@ from util.distributed import (barrier, cleanup, init_distributed, rank_seed, see
 from util.latent_cache import LatentCacheDataset
 from util.logging import RunLogger
 from util.errors import UserError, run_cli
+from util.loop import LoopPosition
 from util.lr_sched import effective_lr
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
