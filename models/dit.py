@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from models.sizes import TRANSFORMER_SIZES
 from util.errors import UserError
 
 
@@ -221,13 +222,8 @@ class DiT(nn.Module):
 # Presets: the official names; "-VAE-simple" = affine block LayerNorms (USP)
 # --------------------------------------------------------------------------------------
 
-# name -> (hidden_size, depth, num_heads), as in the DiT paper (Table 1).
-MODEL_SIZES = {
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
+# name -> (hidden_size, depth, num_heads), as in the DiT paper (Table 1): the shared table of models/sizes.py.
+MODEL_SIZES = {size: tuple(TRANSFORMER_SIZES[size]) for size in ("S", "B", "L", "XL")}
 PATCH_SIZES = (2, 4, 8)
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.layers import Block, PatchEmbed, get_2d_sincos_pos_embed
+from models.sizes import size_kwargs
 from util.errors import UserError
 
 
@@ -251,17 +252,17 @@ def _build(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
 
 def mae_vit_base_patch16_dec512d8b(**kwargs):
     """Pixel MAE ViT-B/16: 768 wide, 12 deep, 12 heads."""
-    return _build(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _build(dict(patch_size=16, **size_kwargs("B")), kwargs)
 
 
 def mae_vit_large_patch16_dec512d8b(**kwargs):
     """Pixel MAE ViT-L/16: 1024 wide, 24 deep, 16 heads."""
-    return _build(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return _build(dict(patch_size=16, **size_kwargs("L")), kwargs)
 
 
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
     """Pixel MAE ViT-H/14: 1280 wide, 32 deep, 16 heads."""
-    return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+    return _build(dict(patch_size=14, **size_kwargs("H")), kwargs)
 
 
 # The names the MAE repo exposes (recommended decoder = 512-d, 8 blocks).
@@ -272,32 +273,32 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
 
 def vit_base_patch_vae(**kwargs):
     """Latent MAE, ViT-B width (768/12/12), 2x2 latent patches."""
-    return _build(dict(_LATENT, patch_size=2, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _build(dict(_LATENT, patch_size=2, **size_kwargs("B")), kwargs)
 
 
 def vit_base_patch_vae_2(**kwargs):
     """Latent MAE, ViT-B width, 4x4 latent patches."""
-    return _build(dict(_LATENT, patch_size=4, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _build(dict(_LATENT, patch_size=4, **size_kwargs("B")), kwargs)
 
 
 def vit_large_patch_vae(**kwargs):
     """Latent MAE, ViT-L width (1024/24/16), 2x2 latent patches."""
-    return _build(dict(_LATENT, patch_size=2, embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return _build(dict(_LATENT, patch_size=2, **size_kwargs("L")), kwargs)
 
 
 def vit_large_patch_vae_2(**kwargs):
     """Latent MAE, ViT-L width, 4x4 latent patches."""
-    return _build(dict(_LATENT, patch_size=4, embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return _build(dict(_LATENT, patch_size=4, **size_kwargs("L")), kwargs)
 
 
 def vit_xlarge_patch_vae(**kwargs):
     """Latent MAE sized like DiT-XL (1152/28/16) so every encoder block transfers into DiT-XL/SiT-XL."""
-    return _build(dict(_LATENT, patch_size=2, embed_dim=1152, depth=28, num_heads=16), kwargs)
+    return _build(dict(_LATENT, patch_size=2, **size_kwargs("XL")), kwargs)
 
 
 def vit_huge_patch_vae(**kwargs):
     """Latent MAE, ViT-H width (1280/32/16), 2x2 latent patches."""
-    return _build(dict(_LATENT, patch_size=2, embed_dim=1280, depth=32, num_heads=16), kwargs)
+    return _build(dict(_LATENT, patch_size=2, **size_kwargs("H")), kwargs)
 
 
 PIXEL_MODELS = {

@@ -18,6 +18,7 @@ import timm.models.vision_transformer
 import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
+from models.sizes import size_kwargs
 from util.errors import UserError
 
 
@@ -50,32 +51,32 @@ def _build(defaults: dict, kwargs: dict) -> VisionTransformer:
 
 def vit_base_patch16(**kwargs):
     """Pixel ViT-B/16: 768 wide, 12 deep, 12 heads."""
-    return _build(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _build(dict(patch_size=16, **size_kwargs("B")), kwargs)
 
 
 def vit_large_patch16(**kwargs):
     """Pixel ViT-L/16: 1024 wide, 24 deep, 16 heads."""
-    return _build(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return _build(dict(patch_size=16, **size_kwargs("L")), kwargs)
 
 
 def vit_huge_patch14(**kwargs):
     """Pixel ViT-H/14: 1280 wide, 32 deep, 16 heads."""
-    return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+    return _build(dict(patch_size=14, **size_kwargs("H")), kwargs)
 
 
 def vit_base_patch16_vae(**kwargs):
     """Latent ViT-B (768/12/12) on 2x2 latent patches."""
-    return _build(dict(_LATENT, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _build(dict(_LATENT, **size_kwargs("B")), kwargs)
 
 
 def vit_large_patch16_vae(**kwargs):
     """Latent ViT-L (1024/24/16) on 2x2 latent patches."""
-    return _build(dict(_LATENT, embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return _build(dict(_LATENT, **size_kwargs("L")), kwargs)
 
 
 def vit_xlarge_patch16_vae(**kwargs):
     """Latent ViT-XL sized like DiT-XL (1152/28/16) on 2x2 latent patches (see module docstring)."""
-    return _build(dict(_LATENT, embed_dim=1152, depth=28, num_heads=16), kwargs)
+    return _build(dict(_LATENT, **size_kwargs("XL")), kwargs)
 
 
 PIXEL_MODELS = {

@@ -44,6 +44,7 @@ from models.dit import DiT_models
 from models.latent_spec import get_latent_spec
 from models.mae import create_mae
 from models.sit import SiT_models
+from models.sizes import size_kwargs
 from models.vae import LatentCodec
 from pretrain.engine_pretrain import prepare_batch
 from util.benchmark import (ModeConfig, build_adamw, count_flops, enable_gradient_checkpointing, host_load,
@@ -59,7 +60,7 @@ SIZES = ("tiny", "S", "B", "L", "XL")
 TINY_DIT = dict(hidden_size=64, depth=2, num_heads=4)
 TINY_MAE = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 MAE_PRESETS = {"tiny": ("vit_base_patch_vae", TINY_MAE),
-               "S": ("vit_base_patch_vae", dict(embed_dim=384, depth=12, num_heads=6)),
+               "S": ("vit_base_patch_vae", size_kwargs("S")),
                "B": ("vit_base_patch_vae", {}), "L": ("vit_large_patch_vae", {}), "XL": ("vit_xlarge_patch_vae", {})}
 VAE_LAYOUTS = {  # diffusers AutoencoderKL(block_out_channels, layers_per_block) with SD's factor 8
     "sd": ((128, 256, 512, 512), 2),  # stabilityai/sd-vae-ft-ema
