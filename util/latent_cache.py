@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 
@@ -31,14 +30,15 @@ if __package__ in (None, ""):
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import safe_open
 from torchvision import transforms
 
 from util.checkpoint import atomic_open
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import barrier, cleanup, init_distributed
+from util.errors import UserError, run_cli
 from util.logging import progress
 from util.rng import sample_generator
-from util.errors import UserError, run_cli
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -166,7 +166,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
 
     manifest = {**settings, "complete": True}
     if is_main:
-        valid = np.concatenate([_ShardView(shard_path(cache_dir, k)).array("valid") for k in range(num_shards)])
+        valid = np.concatenate([_read_whole(shard_path(cache_dir, k), "valid") for k in range(num_shards)])
         skipped = [folder.samples[i][0] for i in np.flatnonzero(valid == 0)]
         manifest.update(count=int(valid.sum()), skipped=len(skipped), skipped_files=skipped[:100])
         _write_manifest(cache_dir, manifest)
@@ -175,24 +175,10 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     return manifest
 
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
-
-
-class _ShardView:
-    """Zero-copy, read-only numpy views of a safetensors shard (memory-mapped, opened lazily)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as handle:
-            header_length = struct.unpack("<Q", handle.read(8))[0]
-            self.header = json.loads(handle.read(header_length))
-        self.data_offset = 8 + header_length
-
-    def array(self, name: str) -> np.ndarray:
-        entry = self.header[name]
-        begin, _ = entry["data_offsets"]
-        return np.memmap(self.path, dtype=_SAFETENSORS_DTYPES[entry["dtype"]], mode="r",
-                         offset=self.data_offset + begin, shape=tuple(entry["shape"]))
+def _read_whole(path: Path, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors shard as a numpy array."""
+    with safe_open(str(path), framework="np") as shard:
+        return shard.get_tensor(name)
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
@@ -222,26 +208,29 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.random_flip = random_flip
         num_shards = math.ceil(manifest["num_images"] / self.shard_size)
-        views = [_ShardView(shard_path(self.cache_dir, k)) for k in range(num_shards)]
-        valid = np.concatenate([view.array("valid") for view in views])
+        paths = [shard_path(self.cache_dir, k) for k in range(num_shards)]
+        valid = np.concatenate([_read_whole(path, "valid") for path in paths])
         self.image_index = np.flatnonzero(valid)  # dataset position -> image index in the folder
-        self.labels = np.concatenate([view.array("label") for view in views])[self.image_index]
-        self._views = {}  # per process; memmaps are reopened lazily in each DataLoader worker
+        self.labels = np.concatenate([_read_whole(path, "label") for path in paths])[self.image_index]
+        self._views = {}  # per process: shards are opened (memory-mapped) lazily in each DataLoader worker
+
+    def __getstate__(self):  # open shard handles stay in their process; a worker reopens its own
+        return {**self.__dict__, "_views": {}}
 
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def _view(self, shard: int) -> _ShardView:
+    def _view(self, shard: int):
         if shard not in self._views:
-            self._views[shard] = _ShardView(shard_path(self.cache_dir, shard))
+            self._views[shard] = safe_open(str(shard_path(self.cache_dir, shard)), framework="np")
         return self._views[shard]
 
     def moments(self, index: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """UNscaled (mean, logvar), each (C, h, w), of dataset item `index` (flip 0 or 1)."""
         shard, row = divmod(int(self.image_index[index]), self.shard_size)
         view = self._view(shard)
-        return (torch.from_numpy(np.array(view.array("mean")[row, flip])),
-                torch.from_numpy(np.array(view.array("logvar")[row, flip])))
+        return (torch.from_numpy(np.ascontiguousarray(view.get_slice("mean")[row, flip])),
+                torch.from_numpy(np.ascontiguousarray(view.get_slice("logvar")[row, flip])))
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
