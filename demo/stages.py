@@ -60,7 +60,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
     common_vae = ["--vae_version", C.VAE_VERSION, "--vae_path", str(vae), "--input_size", str(C.IMAGE_SIZE)]
 
     def write_data():
-        from util.toy_dataset import write_toy_dataset
+        from demo.toy_dataset import write_toy_dataset
 
         write_toy_dataset(data, C.NUM_CLASSES, cfg.train_per_class, cfg.val_per_class, C.IMAGE_SIZE, cfg.seed)
 

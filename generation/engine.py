@@ -16,7 +16,7 @@ import torch.nn as nn
 from generation.objectives import NoiseBundle, Objective
 from util.distributed import all_reduce_mean
 from util.ema import update_ema
-from util.logging import Throughput, peak_memory_mb
+from util.run_log import Throughput, peak_memory_mb
 from util.precision import autocast
 from util.preemption import check_finite
 

@@ -38,7 +38,7 @@ from util.distributed import cleanup, init_distributed, rank_seed, seed_everythi
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
 from util.latent_cache import LatentCacheDataset
-from util.logging import RunLogger
+from util.run_log import RunLogger
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dit import DiT
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 
@@ -165,8 +164,14 @@ def _checkpoint_state_dict(checkpoint) -> Tuple[Dict[str, torch.Tensor], str]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}, source
 
 
+def _is_dit_like(model: nn.Module) -> bool:
+    """DiT's layout (x_embedder / t_embedder / blocks), shared by SiT and other DiT-style backbones, versus
+    MAE/ViT's (patch_embed): decided by the module names the key mapping relies on, not by the class."""
+    return hasattr(model, "x_embedder") and hasattr(model, "t_embedder")
+
+
 def _patch_grid(model: nn.Module) -> Tuple[int, int]:
-    embed = model.x_embedder if isinstance(model, DiT) else model.patch_embed
+    embed = model.x_embedder if _is_dit_like(model) else model.patch_embed
     return tuple(embed.grid_size)
 
 
@@ -241,7 +246,7 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
         does not provide it (MAE fine-tuning: 2e-5; None leaves the model's own head init).
     """
     checkpoint_sd, source = _checkpoint_state_dict(checkpoint)
-    is_dit = isinstance(model, DiT)
+    is_dit = _is_dit_like(model)
     if not is_dit and not hasattr(model, "patch_embed"):
         raise TransferError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
     target_sd = model.state_dict()

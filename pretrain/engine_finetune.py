@@ -23,7 +23,7 @@ from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
-from util.logging import RunLogger
+from util.run_log import RunLogger
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
@@ -374,7 +374,7 @@ class TrainSetup:
     args: argparse.Namespace
     device: torch.device
     dist: object  # util.distributed.DistEnv
-    logger: object  # util.logging.RunLogger
+    logger: object  # util.run_log.RunLogger
     preemption: object  # util.preemption.PreemptionHandler
     base_lr: float
     steps_per_epoch: int  # optimizer steps in a full epoch

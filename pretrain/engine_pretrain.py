@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from util.logging import Throughput, peak_memory_mb, progress
+from util.run_log import Throughput, peak_memory_mb, progress
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import autocast

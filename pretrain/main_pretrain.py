@@ -32,7 +32,7 @@ from util.data import build_image_folder, build_loader, pretrain_transform, Seed
 from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
-from util.logging import RunLogger
+from util.run_log import RunLogger
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr

@@ -9,7 +9,7 @@ trainer's own step), DDPM sampling (DiT), ODE sampling (SiT), VAE encoding, Ince
 For each it reports images/s, FLOPs per image (FlopCounterMode, MAC = 2 FLOPs), achieved TFLOP/s, MFU
 against a dense matmul measured in the same run (bf16 on CUDA, fp32 on CPU), and optimised/baseline.
 
-Modes (see util.benchmark.ModeConfig): "baseline" = fp32, eager, explicit-math attention, one-parameter-
+Modes (see scripts.benchmark_lib.ModeConfig): "baseline" = fp32, eager, explicit-math attention, one-parameter-
 at-a-time AdamW, official DiT's per-parameter EMA loop, VAE encoding inside the step (online), NCHW convs.
 "optimised" = bf16 autocast (CUDA), TF32, SDPA, fused AdamW, foreach EMA, cached latents, channels_last
 VAE/Inception, pinned host batches [+ --compile, --grad-ckpt, DDP static graph]. On CPU bf16 only helps
@@ -47,7 +47,7 @@ from models.sit import SiT_models
 from models.sizes import size_kwargs
 from models.vae import LatentCodec
 from pretrain.engine_pretrain import prepare_batch
-from util.benchmark import (ModeConfig, build_adamw, count_flops, enable_gradient_checkpointing, host_load,
+from scripts.benchmark_lib import (ModeConfig, build_adamw, count_flops, enable_gradient_checkpointing, host_load,
                             interleaved_timings, measure_matmul_peak, set_attention, tf32_enabled,
                             update_ema_loop)
 from util.ema import update_ema

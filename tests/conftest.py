@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_image_folder(tmp_path_factory):
     """ImageFolder root with train/ and val/ splits: 4 classes, 32 px, 16 train + 4 val per class."""
-    from util.toy_dataset import write_toy_dataset
+    from demo.toy_dataset import write_toy_dataset
 
     root = tmp_path_factory.mktemp("toy_images")
     return write_toy_dataset(root, num_classes=4, train_per_class=16, val_per_class=4, image_size=32, seed=0)

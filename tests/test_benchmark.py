@@ -11,7 +11,7 @@ import torch
 
 from models.dit import DiT_models
 from scripts import benchmark as bench
-from util.benchmark import (ModeConfig, count_flops, dit_forward_flops, dit_forward_macs, measure_matmul_peak,
+from scripts.benchmark_lib import (ModeConfig, count_flops, dit_forward_flops, dit_forward_macs, measure_matmul_peak,
                             update_ema_loop)
 from util.ema import update_ema
 

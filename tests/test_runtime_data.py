@@ -10,7 +10,7 @@ from PIL import Image
 from util.data import (DataError, SeededDataset, build_image_folder, build_loader, center_crop_arr,
                        generation_transform, pretrain_transform)
 from util.ema import update_ema
-from util.logging import RunLogger
+from util.run_log import RunLogger
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.rng import capture_rng_state, restore_rng_state, sample_generator
 from util.sampler import ResumableDistributedSampler

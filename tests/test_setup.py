@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from models.latent_spec import LATENT_SPECS, get_latent_spec
-from util.toy_dataset import write_toy_dataset
+from demo.toy_dataset import write_toy_dataset
 
 
 def test_latent_specs_match_usp():

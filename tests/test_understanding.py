@@ -287,7 +287,7 @@ def test_linear_probe_usp_beats_random_init(tiny_vae_dir, tmp_path_factory):
     from models.vae import LatentCodec, vae_identity
     from pretrain import main_linprobe, main_pretrain
     from util.latent_cache import extract_latent_cache
-    from util.toy_dataset import write_toy_dataset
+    from demo.toy_dataset import write_toy_dataset
 
     work = tmp_path_factory.mktemp("probe")
     data = write_toy_dataset(work / "data", num_classes=4, train_per_class=64, val_per_class=48, image_size=64, seed=0)

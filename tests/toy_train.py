@@ -22,7 +22,7 @@ from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, re
 from util.data import DataError, SeededDataset, build_image_folder, build_loader, pretrain_transform
 from util.distributed import all_reduce_mean, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad, update_ema
-from util.logging import RunLogger, Throughput
+from util.run_log import RunLogger, Throughput
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, make_grad_scaler
 from util.preemption import NonFiniteLossError, PreemptionHandler, check_finite

@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a file: put the repo root (not util/, whose logging.py would shadow the stdlib) on the path.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import safetensors.torch
@@ -37,7 +36,7 @@ from util.checkpoint import atomic_open
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
-from util.logging import progress
+from util.run_log import progress
 from util.rng import sample_generator
 
 CACHE_FORMAT = 1
