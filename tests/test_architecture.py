@@ -1,0 +1,85 @@
+"""The layering written in README.md ("Architecture"), checked on the source: imports go down only, no cycles."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Folder -> its layer; a module may import its own folder or a lower layer, never a higher one.
+LAYERS = {"util": 0, "models": 1, "generation": 2, "pretrain": 2, "demo": 3, "scripts": 3}
+# The documented exception: `python -m util.latent_cache` is a command, whose main() loads the VAE codec.
+ALLOWED_UPWARD = {("util.latent_cache", "models.latent_spec"), ("util.latent_cache", "models.vae")}
+
+
+def project_modules() -> dict:
+    modules = {}
+    for folder in LAYERS:
+        for path in (ROOT / folder).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def import_graph() -> dict:
+    """module -> set of project modules it imports (anywhere in the file, function bodies included)."""
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def test_no_folder_imports_a_higher_layer():
+    violations = sorted((source, target) for source, targets in import_graph().items() for target in targets
+                        if LAYERS[target.split(".")[0]] > LAYERS[source.split(".")[0]]
+                        and (source, target) not in ALLOWED_UPWARD)
+    assert not violations, violations
+
+
+def test_generation_and_pretrain_are_siblings():
+    crossing = sorted((source, target) for source, targets in import_graph().items() for target in targets
+                      if {source.split(".")[0], target.split(".")[0]} == {"generation", "pretrain"})
+    assert not crossing, crossing
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_import(monkeypatch):
+    """The checks above would fail on the layout this project had (train <-> sample_ddp, util -> models)."""
+    graph = {"generation.train": {"generation.sample_ddp"}, "generation.sample_ddp": {"generation.train"},
+             "util.x": {"models.vae"}, "models.vae": set()}
+    monkeypatch.setitem(globals(), "import_graph", lambda: graph)
+    try:
+        test_no_import_cycles()
+    except AssertionError as error:
+        assert "generation.train" in str(error)
+    else:
+        raise AssertionError("a two-module cycle was not reported")
+    try:
+        test_no_folder_imports_a_higher_layer()
+    except AssertionError as error:
+        assert "util.x" in str(error)
+    else:
+        raise AssertionError("an upward import was not reported")
