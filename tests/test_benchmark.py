@@ -77,12 +77,12 @@ def test_flops_analytic_matches_paper_and_counter():
     assert counted == pytest.approx(dit_forward_flops(1152, 28, 256), rel=0.01)
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = bench.main(TINY + ["--workloads", *bench.WORKLOADS, "--repeats", "1", "--iters", "1",
-                                "--warmup", "0", "--peak-size", "256", "--json", str(out)])
+    bench.main(TINY + ["--workloads", *bench.WORKLOADS, "--repeats", "1", "--iters", "1",
+                       "--warmup", "0", "--peak-size", "256", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert saved["peak"]["tflops"] > 0
     names = {row["workload"] for row in saved["rows"]}
     assert names == {"dit-train", "sit-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode", "inception"}
@@ -91,6 +91,12 @@ def test_benchmark_end_to_end_tiny(tmp_path, capsys):
             assert math.isfinite(row[key]) and row[key] > 0, (row["workload"], row["mode"], key, row[key])
     baseline_ratios = [row["ratio"] for row in saved["rows"] if row["mode"] == "baseline"]
     assert baseline_ratios == [1.0] * len(baseline_ratios)
+    # The derived columns follow their definitions (BENCHMARKS.md) from the measured ones.
+    baseline_speed = {row["workload"]: row["images_per_sec"] for row in saved["rows"] if row["mode"] == "baseline"}
+    for row in saved["rows"]:
+        assert row["ratio"] == pytest.approx(row["images_per_sec"] / baseline_speed[row["workload"]], rel=1e-9)
+        assert row["tflops"] == pytest.approx(row["gflops_per_image"] * row["images_per_sec"] / 1e3, rel=1e-9)
+        assert row["mfu"] == pytest.approx(row["tflops"] / saved["peak"]["tflops"], rel=1e-9)
     table = capsys.readouterr().out
     assert "cpu bf16 matmul" in table and "MFU" in table
 

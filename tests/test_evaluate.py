@@ -279,6 +279,7 @@ def test_npz_streaming_and_stored_statistics(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_random_inception(tmp_path, random_weights):
     ref = _images(12, size=32, seed=6)
     # samples = 8 reference images (different order): every sample lies in a reference ball
@@ -299,6 +300,7 @@ def test_cli_end_to_end_with_random_inception(tmp_path, random_weights):
     assert metrics["num_samples"] == 8 and metrics["reference_statistics"] == "arr_0"
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_before_loading_anything(tmp_path, random_weights):
     np.savez(tmp_path / "ref.npz", arr_0=_images(5))
     np.savez(tmp_path / "samples.npz", arr_0=_images(5).astype(np.float64))
@@ -328,6 +330,7 @@ def test_statistics_accumulator_matches_np_cov():
     np.testing.assert_allclose(streamed.sigma, stacked.sigma, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_make_reference_batch_matches_direct_statistics(tiny_image_folder, random_weights, tmp_path):
     from scripts.make_reference_batch import main as make_reference_batch
     from util.data import center_crop_arr, build_image_folder

@@ -23,6 +23,8 @@ from pretrain.engine_pretrain import prepare_batch
 from util.data import SeededDataset, build_image_folder
 from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache
 
+pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
+
 WIDTH, HEADS = 32, 2
 TINY = {"embed_dim": WIDTH, "depth": 2, "num_heads": HEADS, "decoder_embed_dim": WIDTH, "decoder_depth": 1,
         "decoder_num_heads": HEADS, "patch_size": 1}

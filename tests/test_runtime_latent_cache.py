@@ -13,6 +13,8 @@ from util.data import build_image_folder
 from util.latent_cache import (LatentCacheDataset, LatentCacheError, cache_transform, extract_latent_cache,
                                shard_path)
 
+pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
+
 SETTINGS = dict(image_size=32, crop="center", batch_size=4, shard_size=12)  # 64 images -> 6 shards
 
 

@@ -13,6 +13,8 @@ from util.checkpoint import load_checkpoint
 from util.data import DataError
 from util.preemption import NonFiniteLossError
 
+pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
+
 TOY = "tests/toy_train.py"
 
 

@@ -62,6 +62,7 @@ def load_npz(sample_dir):
         return data["arr_0"], data["arr_1"]
 
 
+@pytest.mark.slow
 def test_npz_layout_ema_preferred_and_resume(checkpoints, tiny_vae_dir, tmp_path):
     full = tmp_path / "full"
     sample_ddp.main(cli_args("DiT-S/2", checkpoints["dit"], full, tiny_vae_dir, num=6))
@@ -85,6 +86,7 @@ def test_npz_layout_ema_preferred_and_resume(checkpoints, tiny_vae_dir, tmp_path
     assert np.array_equal(resumed_images, images) and np.array_equal(resumed_labels, labels)
 
 
+@pytest.mark.slow
 def test_model_only_checkpoint_warns(checkpoints, tiny_vae_dir, tmp_path):
     with pytest.warns(UserWarning, match="2 FID worse"):
         sample_ddp.main(cli_args("DiT-S/2", checkpoints["dit_model_only"], tmp_path / "m", tiny_vae_dir, num=2,
@@ -99,6 +101,7 @@ def test_model_only_checkpoint_warns(checkpoints, tiny_vae_dir, tmp_path):
     ["ODE", "--sampling-method", "dopri5"],
     ["--mode", "SDE", "--cfg-scale", "2.0", "--cfg-channels", "all", "--guidance-interval", "0.2", "1.0"],
 ], ids=["dit-ddim", "sit-ode", "sit-sde-cfg"])
+@pytest.mark.slow
 def test_sampler_paths_run(checkpoints, tiny_vae_dir, tmp_path, extra):
     model, ckpt = ("DiT-S/2", checkpoints["dit"]) if extra[0] == "--sampler" else ("SiT-S/2", checkpoints["sit"])
     sample_ddp.main(cli_args(model, ckpt, tmp_path / "s", tiny_vae_dir, num=3, batch=2, extra=extra))
@@ -107,6 +110,7 @@ def test_sampler_paths_run(checkpoints, tiny_vae_dir, tmp_path, extra):
     assert len({image.tobytes() for image in images}) == 3  # each index gets its own noise
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_sentence(checkpoints, tiny_vae_dir, tmp_path, capsys):
     wrong_size = cli_args("DiT-S/2", checkpoints["dit"], tmp_path / "a", tiny_vae_dir) + ["--image-size", "64"]
     with pytest.raises(SystemExit) as exit_info:
@@ -139,6 +143,7 @@ def test_random_inputs_depend_only_on_seed_and_index():
     assert global_batches(10, 4, 1, 2) == [[4, 5, 6, 7]]
 
 
+@pytest.mark.slow
 def test_rank_partition_matches_single_process_with_adaptive_ode(tiny_vae_dir, tmp_path):
     """dopri5 picks its steps from the whole batch, so this checks that batches do not depend on the ranks."""
     model = tiny_model("SiT-S/2", 3)
@@ -154,6 +159,7 @@ def test_rank_partition_matches_single_process_with_adaptive_ode(tiny_vae_dir, t
     assert not (tmp_path / "one" / "000005.png").exists()  # the padding index of the last batch is dropped
 
 
+@pytest.mark.slow
 def test_ddpm_step_noise_is_per_sample(checkpoints, tiny_vae_dir):
     """DDPM draws fresh noise every step: image i's result must not depend on its batch neighbours' generators."""
     state = torch.load(checkpoints["dit_ema_raw"], weights_only=True)
@@ -166,6 +172,7 @@ def test_ddpm_step_noise_is_per_sample(checkpoints, tiny_vae_dir):
     torch.testing.assert_close(together, swapped[[1, 0]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_world_size_one_and_two_give_identical_npz(checkpoints, tiny_vae_dir, tmp_path):
     common = dict(num=5, batch=2, steps=3, extra=["--cfg-scale", "1.5"])
     single = ["generation/sample_ddp.py", *cli_args("DiT-S/2", checkpoints["dit"], tmp_path / "w1", tiny_vae_dir,
@@ -182,6 +189,7 @@ def test_world_size_one_and_two_give_identical_npz(checkpoints, tiny_vae_dir, tm
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["DiT-S/2", "SiT-S/2"])
 def test_trainer_fid_hook_writes_npz(tiny_image_folder, tiny_vae_dir, tmp_path, model):
     """generation/train.py's --num-fid-samples hook: EMA samples on every rank -> fid-<step>.npz (PNGs removed)."""

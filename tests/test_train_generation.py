@@ -14,6 +14,8 @@ from conftest import run_torchrun
 from generation.train import main
 from util.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
+
 # hidden 32 / depth 2 / heads 2 on 4x4 latents (32 px / factor 8) with 2x2 patches: 4 tokens.
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 MODELS = {"diffusion": "DiT-S/2-VAE-simple", "transport": "SiT-S/2-VAE-simple"}
