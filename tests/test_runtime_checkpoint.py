@@ -21,8 +21,6 @@ def test_truncated_checkpoint_is_refused_and_previous_one_used(tmp_path):
     with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
         path, state = resolve_resume(tmp_path)
     assert path.name == "checkpoint-1.pth" and state["epoch"] == 1
-    with pytest.warns(UserWarning):
-        assert manager.latest_loadable()[1]["epoch"] == 1
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         resolve_resume(newest)  # an explicit file is never silently replaced by another
 

@@ -175,14 +175,6 @@ class CheckpointManager:
         for _, path in rotating[: -self.keep_last]:
             path.unlink(missing_ok=True)
 
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoint files written by this manager, oldest first."""
-        return [path for _, path in _numbered_files(self.directory, self.pattern)]
-
-    def latest_loadable(self, map_location="cpu"):
-        """(path, state) of the newest checkpoint that loads, skipping corrupt ones; None if none."""
-        return _newest_loadable(_numbered_files(self.directory, self.pattern), map_location)
-
 
 def resolve_resume(path_or_dir, pattern: str = DEFAULT_PATTERN, map_location="cpu"):
     """(path, state) for --resume given a checkpoint file or a run directory.
