@@ -31,10 +31,13 @@ class LatentSpec:
         return image_size // self.factor
 
 
-# USP's two codecs: "d8" = SD-VAE (sd-vae-ft-ema/-mse), "d16" = the KL-16 autoencoder of MAR.
+# USP's two codecs: "d8" = SD-VAE (sd-vae-ft-ema/-mse), "d16" = the KL-16 autoencoder of MAR; and
+# "vavae_f16d32" = VA-VAE (LightningDiT), whose latents are standardised per channel with released
+# statistics (models.latent_norm); its scale is LightningDiT's latent_multiplier, 1.0.
 LATENT_SPECS = {
     "d8": LatentSpec(channels=4, factor=8, scale=0.18215),
     "d16": LatentSpec(channels=16, factor=16, scale=0.2325),
+    "vavae_f16d32": LatentSpec(channels=32, factor=16, scale=1.0),
 }
 
 

@@ -2,8 +2,10 @@
 
 USP works in two latent spaces (see `models.latent_spec`):
   d8  - SD-VAE (stabilityai/sd-vae-ft-ema or -mse), a diffusers `AutoencoderKL` folder or hub id;
-  d16 - the KL-16 autoencoder released with MAR (`kl16.ckpt`), stored in the LDM ("taming") key layout.
-Both end up in one diffusers `AutoencoderKL`: the KL-16 weights are renamed into diffusers' layout by
+  d16 - the KL-16 autoencoder released with MAR (`kl16.ckpt`), stored in the LDM ("taming") key layout;
+  vavae_f16d32 - VA-VAE (hustvl/LightningDiT), the same LDM layout with 32 latent channels, whose latents
+        are normalised per channel with released statistics (`latents_stats.pt`, see models.latent_norm).
+All end up in one diffusers `AutoencoderKL`: the LDM-layout weights are renamed into diffusers' layout by
 `ldm_to_diffusers_state_dict`, so there is a single encode/decode path for every codec.
 
 The posterior moments (mean, logvar) are returned UNscaled, because that is what the latent cache stores:
@@ -20,11 +22,23 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from models.latent_norm import LATENT_STATS_FILENAME, ChannelNorm
 from models.latent_spec import LatentSpec, get_latent_spec
 from util.errors import UserError
 
 DEFAULT_D8_HUB_ID = "stabilityai/sd-vae-ft-ema"
 KL16_FILENAME = "kl16.ckpt"
+VAVAE_FILENAME = "vavae-imagenet256-f16d32-dinov2.pt"
+# LDM-layout codecs: weights file name (inside a --vae_path folder), latent channels and ch_mult they must have.
+LDM_CODECS = {
+    "d16": dict(filename=KL16_FILENAME, channels=16, ch_mult=(1, 1, 2, 2, 4),
+                release="the KL-16 weights kl16.ckpt released with MAR"),
+    "vavae_f16d32": dict(filename=VAVAE_FILENAME, channels=32, ch_mult=(1, 1, 2, 2, 4),
+                         release=f"the VA-VAE weights {VAVAE_FILENAME} (huggingface.co/hustvl/"
+                                 f"vavae-imagenet256-f16d32-dinov2)"),
+}
+# Codecs whose latents are standardised per channel (LightningDiT's latent_norm), not by one scale.
+PER_CHANNEL_CODECS = ("vavae_f16d32",)
 
 # A hub id is "owner/name" with no path separators beyond the one slash and no leading dot or slash.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -36,6 +50,9 @@ _MISSING_WEIGHTS = {
     "d16": ("--vae_version d16 needs the KL-16 weights file kl16.ckpt (released with MAR, "
             "github.com/LTH14/mar, as pretrained_models/vae/kl16.ckpt); {path!r} was not found, "
             "so download it and pass its path with --vae_path / --vae-path."),
+    "vavae_f16d32": ("--vae_version vavae_f16d32 needs the VA-VAE weights " + VAVAE_FILENAME + " (from "
+                     "huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2, with latents_stats.pt beside it); "
+                     "{path!r} was not found, so download that folder and pass it with --vae_path / --vae-path."),
 }
 
 
@@ -96,12 +113,12 @@ def _indices(keys, pattern: str) -> set:
     return {int(m.group(1)) for k in keys for m in [regex.match(k)] if m}
 
 
-def ldm_autoencoder_config(state_dict: dict) -> LDMAutoencoderConfig:
+def ldm_autoencoder_config(state_dict: dict, expected: str = "the KL-16 kl16.ckpt released with MAR") -> LDMAutoencoderConfig:
     """Reads the architecture (levels, channels, blocks per level, attention placement) from LDM keys."""
     keys = list(state_dict)
     if "encoder.conv_in.weight" not in state_dict or "post_quant_conv.weight" not in state_dict:
-        raise VAEWeightsError("the file is not an LDM KL autoencoder checkpoint: it has no encoder.conv_in / "
-                              "post_quant_conv weights (expected the KL-16 kl16.ckpt released with MAR).")
+        raise VAEWeightsError(f"the file is not an LDM KL autoencoder checkpoint: it has no encoder.conv_in / "
+                              f"post_quant_conv weights (expected {expected}).")
     levels = sorted(_indices(keys, r"^encoder\.down\.(\d+)\."))
     block_out_channels = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels)
     layers_per_block = len(_indices(keys, r"^encoder\.down\.0\.block\.(\d+)\."))
@@ -179,23 +196,40 @@ def ldm_to_diffusers_state_dict(state_dict: dict, config: Optional[LDMAutoencode
     return converted
 
 
-def load_ldm_autoencoder(path: Union[str, Path], norm_num_groups: int = 32):
-    """Builds a diffusers `AutoencoderKL` from an LDM-layout checkpoint file (e.g. MAR's kl16.ckpt).
+def _check_ldm_layout(config: LDMAutoencoderConfig, vae_version: str) -> None:
+    """Refuses, in one sentence, an LDM autoencoder whose channels or ch_mult differ from the codec's."""
+    codec = LDM_CODECS[vae_version]
+    base = config.block_out_channels[0]
+    ch_mult = tuple(c // base for c in config.block_out_channels)
+    if config.latent_channels != codec["channels"] or ch_mult != codec["ch_mult"]:
+        raise VAEWeightsError(
+            f"the checkpoint is an LDM autoencoder with {config.latent_channels} latent channels and ch_mult "
+            f"{ch_mult}, but --vae_version {vae_version} needs {codec['channels']} channels and ch_mult "
+            f"{codec['ch_mult']}; pass {codec['release']}.")
+
+
+def load_ldm_autoencoder(path: Union[str, Path], norm_num_groups: int = 32, vae_version: Optional[str] = None):
+    """Builds a diffusers `AutoencoderKL` from an LDM-layout checkpoint file (MAR's kl16.ckpt, VA-VAE's .pt).
 
     The file holds the weights under `model` (MAR) or `state_dict` (LDM / Lightning), or is a raw
-    state dict. Every autoencoder weight must be present (strict load) so a truncated file cannot
-    silently give a half-random decoder.
+    state dict; entries outside the autoencoder (GAN loss, VA-VAE's foundation-model alignment head)
+    are dropped. Every autoencoder weight must be present (strict load) so a truncated file cannot
+    silently give a half-random decoder. With `vae_version` ("d16", "vavae_f16d32") the layout is
+    checked against that codec's channels and ch_mult before anything is built.
     """
+    release = LDM_CODECS[vae_version or "d16"]["release"]
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise VAEWeightsError(f"could not read {str(path)!r} as a weights-only torch checkpoint "
-                              f"({type(error).__name__}); re-download kl16.ckpt (MAR's release).") from None
+                              f"({type(error).__name__}); re-download {release}.") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
-    config = ldm_autoencoder_config(checkpoint)
+    config = ldm_autoencoder_config(checkpoint, expected=release)
+    if vae_version is not None:
+        _check_ldm_layout(config, vae_version)
     autoencoder = config.build_autoencoder(norm_num_groups=norm_num_groups)
     autoencoder.load_state_dict(ldm_to_diffusers_state_dict(checkpoint, config), strict=True)
     return autoencoder
@@ -209,16 +243,41 @@ def _looks_like_hub_id(path: str) -> bool:
     return bool(_HUB_ID.match(path)) and not os.path.exists(path)
 
 
-def _resolve_kl16_path(vae_path) -> Path:
-    """The kl16.ckpt file for `vae_path` (a file, or a folder holding kl16.ckpt); raises if missing."""
+def _resolve_ldm_path(vae_version: str, vae_path) -> Path:
+    """The weights file of an LDM-layout codec for `vae_path` (a file, or a folder holding the released file
+    name: kl16.ckpt, vavae-imagenet256-f16d32-dinov2.pt); raises if missing."""
+    filename = LDM_CODECS[vae_version]["filename"]
     if vae_path is None:
-        raise VAEWeightsError(_MISSING_WEIGHTS["d16"].format(path=KL16_FILENAME))
+        raise VAEWeightsError(_MISSING_WEIGHTS[vae_version].format(path=filename))
     path = Path(vae_path).expanduser()
     if path.is_dir():
-        path = path / KL16_FILENAME
+        path = path / filename
     if not path.is_file():
-        raise VAEWeightsError(_MISSING_WEIGHTS["d16"].format(path=str(path)))
+        raise VAEWeightsError(_MISSING_WEIGHTS[vae_version].format(path=str(path)))
     return path
+
+
+def _latent_norm(vae_version: str, spec: LatentSpec, weights: Optional[Path], latent_stats,
+                 require_stats: bool) -> ChannelNorm:
+    """The codec's normalisation: one scale factor, or VA-VAE's per-channel statistics.
+
+    latent_stats: a latents_stats.pt path or a ChannelNorm; None looks for latents_stats.pt beside the
+    weights. Without statistics and with require_stats=False the latents stay unnormalised (times the
+    multiplier), which is what computing the statistics needs.
+    """
+    if isinstance(latent_stats, ChannelNorm):
+        return latent_stats
+    path = None
+    if vae_version in PER_CHANNEL_CODECS:
+        path = Path(latent_stats) if latent_stats is not None else weights.parent / LATENT_STATS_FILENAME
+    if path is None or (not path.is_file() and not require_stats):
+        return ChannelNorm.scalar(spec.scale, spec.channels)
+    norm = ChannelNorm.load(path, multiplier=spec.scale)
+    if norm.channels != spec.channels:
+        raise VAEWeightsError(f"{str(path)!r} holds statistics for {norm.channels} channels but {vae_version} latents "
+                              f"have {spec.channels}; pass the latents_stats.pt of this VAE.")
+    return norm
+
 
 
 def _load_d8_autoencoder(vae_path):
@@ -237,42 +296,52 @@ def _load_d8_autoencoder(vae_path):
 
 
 class LatentCodec(nn.Module):
-    """A frozen VAE seen as a codec between images in [-1, 1] and scaled latents.
+    """A frozen VAE seen as a codec between images in [-1, 1] and normalised latents.
 
     images (N, 3, H, W) in [-1, 1]  <->  latents (N, spec.channels, H / spec.factor, W / spec.factor),
-    latents = posterior sample (or mean) * spec.scale.
+    latents = latent_norm.normalize(posterior sample or mean): z * spec.scale for SD-VAE / KL-16,
+    (z - mean) / std * multiplier per channel for VA-VAE (`models.latent_norm.ChannelNorm`).
     """
 
-    def __init__(self, autoencoder: nn.Module, spec: LatentSpec):
+    def __init__(self, autoencoder: nn.Module, spec: LatentSpec, latent_norm: Optional[ChannelNorm] = None):
         super().__init__()
         factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
         if autoencoder.config.latent_channels != spec.channels or factor != spec.factor:
             raise VAEWeightsError(
                 f"the VAE has {autoencoder.config.latent_channels} latent channels and factor {factor}, but the "
                 f"latent space expects {spec.channels} channels and factor {spec.factor}; pass the VAE that "
-                f"matches --vae_version (d8: SD-VAE, d16: kl16.ckpt).")
+                f"matches --vae_version (d8: SD-VAE, d16: kl16.ckpt, vavae_f16d32: VA-VAE).")
         self.autoencoder = autoencoder
         self.spec = spec
+        self.latent_norm = latent_norm if latent_norm is not None else ChannelNorm.scalar(spec.scale, spec.channels)
         self._train_encoder = False
         self.autoencoder.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def from_autoencoder(cls, autoencoder: nn.Module, spec: LatentSpec) -> "LatentCodec":
-        return cls(autoencoder, spec)
+    def from_autoencoder(cls, autoencoder: nn.Module, spec: LatentSpec,
+                         latent_norm: Optional[ChannelNorm] = None) -> "LatentCodec":
+        return cls(autoencoder, spec, latent_norm)
 
     @classmethod
-    def load(cls, vae_version: str, vae_path=None, device=None, scale: Optional[float] = None) -> "LatentCodec":
-        """Loads the codec for `vae_version` ("d8" or "d16").
+    def load(cls, vae_version: str, vae_path=None, device=None, scale: Optional[float] = None,
+             latent_stats=None, require_stats: bool = True) -> "LatentCodec":
+        """Loads the codec for `vae_version` ("d8", "d16" or "vavae_f16d32").
 
         vae_path: d8 - a diffusers AutoencoderKL folder or a hub id (default stabilityai/sd-vae-ft-ema);
-                  d16 - the kl16.ckpt file (or a folder holding it).
+                  d16 - the kl16.ckpt file (or a folder holding it);
+                  vavae_f16d32 - vavae-imagenet256-f16d32-dinov2.pt (or the folder holding it and
+                  latents_stats.pt, i.e. a download of the huggingface.co repo).
         scale:    overrides the spec's latent scale (e.g. one measured on the data as 1 / std); d8 defaults
-                  to the folder's config.json `scaling_factor` (0.18215 for SD-VAE and untouched configs).
+                  to the folder's config.json `scaling_factor` (0.18215 for SD-VAE and untouched configs);
+                  for VA-VAE it is LightningDiT's `latent_multiplier` (1.0).
+        latent_stats, require_stats: VA-VAE's per-channel statistics (see `_latent_norm`).
         """
         spec = get_latent_spec(vae_version)
-        if vae_version == "d16":
-            autoencoder = load_ldm_autoencoder(_resolve_kl16_path(vae_path))
+        weights = None
+        if vae_version in LDM_CODECS:
+            weights = _resolve_ldm_path(vae_version, vae_path)
+            autoencoder = load_ldm_autoencoder(weights, vae_version=vae_version)
         else:
             autoencoder = _load_d8_autoencoder(vae_path)
             # A diffusers folder carries its latent scale in config.json (SD-VAE: 0.18215, also the
@@ -280,7 +349,7 @@ class LatentCodec(nn.Module):
             scale = scale if scale is not None else autoencoder.config.get("scaling_factor")
         if scale is not None:
             spec = dataclasses.replace(spec, scale=float(scale))
-        codec = cls(autoencoder, spec)
+        codec = cls(autoencoder, spec, _latent_norm(vae_version, spec, weights, latent_stats, require_stats))
         return codec.to(device) if device is not None else codec
 
     def to(self, *args, **kwargs):
@@ -322,19 +391,19 @@ class LatentCodec(nn.Module):
     def latents_from_moments(self, mean: torch.Tensor, logvar: torch.Tensor, sample: bool = True,
                              generator: Optional[torch.Generator] = None,
                              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(mean, logvar) (N, C, h, w) -> scaled latents (N, C, h, w).
+        """(mean, logvar) (N, C, h, w) -> normalised latents (N, C, h, w).
 
         sample=True draws mean + exp(logvar / 2) * noise; the noise is `noise` if given, otherwise drawn
         from `generator` on the generator's device (so a CPU generator keyed by sample index gives the
         same latents on any device); sample=False returns the scaled mean.
         """
         if not sample:
-            return mean * self.spec.scale
+            return self.latent_norm.normalize(mean)
         if noise is None:
             noise_device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
         latents = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
-        return latents * self.spec.scale
+        return self.latent_norm.normalize(latents)
 
     def encode(self, images: torch.Tensor, sample: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -344,8 +413,9 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) float32, clamped to [-1, 1]."""
-        images = self.autoencoder.decode(self._prepare(latents / self.spec.scale)).sample
+        """Normalised latents (N, C, h, w) -> images (N, 3, h*f, w*f) float32, clamped to [-1, 1]."""
+        raw = self.latent_norm.denormalize(latents.to(self.device))
+        images = self.autoencoder.decode(self._prepare(raw)).sample
         return images.float().clamp(-1.0, 1.0).contiguous()
 
 
@@ -370,9 +440,9 @@ def vae_identity(vae_version: str, vae_path=None) -> str:
     hub ids by their name, e.g. "d16:kl16.ckpt:sha256=1a2b..." or "d8:hub:stabilityai/sd-vae-ft-ema".
     """
     get_latent_spec(vae_version)
-    if vae_version == "d16":
-        path = _resolve_kl16_path(vae_path)
-        return f"d16:{path.name}:sha256={_file_digest([path])}"
+    if vae_version in LDM_CODECS:
+        path = _resolve_ldm_path(vae_version, vae_path)
+        return f"{vae_version}:{path.name}:sha256={_file_digest([path])}"
     source = str(Path(vae_path).expanduser()) if vae_path is not None else DEFAULT_D8_HUB_ID
     if Path(source).is_dir():
         files = sorted(p for p in Path(source).iterdir() if p.is_file())
