@@ -9,6 +9,11 @@ What moves where:
                                         use_pretrain_layer=N)
   norm                                  - (final layer is adaLN)          norm (cls-token head) | - (global pool)
   decoder_*, mask_token                 -                                 -
+LightningDiT (a DiT) takes the same mapping from a USP encoder built of LightningDiT blocks
+(`models.mae_lightningdit`): blocks.i.{norm1,attn,norm2,mlp.w12,mlp.w3} load one for one. A checkpoint
+whose blocks are of another family (a ViT encoder's GELU MLP and LayerNorm biases) is refused for
+LightningDiT rather than half-loaded. Fixed tables the model builds itself (LightningDiT's RoPE
+`feat_rope.*` buffers) are listed in a note, not as newly initialised weights.
 Position embeddings are resized bicubically when the grids differ (pretraining at 224 px gives a
 14x14 grid, DiT at 256 px needs 16x16). Everything the checkpoint does not provide keeps the
 model's own initialisation (DiT's adaLN-Zero, the classifier head, fc_norm).
@@ -27,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.lightningdit_layers import LightningEncoderBlock
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 
@@ -226,6 +232,16 @@ def _mismatch_error(mismatches, checkpoint_sd, target_sd) -> TransferError:
     return TransferError(message)
 
 
+def _check_block_family(checkpoint_sd, target_sd, report: TransferReport) -> None:
+    """Refuses encoder blocks of another family (e.g. ViT's mlp.fc1, norm biases) for LightningDiT-block models."""
+    foreign = [name for name in checkpoint_sd if re.match(r"^blocks\.\d+\.", name) and name not in target_sd
+               and "beyond --use-pretrain-layer" not in report.reasons.get(name, "")]
+    if foreign:
+        raise TransferError(f"the checkpoint's encoder blocks have tensors LightningDiT does not (e.g. {foreign[0]}): "
+                            f"they are not LightningDiT blocks, so pretrain with a lightningdit_*_patch_vae model "
+                            f"(or build LightningDiT with the same use_swiglu / use_rmsnorm / use_qknorm flags).")
+
+
 def _head_init(model: nn.Module, std: float) -> Optional[str]:
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
@@ -287,6 +303,8 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
         selected[model_name], origin[model_name] = tensor, name
     if mismatches:
         raise _mismatch_error(mismatches, checkpoint_sd, target_sd)
+    if len(model.blocks) and isinstance(model.blocks[0], LightningEncoderBlock):
+        _check_block_family(checkpoint_sd, target_sd, report)
 
     # A weight and its bias go together: an input embedding whose kernel does not fit (other channels or
     # patch size) is skipped whole, as is a head for another class count.
@@ -302,7 +320,11 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
     missing, unexpected = model.load_state_dict(selected, strict=False)
     assert not unexpected, unexpected  # every selected name was checked against the model above
     report.loaded = [n for n in target_sd if n in selected]
-    report.initialised = [n for n in target_sd if n in missing]
+    buffers = {name for name, _ in model.named_buffers()}
+    report.initialised = [n for n in target_sd if n in missing and n not in buffers]
+    tables = sorted({n.rsplit(".", 1)[0] for n in target_sd if n in missing and n in buffers})
+    if tables:
+        report.notes.append(f"{', '.join(tables)}: fixed tables built by the model, not taken from the checkpoint")
     report.ignored = [n for n in checkpoint_sd if n in report.reasons]
     report.loaded_numel = sum(selected[n].numel() for n in report.loaded)
     report.total_numel = sum(t.numel() for t in target_sd.values())
