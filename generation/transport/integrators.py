@@ -2,6 +2,7 @@
 import torch
 from torchdiffeq import odeint
 
+from .lightning_recipe import shift_timesteps
 from .utils import randn_like
 
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -20,9 +21,10 @@ class ode:
 
     Adaptive methods (dopri5, ...) step as atol/rtol require and report the state at num_steps
     evenly spaced times; fixed-step methods (euler, heun, rk4, ...) take exactly num_steps - 1 steps.
+    timestep_shift s > 0 (LightningDiT) warps the grid to s t / (1 + (s - 1) t); 0 keeps it even (SiT).
     """
 
-    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol):
+    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol, timestep_shift=0.0):
         if sampler_type not in ODE_METHODS:
             raise ValueError(f"unknown ODE sampling method {sampler_type!r}; use one of {', '.join(ODE_METHODS)}.")
         if num_steps < 2:
@@ -32,10 +34,11 @@ class ode:
         self.sampler_type = "heun2" if sampler_type == "heun" else sampler_type
         self.num_steps = num_steps
         self.atol, self.rtol = atol, rtol
+        self.timestep_shift = timestep_shift
 
     def sample(self, x, model, **model_kwargs):
         """x (N, ...) at t0 -> trajectory (num_steps, N, ...); the last entry is the state at t1."""
-        times = _time_grid(self.t0, self.t1, self.num_steps, x)
+        times = shift_timesteps(_time_grid(self.t0, self.t1, self.num_steps, x), self.timestep_shift)
 
         def velocity(t, state):
             # torchdiffeq passes a scalar time; the model wants one time per sample.

@@ -235,12 +235,13 @@ class Sampler:
 
         return _sample
 
-    def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False):
+    def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False,
+                   timestep_shift=0.0):
         """An ODE sampler fn(x, model, **model_kwargs) -> trajectory (num_steps, N, ...).
 
         Forward: noise at t0 to data at t1 (trajectory[-1] is the sample). reverse=True integrates
         the same probability-flow ODE backwards, data at t1 to noise at t0 (for encoding /
-        likelihoods).
+        likelihoods). timestep_shift: LightningDiT's grid warp (0 = SiT's even grid).
         """
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, last_step_size=0.0
@@ -248,5 +249,5 @@ class Sampler:
         if reverse:
             t0, t1 = t1, t0
         integrator = ode(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol,
-                         rtol=rtol)
+                         rtol=rtol, timestep_shift=timestep_shift)
         return integrator.sample
