@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers import DropPath
+
 from models.layers import Mlp
 
 Rope = Callable[[torch.Tensor], torch.Tensor]
@@ -158,8 +160,10 @@ class LightningEncoderBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
-                 use_swiglu: bool = False, use_rmsnorm: bool = False):
+                 use_swiglu: bool = False, use_rmsnorm: bool = False, drop_path: float = 0.0):
         super().__init__()
+        # Stochastic depth for fine-tuning a classifier on these blocks (no parameters; LightningDiT uses none).
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if use_rmsnorm:
             self.norm1, self.norm2 = RMSNorm(hidden_size), RMSNorm(hidden_size)
         else:
@@ -174,5 +178,5 @@ class LightningEncoderBlock(nn.Module):
                            act_layer=_tanh_gelu, drop=0)
 
     def forward(self, x: torch.Tensor, rope: Optional[Rope] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope=rope)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), rope=rope))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

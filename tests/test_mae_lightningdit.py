@@ -91,3 +91,25 @@ def test_presets_match_lightningdit_sizes():
         if name.startswith("blocks."):
             assert target[name].shape == tensor.shape, name
     assert len(encoder.blocks) == len(model.blocks) == 28
+
+
+def test_usp_encoder_transfers_into_the_classifier_for_linear_probing():
+    from models.vit_lightningdit import LightningViT
+
+    encoder = _randomized(MaskedAutoencoderLightningDiT(**TINY_ENC))
+    classifier = LightningViT(img_size=4, patch_size=1, in_chans=32, num_classes=3, embed_dim=32, depth=2,
+                              num_heads=2, global_pool=False)
+    report = transfer_pretrained(classifier, {"model": encoder.state_dict()})
+    assert {"cls_token", "pos_embed", "norm.weight", "patch_embed.proj.weight"} <= set(report.loaded)
+    assert set(report.initialised) == {"head.weight", "head.bias"}
+    # With no token masked, the encoder's blocks compute what the classifier's do on the full grid.
+    latents = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        features = classifier.forward_features(latents)
+        tokens = classifier.patch_embed(latents) + encoder.pos_embed[:, 1:]
+        x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(2, -1, -1), tokens], dim=1)
+        rope = encoder._masked_rope(torch.arange(16).expand(2, 16))
+        for block in encoder.blocks:
+            x = block(x, rope=rope)
+    torch.testing.assert_close(features, encoder.norm(x)[:, 0])
+    assert classifier(latents).shape == (2, 3)
