@@ -80,17 +80,18 @@ ODE_DEFAULT_METHOD, SDE_DEFAULT_METHOD = "dopri5", "Euler"
 def transport_sampler(transport, mode: str = "ODE", num_steps: int = 250, sampling_method: Optional[str] = None,
                       atol: float = 1e-6, rtol: float = 1e-3, reverse: bool = False, diffusion_form: str = "sigma",
                       diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean",
-                      last_step_size: float = 0.04) -> LatentSampleFn:
+                      last_step_size: float = 0.04, timestep_shift: float = 0.0) -> LatentSampleFn:
     """SiT's samplers over `transport` (a `generation.transport.Transport`), with SiT's defaults.
 
     ODE: probability-flow ODE with torchdiffeq (`sampling_method` dopri5 by default; fixed-step euler/heun/...
     take num_steps - 1 steps). SDE: Euler-Maruyama or Heun (`sampling_method` Euler by default) with a final
     Mean/Tweedie/Euler step of size last_step_size; its noise comes from the per-sample generators.
+    timestep_shift: LightningDiT's ODE grid warp s t / (1 + (s - 1) t) (0 = SiT's even grid; ODE only).
     """
     sampler = Sampler(transport)
     if mode == "ODE":
         ode_fn = sampler.sample_ode(sampling_method=sampling_method or ODE_DEFAULT_METHOD, num_steps=num_steps,
-                                    atol=atol, rtol=rtol, reverse=reverse)
+                                    atol=atol, rtol=rtol, reverse=reverse, timestep_shift=timestep_shift)
 
         def sample(model_fn, z, model_kwargs, generators):
             return ode_fn(z, model_fn, **model_kwargs)[-1]

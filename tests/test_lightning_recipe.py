@@ -63,3 +63,35 @@ def test_one_euler_run_with_shift_and_cfg_interval_by_hand():
     #   x2 = 11/13 + 10/13 * 42/13 = 563/169; channel 3 keeps the conditional v = 24/13: x2 = 383/169.
     expected = torch.tensor([563 / 169] * 3 + [383 / 169]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
     torch.testing.assert_close(out[:1], expected)
+
+
+def test_logit_normal_from_uniform_is_the_normal_quantile_through_a_sigmoid():
+    from generation.transport.lightning_recipe import logit_normal_from_uniform
+
+    u = torch.tensor([0.5, 0.8413447, 0.0227501])  # Phi(0), Phi(1), Phi(-2)
+    torch.testing.assert_close(logit_normal_from_uniform(u), torch.sigmoid(torch.tensor([0.0, 1.0, -2.0])),
+                               rtol=1e-4, atol=1e-5)
+    assert logit_normal_from_uniform(torch.tensor([0.0])).item() == 0.0
+
+
+def test_lightning_objective_loss_is_mse_plus_cosine():
+    from generation.objective_lightning import LightningObjective
+    from generation.objectives import NoiseBundle
+
+    objective = LightningObjective(num_classes=5)
+    latents = torch.randn(2, 4, 2, 2)
+    bundle = NoiseBundle(u=torch.tensor([0.5, 0.8413447]), noise=torch.randn(2, 4, 2, 2), drop=torch.zeros(2).long())
+    prediction = torch.randn(2, 4, 2, 2)
+    seen = {}
+
+    def model_fn(x, t, y, force_drop_ids):
+        seen["t"] = t
+        return prediction
+
+    loss = objective.loss(model_fn, latents, torch.tensor([1, 2]), bundle)
+    t = torch.sigmoid(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(seen["t"], t, rtol=1e-4, atol=1e-5)
+    velocity = latents - bundle.noise  # Linear path: x_t = t x1 + (1 - t) x0, so dx_t/dt = x1 - x0
+    mse = ((prediction - velocity) ** 2).mean(dim=[1, 2, 3])
+    cosine = (1 - torch.nn.functional.cosine_similarity(prediction, velocity, dim=1)).mean(dim=[1, 2])
+    torch.testing.assert_close(loss, mse + cosine)

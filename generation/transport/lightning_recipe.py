@@ -31,6 +31,12 @@ def logit_normal_timesteps(n: int, mu: float = 0.0, sigma: float = 1.0, t0: floa
     return t if device is None else t.to(device)
 
 
+def logit_normal_from_uniform(u: torch.Tensor, mu: float = 0.0, sigma: float = 1.0) -> torch.Tensor:
+    """u (N,) uniform in [0, 1) -> sigmoid(mu + sigma * Phi^-1(u)): the same logit-normal law as
+    `logit_normal_timesteps`, from a uniform the data pipeline drew per sample (u = 0 gives t = 0)."""
+    return torch.sigmoid(mu + sigma * torch.special.ndtri(u.double())).to(u.dtype)
+
+
 def velocity_cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """pred, target (N, C, H, W) -> (N,): mean over positions of 1 - cos(pred, target) along channels."""
     return mean_flat(1 - F.cosine_similarity(pred, target, dim=1))

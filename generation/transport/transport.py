@@ -82,7 +82,7 @@ class Transport:
 
         t (N,) and x0 (like x1) may be given so the caller controls the randomness (e.g. per-sample
         generators); otherwise t is uniform on the training interval and x0 ~ N(0, I).
-        Returns {"loss": (N,), "pred": (N, C, ...)}.
+        Returns {"loss": (N,), "pred": (N, C, ...)} and, for a velocity model, "target": the path's velocity.
         """
         if t is None or x0 is None:
             sampled_t, sampled_x0, _ = self.sample(x1)
@@ -103,7 +103,7 @@ class Transport:
         # Under autocast the network may return bf16; the objective is computed in the data's dtype.
         model_output = model_output.to(xt.dtype)
         if self.model_type == ModelType.VELOCITY:
-            return {"loss": mean_flat((model_output - ut) ** 2), "pred": model_output}
+            return {"loss": mean_flat((model_output - ut) ** 2), "pred": model_output, "target": ut}
 
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma_t, _ = self.path_sampler.compute_sigma_t(expand_t_like_x(t, xt))
