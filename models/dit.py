@@ -31,6 +31,17 @@ def _tanh_gelu():
     return nn.GELU(approximate="tanh")
 
 
+def check_sizes(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
+    """Refuses, in one sentence, a latent side the patches do not tile or a width the heads do not split."""
+    if input_size % patch_size != 0:
+        raise UserError(
+            f"latent size {input_size} is not divisible by the patch size {patch_size}; "
+            f"pick an image size whose latent side is a multiple of {patch_size}."
+        )
+    if hidden_size % num_heads != 0:
+        raise UserError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: x (N, T, D), c (N, D) -> (N, T, D).
 
@@ -90,13 +101,7 @@ class DiT(nn.Module):
         affine_norm: bool = False,
     ):
         super().__init__()
-        if input_size % patch_size != 0:
-            raise UserError(
-                f"latent size {input_size} is not divisible by the patch size {patch_size}; "
-                f"pick an image size whose latent side is a multiple of {patch_size}."
-            )
-        if hidden_size % num_heads != 0:
-            raise UserError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
+        check_sizes(input_size, patch_size, hidden_size, num_heads)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import DiT, MODEL_SIZES
+from models.dit import MODEL_SIZES, DiT, check_sizes
 from models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, VisionRotaryEmbeddingFast
 
@@ -85,11 +85,7 @@ class LightningDiT(DiT):
                  wo_shift: bool = False, use_checkpoint: bool = False):
         # DiT.__init__ would build DiT blocks; this network only shares DiT's methods, so start from nn.Module.
         nn.Module.__init__(self)
-        if input_size % patch_size != 0:
-            raise ValueError(f"latent size {input_size} is not divisible by the patch size {patch_size}; pick an "
-                             f"image size whose latent side is a multiple of {patch_size}.")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
+        check_sizes(input_size, patch_size, hidden_size, num_heads)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
