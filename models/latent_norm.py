@@ -8,17 +8,17 @@ not alike, so LightningDiT standardises each channel with statistics measured on
     normalised = (z - mean) / std * multiplier          (datasets/img_latent_dataset.py)
     z          = normalised * std / multiplier + mean     (inference.py, before decoding)
 
+The file is written by `util.latent_stats` (computed from a latent cache), read by `ChannelNorm.load`.
 `ChannelNorm.scalar(scale)` expresses the one-factor codecs in the same terms (mean 0, std 1,
 multiplier = scale), giving exactly z * scale and x / scale.
 """
-import os
 from pathlib import Path
 from typing import Union
 
 import torch
 import torch.nn as nn
 
-LATENT_STATS_FILENAME = "latents_stats.pt"
+from util.latent_stats import LATENT_STATS_FILENAME
 
 
 class LatentStatsError(ValueError):
@@ -58,14 +58,6 @@ class ChannelNorm(nn.Module):
             raise LatentStatsError(f"{str(path)!r} is not a latent statistics file: it needs 'mean' and 'std' "
                                    f"tensors (LightningDiT's latents_stats.pt layout).")
         return cls(stats["mean"], stats["std"], multiplier=multiplier, latent_norm=latent_norm)
-
-    def save(self, path: Union[str, Path]) -> None:
-        """Writes {"mean", "std"} as (1, C, 1, 1) float32 tensors (the official layout), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        torch.save({"mean": self.mean.detach().cpu().clone(), "std": self.std.detach().cpu().clone()}, temporary)
-        os.replace(temporary, path)
 
     @property
     def channels(self) -> int:

@@ -209,8 +209,6 @@ def test_stats_file_save_load_and_missing(tmp_path, vavae_folder):
     folder, _, mean, std = vavae_folder
     norm = ChannelNorm.load(folder / "latents_stats.pt")
     assert torch.equal(norm.mean, mean) and torch.equal(norm.std, std)
-    norm.save(tmp_path / "copy" / "latents_stats.pt")
-    assert torch.equal(ChannelNorm.load(tmp_path / "copy" / "latents_stats.pt").std, std)
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / VAVAE_FILENAME).write_bytes((folder / VAVAE_FILENAME).read_bytes())

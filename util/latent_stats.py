@@ -9,27 +9,31 @@ squares per channel in float64 over its share of the chosen images, one all-redu
 The chosen images (a seeded permutation) and each image's posterior noise (`sample_generator(seed, 0,
 index)`) do not depend on the number of ranks, so 1 and 8 processes give the same statistics.
 
-CLI (under torchrun or alone), writing <cached_path>/latents_stats.pt:
-  python -m util.latent_stats --cached_path CACHE [--max_samples 10000] [--seed 0] [--output FILE]
+The command is the latent cache's: `python -m util.latent_cache ... --latent_stats` (see there).
 """
-import argparse
-import sys
 from pathlib import Path
 from typing import Iterable, Optional
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 import torch.distributed as dist
 
-from models.latent_norm import LATENT_STATS_FILENAME, ChannelNorm
-from util.distributed import cleanup, init_distributed
-from util.latent_cache import LatentCacheDataset, LatentCacheError
+from util.checkpoint import atomic_open
 from util.logging import progress
 from util.rng import sample_generator
 
 OFFICIAL_MAX_SAMPLES = 10000
+LATENT_STATS_FILENAME = "latents_stats.pt"
+
+
+def save_latent_stats(path, mean: torch.Tensor, std: torch.Tensor) -> Path:
+    """Writes LightningDiT's layout {"mean", "std"}, each (1, C, 1, 1) float32, atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"mean": mean.detach().float().cpu().reshape(1, -1, 1, 1).clone(),
+               "std": std.detach().float().cpu().reshape(1, -1, 1, 1).clone()}
+    with atomic_open(path) as handle:
+        torch.save(tensors, handle)
+    return path
 
 
 class RunningChannelStats:
@@ -59,7 +63,7 @@ class RunningChannelStats:
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each (1, C, 1, 1) float32; std is unbiased (divides by M - 1), as torch.std."""
         if self.count < 2:
-            raise LatentCacheError("latent statistics need at least two latent values per channel; use more images.")
+            raise ValueError("latent statistics need at least two latent values per channel; use more images.")
         mean = self.total / self.count
         variance = (self.total_sq - self.count * mean.square()) / (self.count - 1)
         std = variance.clamp_min(0).sqrt()
@@ -74,8 +78,11 @@ def chosen_indices(num_items: int, max_samples: Optional[int], seed: int) -> lis
     return sorted(order[:max_samples].tolist())
 
 
-def latent_samples(dataset: LatentCacheDataset, indices: Iterable[int], seed: int, batch: int = 256):
-    """Yields (n, C, h, w) UNnormalised posterior samples of the un-flipped images at `indices`."""
+def latent_samples(dataset, indices: Iterable[int], seed: int, batch: int = 256):
+    """Yields (n, C, h, w) UNnormalised posterior samples of the un-flipped images at `indices`.
+
+    dataset: a `util.latent_cache.LatentCacheDataset` (its `moments(index, flip)` gives mean, logvar).
+    """
     chunk = []
     for index in indices:
         mean, logvar = dataset.moments(index, flip=0)
@@ -88,49 +95,14 @@ def latent_samples(dataset: LatentCacheDataset, indices: Iterable[int], seed: in
         yield torch.stack(chunk)
 
 
-def compute_latent_stats(cache_dir, max_samples: Optional[int] = OFFICIAL_MAX_SAMPLES, seed: int = 0,
+def compute_latent_stats(dataset, max_samples: Optional[int] = OFFICIAL_MAX_SAMPLES, seed: int = 0,
                          rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None,
-                         show_progress: bool = True) -> ChannelNorm:
-    """Per-channel statistics of the cache's latents; every rank must call this (one all-reduce)."""
-    dataset = LatentCacheDataset(cache_dir)
+                         show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (1, C, 1, 1), of the cache's latents; every rank must call this (one all-reduce)."""
     indices = chosen_indices(len(dataset), max_samples, seed)
     stats = RunningChannelStats(int(dataset.manifest["channels"]))
     mine = indices[rank::world_size]
     for latents in progress(latent_samples(dataset, mine, seed), rank == 0 and show_progress, desc="latent stats"):
         stats.update(latents)
     stats.all_reduce(device)
-    mean, std = stats.mean_std()
-    return ChannelNorm(mean, std)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Per-channel latent statistics (latents_stats.pt) from a latent cache")
-    parser.add_argument("--cached_path", required=True, help="a finished latent cache (python -m util.latent_cache)")
-    parser.add_argument("--max_samples", type=int, default=OFFICIAL_MAX_SAMPLES,
-                        help="images used (random choice, LightningDiT: 10000); 0 = every image")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help=f"default: <cached_path>/{LATENT_STATS_FILENAME}")
-    parser.add_argument("--device", default="cpu", help="device for the all-reduce (cuda under NCCL)")
-    return parser
-
-
-def main(args) -> Path:
-    env = init_distributed(args.device)
-    try:
-        norm = compute_latent_stats(args.cached_path, args.max_samples or None, args.seed, env.rank,
-                                    env.world_size, env.device)
-        output = Path(args.output) if args.output else Path(args.cached_path) / LATENT_STATS_FILENAME
-        if env.is_main:
-            norm.save(output)
-            print(f"latent statistics of {args.cached_path} -> {output}: mean {norm.mean.flatten()[:4].tolist()}..., "
-                  f"std {norm.std.flatten()[:4].tolist()}...")
-        return output
-    finally:
-        cleanup()
-
-
-if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (LatentCacheError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    return stats.mean_std()
