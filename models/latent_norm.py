@@ -18,11 +18,10 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from util.errors import UserError
 from util.latent_stats import LATENT_STATS_FILENAME
 
-
-class LatentStatsError(ValueError):
-    """A latent statistics file is missing or not of the {"mean", "std"} per-channel form."""
+LatentStatsError = UserError  # a statistics file that is missing or not {"mean", "std"} per channel (util/errors.py)
 
 
 class ChannelNorm(nn.Module):

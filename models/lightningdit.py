@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import MODEL_SIZES, DiT, check_sizes
+from models.dit import DiT, check_sizes
 from models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, VisionRotaryEmbeddingFast
+from models.sizes import TRANSFORMER_SIZES
 
 
 def modulate(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -147,8 +148,8 @@ class LightningDiT(DiT):
 # Presets: the official names (plus L/1, which the table needs and the official file lacks)
 # --------------------------------------------------------------------------------------
 
-# name -> (hidden_size, depth, num_heads); B/L/XL are DiT's sizes, 1p0B/1p6B LightningDiT's larger ones.
-LIGHTNINGDIT_SIZES = {**{s: MODEL_SIZES[s] for s in ("B", "L", "XL")}, "1p0B": (1536, 24, 24), "1p6B": (1792, 28, 28)}
+# name -> (hidden_size, depth, num_heads) from the shared table: DiT's B/L/XL and LightningDiT's 1p0B/1p6B.
+LIGHTNINGDIT_SIZES = {size: tuple(TRANSFORMER_SIZES[size]) for size in ("B", "L", "XL", "1p0B", "1p6B")}
 
 
 def _preset(size: str, patch_size: int):

@@ -21,6 +21,9 @@ TRANSFORMER_SIZES = {
     "L": TransformerSize(1024, 24, 16),
     "XL": TransformerSize(1152, 28, 16),
     "H": TransformerSize(1280, 32, 16),
+    # LightningDiT's larger sizes (hustvl/LightningDiT presets LightningDiT-1p0B/1p6B).
+    "1p0B": TransformerSize(1536, 24, 24),
+    "1p6B": TransformerSize(1792, 28, 28),
 }
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from util.checkpoint import atomic_open
-from util.logging import progress
+from util.run_log import progress
 from util.rng import sample_generator
 
 OFFICIAL_MAX_SAMPLES = 10000
