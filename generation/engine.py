@@ -50,7 +50,8 @@ class TrainStep:
     def __init__(self, network: nn.Module, model: nn.Module, ema: nn.Module, objective: Objective,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                  precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None,
-                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema):
+                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema,
+                 max_grad_norm: Optional[float] = None):
         self.network = network
         self.model = model
         self.ema = ema
@@ -62,6 +63,7 @@ class TrainStep:
         self.ema_decay = ema_decay
         self.codec = codec
         self.ema_update = ema_update  # scripts/benchmark.py swaps in official DiT's per-parameter loop
+        self.max_grad_norm = max_grad_norm  # LightningDiT's optional `max_grad_norm` (None: no clipping, as DiT)
 
     def model_fn(self, *args, **kwargs) -> torch.Tensor:
         """The network under autocast, returned in fp32 so the objective's loss math stays fp32."""
@@ -86,6 +88,9 @@ class TrainStep:
         loss = self.objective.loss(self.model_fn, latents, batch["y"], bundle).mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema_update(self.ema, self.model, self.ema_decay)

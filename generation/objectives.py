@@ -1,8 +1,9 @@
-"""The two generative objectives behind one interface, so `generation/engine.py` has one loop.
+"""The generative objectives behind one interface, so `generation/engine.py` has one loop.
 
 DiT trains with Gaussian diffusion (1000-step linear schedule, learned sigma, MSE + VB hybrid loss);
-SiT trains with stochastic interpolants (`generation/transport`). The model name's prefix picks one
-(`build_objective`). Neither objective draws random numbers itself: every random quantity of a
+SiT trains with stochastic interpolants (`generation/transport`); LightningDiT with SiT's Linear/velocity
+transport plus its logit-normal times and cosine loss. The model name's prefix picks one
+(`build_objective`). No objective draws random numbers itself: every random quantity of a
 training sample (timestep, Gaussian noise, label dropout) arrives in a `NoiseBundle` that the data
 pipeline drew from the sample's own generator (see `generation/train_data.py`), so a batch's loss does
 not depend on the world size or on where a run was resumed.
@@ -18,6 +19,7 @@ import torch.nn as nn
 from generation.diffusion import create_diffusion
 from generation.sampling import diffusion_sampler, transport_sampler
 from generation.transport import create_transport
+from generation.transport.lightning_recipe import LIGHTNINGDIT_SAMPLING, logit_normal_from_uniform, velocity_cosine_loss
 from util.errors import UserError
 
 ModelFn = Callable[..., torch.Tensor]
@@ -117,19 +119,73 @@ class TransportObjective(Objective):
         return sample_fn(model_fn, z, model_kwargs, None)
 
 
+class LightningObjective(TransportObjective):
+    """LightningDiT: SiT's Linear / velocity transport with its transport flags use_lognorm and use_cosine_loss.
+
+    With use_lognorm the per-sample uniform u becomes t = sigmoid(Phi^-1(u)), the logit-normal law the official
+    `Transport.sample` draws with scipy (here from the sample's own generator, so batches stay independent of
+    the world size and resume point); with use_cosine_loss the per-sample loss is MSE + (1 - cos) of the
+    velocity, whose batch mean is the official mean(MSE) + mean(cosine). Previews sample with the Euler ODE
+    on the shifted grid (timestep_shift).
+    """
+
+    name = "lightning"
+
+    def __init__(self, num_classes: int, use_lognorm: bool = True, use_cosine_loss: bool = True,
+                 timestep_shift: float = LIGHTNINGDIT_SAMPLING["timestep_shift"], path_type: str = "Linear",
+                 prediction: str = "velocity", train_eps: Optional[float] = None, sample_eps: Optional[float] = None):
+        super().__init__(num_classes, path_type, prediction, None, train_eps, sample_eps)
+        if use_cosine_loss and prediction != "velocity":
+            raise UserError("the cosine loss compares velocities; use --prediction velocity with it (LightningDiT's "
+                             "setting).")
+        self.use_lognorm = use_lognorm
+        self.use_cosine_loss = use_cosine_loss
+        self.timestep_shift = timestep_shift
+
+    def loss(self, model_fn, latents, labels, bundle):
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
+        u = logit_normal_from_uniform(bundle.u) if self.use_lognorm else bundle.u
+        terms = self.transport.training_losses(
+            model_fn, latents, model_kwargs=dict(y=labels, force_drop_ids=bundle.drop), t=u * (t1 - t0) + t0,
+            x0=bundle.noise)
+        if not self.use_cosine_loss:
+            return terms["loss"]
+        return terms["loss"] + velocity_cosine_loss(terms["pred"], terms["target"])
+
+    def _sample_from(self, model_fn, z, model_kwargs, num_steps):
+        sample_fn = transport_sampler(self.transport, mode="ODE", num_steps=num_steps, sampling_method="euler",
+                                      timestep_shift=self.timestep_shift)
+        return sample_fn(model_fn, z, model_kwargs, None)
+
+
 def objective_family(model_name: str) -> str:
-    """'DiT-XL/2' -> 'diffusion', 'SiT-B/2-VAE-simple' -> 'transport'; anything else is a user error."""
+    """'DiT-XL/2' -> 'diffusion', 'SiT-B/2-VAE-simple' -> 'transport', 'LightningDiT-XL/1' -> 'lightning' (a
+    transport objective with LightningDiT's options); anything else is a user error."""
     if model_name.startswith("DiT-"):
         return "diffusion"
     if model_name.startswith("SiT-"):
         return "transport"
-    raise UserError(f"--model {model_name!r} names neither a DiT nor a SiT; use a name starting with 'DiT-' or 'SiT-'.")
+    if model_name.startswith("LightningDiT-"):
+        return "lightning"
+    raise UserError(f"--model {model_name!r} names neither a DiT, a SiT nor a LightningDiT; use a name starting with "
+                    f"'DiT-', 'SiT-' or 'LightningDiT-'.")
 
 
 def build_objective(model_name: str, num_classes: int, path_type: str = "Linear", prediction: str = "velocity",
                     loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
-                    sample_eps: Optional[float] = None) -> Objective:
-    """The model name's prefix picks the objective; SiT's transport flags only matter for SiT."""
-    if objective_family(model_name) == "diffusion":
+                    sample_eps: Optional[float] = None, use_lognorm: bool = False, use_cosine_loss: bool = False,
+                    timestep_shift: float = 0.0) -> Objective:
+    """The model name's prefix picks the objective; the transport flags matter for SiT and LightningDiT,
+    use_lognorm / use_cosine_loss / timestep_shift for LightningDiT only (off by default, as its code)."""
+    family = objective_family(model_name)
+    if family != "lightning" and (use_lognorm or use_cosine_loss):
+        raise UserError(f"--use-lognorm / --use-cosine-loss are LightningDiT's transport options but --model is "
+                        f"{model_name}; drop them or pick a LightningDiT-* model.")
+    if family == "diffusion":
         return DiffusionObjective(num_classes)
+    if family == "lightning":
+        if loss_weight is not None:
+            raise UserError("--loss-weight does not apply to LightningDiT (velocity prediction); drop it.")
+        return LightningObjective(num_classes, use_lognorm, use_cosine_loss, timestep_shift, path_type, prediction,
+                                  train_eps, sample_eps)
     return TransportObjective(num_classes, path_type, prediction, loss_weight, train_eps, sample_eps)

@@ -33,8 +33,8 @@ from generation.objectives import objective_family
 from generation.sampling import (Guidance, ImageGenerator, check_sample_folder,
                                  create_npz_from_sample_folder, diffusion_sampler, sample_to_folder,
                                  transport_sampler)
-from generation.train_utils import (TRANSPORT_FLAGS, add_flags, build_model, build_vae, check_model_args,
-                                    check_vae_args, none_or_str)
+from generation.train_utils import (LIGHTNINGDIT_MODEL_FLAGS, TRANSPORT_FLAGS, add_flags, build_model, build_vae,
+                                    check_model_args, check_vae_args, none_or_str)
 from generation.transport import create_transport
 from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
@@ -89,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only where LO <= t <= HI, in the model's t units (DiT 0..999, SiT 0..1, 1 = data)")
     # This re-implementation's additions.
-    add_flags(parser, "--vae-version", "--vae-path", "--device")
+    add_flags(parser, "--vae-version", "--vae-path", "--latent-stats", "--device")
+    add_flags(parser, *LIGHTNINGDIT_MODEL_FLAGS, "--timestep-shift")
     add_precision_arg(parser, "--precision", default="fp32")
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
@@ -118,9 +119,12 @@ def check_args(args) -> dict:
     family = objective_family(args.model)
     if family == "diffusion" and args.mode is not None:
         raise UserError(f"mode {args.mode} is a SiT sampler but --model is {args.model}; drop it (DiT uses --sampler).")
-    if family == "transport" and args.sampler is not None:
+    if family != "diffusion" and args.sampler is not None:
         raise UserError(f"--sampler is a DiT flag but --model is {args.model}; use ODE or SDE mode for SiT.")
-    if family == "transport":
+    if args.timestep_shift != 0 and (family == "diffusion" or (args.mode or "ODE") != "ODE"):
+        raise UserError("--timestep-shift warps the ODE sampler's time grid; use it with ODE mode of a SiT or "
+                        "LightningDiT model.")
+    if family != "diffusion":
         methods = ODE_METHODS if (args.mode or "ODE") == "ODE" else SDE_METHODS
         if args.sampling_method is not None and args.sampling_method not in methods:
             raise UserError(f"--sampling-method {args.sampling_method} is not an {args.mode or 'ODE'} method; "
@@ -197,7 +201,7 @@ def build_sample_fn(args, model):
     sample_fn = transport_sampler(transport, mode, args.num_sampling_steps, args.sampling_method, atol=args.atol,
                                   rtol=args.rtol, reverse=args.reverse, diffusion_form=args.diffusion_form,
                                   diffusion_norm=args.diffusion_norm, last_step=args.last_step,
-                                  last_step_size=args.last_step_size)
+                                  last_step_size=args.last_step_size, timestep_shift=args.timestep_shift)
     return sample_fn, mode == "SDE"
 
 

@@ -1,4 +1,4 @@
-"""Trains a DiT or SiT on VAE latents, from scratch or initialised from a USP checkpoint (`--finetune`).
+"""Trains a DiT, SiT or LightningDiT on VAE latents, from scratch or from a USP checkpoint (`--finetune`).
 
     torchrun --nproc_per_node=8 -m generation.train --model DiT-XL/2-VAE-simple --data-path /data/imagenet/train \
         --finetune usp_pretrain.pth --image-size 256 --global-batch-size 256 --max-steps 400000
@@ -27,8 +27,9 @@ from generation.engine import LoopState, TrainStep, train_loop
 from generation.eval_hooks import SampleGridHook, fid_eval_hook
 from generation.objectives import build_objective
 from generation.train_data import GenerationTrainSet
-from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, TRANSPORT_FLAGS, add_flags, build_model, build_vae,
-                                    check_model_args, check_vae_args, none_or_str, vae_source)
+from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT_MODEL_FLAGS, TRANSPORT_FLAGS, add_flags,
+                                    build_latent_norm, build_model, build_vae, check_model_args, check_vae_args,
+                                    none_or_str, vae_source)
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from models.vae import vae_identity
@@ -50,7 +51,9 @@ from util.sampler import ResumableDistributedSampler
 __all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "build_vae", "get_args_parser", "main",
            "none_or_str", "setup", "train"]
 RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
-                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps",
+                     "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_lognorm",
+                     "use_cosine_loss", "latent_stats")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,7 +89,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     # SiT's transport flags (ignored for DiT).
     add_flags(parser, *TRANSPORT_FLAGS)
     # This re-implementation's additions.
-    add_flags(parser, "--vae-version", "--vae-path")
+    add_flags(parser, "--vae-version", "--vae-path", "--latent-stats")
+    # LightningDiT (hustvl/LightningDiT config keys): block switches, transport options, optimizer.
+    add_flags(parser, *LIGHTNINGDIT_MODEL_FLAGS)
+    parser.add_argument("--use-lognorm", action="store_true", help="LightningDiT: logit-normal training times")
+    parser.add_argument("--use-cosine-loss", action="store_true",
+                        help="LightningDiT: add 1 - cos(v_pred, v) to the velocity MSE")
+    add_flags(parser, "--timestep-shift")
+    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (DiT/SiT: 0.999; LightningDiT: 0.95)")
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="clip the gradient norm to this value (default: no clipping, as DiT/SiT)")
     parser.add_argument("--cached-path", type=str, default=None, help="latent cache from util/latent_cache.py")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpointing)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
@@ -118,6 +130,10 @@ def check_args(args) -> dict:
     for flag in ("global_batch_size", "log_every", "epochs", "eval_images", "num_sampling_steps"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+    if not 0 < args.beta2 < 1:
+        raise UserError(f"--beta2 must be in (0, 1), got {args.beta2}.")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise UserError(f"--max-grad-norm must be positive, got {args.max_grad_norm}.")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, got {args.max_steps}.")
     for flag in ("fid_ref_batch", "inception_weights"):
@@ -171,7 +187,9 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
         # learns another distribution than the one the EMA previews decode.
         expect = dict(image_size=args.image_size, vae_version=args.vae_version, crop="center",
                       vae_identity=vae_identity(args.vae_version, vae_source(args)))
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed)
+        latent_norm = build_latent_norm(args)
+        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
+                                  normalize=latent_norm.normalize if latent_norm is not None else None)
         classes, source = base.manifest["classes"], args.cached_path
     else:
         folder = build_image_folder(args.data_path)
@@ -252,7 +270,8 @@ def setup(args) -> Run:
         report = transfer_pretrained(model, args.finetune, use_pretrain_layer=args.use_pretrain_layer)
     model = model.to(device)
     objective = build_objective(args.model, args.num_classes, args.path_type, args.prediction, args.loss_weight,
-                                args.train_eps, args.sample_eps)
+                                args.train_eps, args.sample_eps, use_lognorm=args.use_lognorm,
+                                use_cosine_loss=args.use_cosine_loss, timestep_shift=args.timestep_shift)
     needs_vae = args.cached_path is None or args.eval_every > 0
     codec = build_vae(args, device) if needs_vae else None
 
@@ -262,7 +281,8 @@ def setup(args) -> Run:
     ema = deepcopy(model)
     requires_grad(ema, False)
     ema.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, betas=(0.9, args.beta2),
+                                  fused=device.type == "cuda")
     scaler = make_grad_scaler(device, args.precision)
     state = LoopState()
     if checkpoint is not None:
@@ -279,7 +299,8 @@ def setup(args) -> Run:
     if args.compile:
         network = torch.compile(network)
     step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
-                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None)
+                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None,
+                        max_grad_norm=args.max_grad_norm)
     loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
     experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,

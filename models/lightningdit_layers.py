@@ -1,6 +1,6 @@
 """Building blocks of LightningDiT (Yao et al., "Reconstruction vs. Generation", hustvl/LightningDiT).
 
-Shared by `models.lightningdit` (the diffusion transformer) and `models.mae_lightningdit` (USP's
+Shared by `models.lightningdit` (the diffusion transformer), `models.mae.MaskedAutoencoderLightningDiT` (USP's
 masked latent model whose encoder blocks are these), so an encoder block and a LightningDiT block
 hold the same tensors under the same names:
 

@@ -10,7 +10,7 @@ What moves where:
   norm                                  - (final layer is adaLN)          norm (cls-token head) | - (global pool)
   decoder_*, mask_token                 -                                 -
 LightningDiT (a DiT) takes the same mapping from a USP encoder built of LightningDiT blocks
-(`models.mae_lightningdit`): blocks.i.{norm1,attn,norm2,mlp.w12,mlp.w3} load one for one. A checkpoint
+(`models.mae.MaskedAutoencoderLightningDiT`): blocks.i.{norm1,attn,norm2,mlp.w12,mlp.w3} load one for one. A checkpoint
 whose blocks are of another family (a ViT encoder's GELU MLP and LayerNorm biases) is refused for
 LightningDiT rather than half-loaded. Fixed tables the model builds itself (LightningDiT's RoPE
 `feat_rope.*` buffers) are listed in a note, not as newly initialised weights.

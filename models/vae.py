@@ -257,18 +257,21 @@ def _resolve_ldm_path(vae_version: str, vae_path) -> Path:
     return path
 
 
-def _latent_norm(vae_version: str, spec: LatentSpec, weights: Optional[Path], latent_stats,
-                 require_stats: bool) -> ChannelNorm:
+def load_latent_norm(vae_version: str, vae_path=None, latent_stats=None, require_stats: bool = True,
+                     spec: Optional[LatentSpec] = None) -> ChannelNorm:
     """The codec's normalisation: one scale factor, or VA-VAE's per-channel statistics.
 
     latent_stats: a latents_stats.pt path or a ChannelNorm; None looks for latents_stats.pt beside the
-    weights. Without statistics and with require_stats=False the latents stay unnormalised (times the
-    multiplier), which is what computing the statistics needs.
+    weights (`vae_path`, a file or its folder). Without statistics and with require_stats=False the latents
+    stay unnormalised (times the multiplier), which is what computing the statistics needs. Needs no VAE
+    weights loaded, so training from a latent cache normalises without the autoencoder.
     """
+    spec = spec or get_latent_spec(vae_version)
     if isinstance(latent_stats, ChannelNorm):
         return latent_stats
     path = None
     if vae_version in PER_CHANNEL_CODECS:
+        weights = _resolve_ldm_path(vae_version, vae_path) if latent_stats is None else None
         path = Path(latent_stats) if latent_stats is not None else weights.parent / LATENT_STATS_FILENAME
     if path is None or (not path.is_file() and not require_stats):
         return ChannelNorm.scalar(spec.scale, spec.channels)
@@ -335,7 +338,7 @@ class LatentCodec(nn.Module):
         scale:    overrides the spec's latent scale (e.g. one measured on the data as 1 / std); d8 defaults
                   to the folder's config.json `scaling_factor` (0.18215 for SD-VAE and untouched configs);
                   for VA-VAE it is LightningDiT's `latent_multiplier` (1.0).
-        latent_stats, require_stats: VA-VAE's per-channel statistics (see `_latent_norm`).
+        latent_stats, require_stats: VA-VAE's per-channel statistics (see `load_latent_norm`).
         """
         spec = get_latent_spec(vae_version)
         weights = None
@@ -349,7 +352,7 @@ class LatentCodec(nn.Module):
             scale = scale if scale is not None else autoencoder.config.get("scaling_factor")
         if scale is not None:
             spec = dataclasses.replace(spec, scale=float(scale))
-        codec = cls(autoencoder, spec, _latent_norm(vae_version, spec, weights, latent_stats, require_stats))
+        codec = cls(autoencoder, spec, load_latent_norm(vae_version, weights, latent_stats, require_stats, spec))
         return codec.to(device) if device is not None else codec
 
     def to(self, *args, **kwargs):

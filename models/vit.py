@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from models.latent_spec import get_latent_spec
 from models.sizes import size_kwargs
+from models.vit_lightningdit import LIGHTNINGDIT_VIT_MODELS
 from util.errors import UserError
 
 
@@ -88,6 +89,7 @@ LATENT_MODELS = {
     "vit_base_patch16_vae": vit_base_patch16_vae,
     "vit_large_patch16_vae": vit_large_patch16_vae,
     "vit_xlarge_patch16_vae": vit_xlarge_patch16_vae,
+    **LIGHTNINGDIT_VIT_MODELS,  # classifiers on LightningDiT blocks, for the lightningdit_*_patch_vae encoders
 }
 VIT_MODEL_NAMES = sorted([*PIXEL_MODELS, *LATENT_MODELS])
 

@@ -1,6 +1,6 @@
 """Classifier on LightningDiT blocks, for fine-tuning and linear probing a USP encoder of LightningDiT blocks.
 
-The counterpart of `models.vit` for `models.mae_lightningdit`: the same tensor names as the USP encoder
+The counterpart of `models.vit` for `models.mae.MaskedAutoencoderLightningDiT`: the same tensor names as the USP encoder
 (cls_token, pos_embed (1, 1 + L, D), patch_embed.proj, blocks.i.*, norm) plus MAE's classifier parts
 (fc_norm with global_pool, head), so `models.transfer.transfer_pretrained` loads the encoder into it
 as it does for the ViT. The blocks see the full token grid with 2-D RoPE (cls token unrotated), as the
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import PatchEmbed, get_2d_sincos_pos_embed
-from models.lightningdit import LIGHTNINGDIT_SIZES
+from models.sizes import TRANSFORMER_SIZES
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, apply_rope, rope_tables
 
 
@@ -34,7 +34,7 @@ class LightningViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth (timm)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth (timm's linspace)
         self.blocks = nn.ModuleList([
             LightningEncoderBlock(embed_dim, num_heads, mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu,
                                   use_rmsnorm=use_rmsnorm, drop_path=rate)
@@ -83,7 +83,7 @@ class LightningViT(nn.Module):
 
 
 def _preset(size: str):
-    hidden_size, depth, num_heads = LIGHTNINGDIT_SIZES[size]
+    hidden_size, depth, num_heads = TRANSFORMER_SIZES[size]
 
     def build(**kwargs):
         return LightningViT(**{"embed_dim": hidden_size, "depth": depth, "num_heads": num_heads, **kwargs})

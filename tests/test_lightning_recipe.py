@@ -75,10 +75,9 @@ def test_logit_normal_from_uniform_is_the_normal_quantile_through_a_sigmoid():
 
 
 def test_lightning_objective_loss_is_mse_plus_cosine():
-    from generation.objective_lightning import LightningObjective
-    from generation.objectives import NoiseBundle
+    from generation.objectives import LightningObjective, NoiseBundle
 
-    objective = LightningObjective(num_classes=5)
+    objective = LightningObjective(num_classes=5, use_lognorm=True, use_cosine_loss=True)
     latents = torch.randn(2, 4, 2, 2)
     bundle = NoiseBundle(u=torch.tensor([0.5, 0.8413447]), noise=torch.randn(2, 4, 2, 2), drop=torch.zeros(2).long())
     prediction = torch.randn(2, 4, 2, 2)

@@ -5,7 +5,7 @@ import torch
 
 from models.lightningdit import LightningDiT
 from models.mae import MaskedAutoencoderViT
-from models.mae_lightningdit import LIGHTNINGDIT_MAE_MODELS, MaskedAutoencoderLightningDiT
+from models.mae import LATENT_MODELS, MaskedAutoencoderLightningDiT
 from models.transfer import TransferError, transfer_pretrained
 
 TINY_ENC = dict(img_size=4, patch_size=1, in_chans=32, embed_dim=32, depth=2, num_heads=2,
@@ -83,7 +83,7 @@ def test_vit_encoder_is_refused_for_lightningdit():
 
 def test_presets_match_lightningdit_sizes():
     with torch.device("meta"):
-        encoder = LIGHTNINGDIT_MAE_MODELS["lightningdit_xlarge_patch_vae"][0]()
+        encoder = LATENT_MODELS["lightningdit_xlarge_patch_vae"][0]()
         model = LightningDiT(input_size=16, patch_size=1, in_channels=32, use_swiglu=True, use_rope=True,
                              use_rmsnorm=True)
     target = model.state_dict()

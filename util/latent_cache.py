@@ -15,6 +15,7 @@ draws the posterior noise from `sample_generator(seed, epoch, index)`.
 
 CLI (under torchrun or alone):
   python -m util.latent_cache --data_path DIR --cached_path OUT --vae_version d8 --vae_path VAE --input_size 256
+  [--latent_stats]   also write OUT/latents_stats.pt (per-channel statistics for VA-VAE, see util/latent_stats.py)
 """
 import argparse
 import hashlib
@@ -36,6 +37,7 @@ from util.checkpoint import atomic_open
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
+from util.latent_stats import LATENT_STATS_FILENAME, OFFICIAL_MAX_SAMPLES, compute_latent_stats, save_latent_stats
 from util.run_log import progress
 from util.rng import sample_generator
 
@@ -185,12 +187,14 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     The flip (50%) and the posterior noise come from `sample_generator(seed, epoch, index)`;
     `use_mean=True` returns the scaled posterior mean instead of a sample (USP pretraining).
+    `normalize` maps raw latents to what the network sees; default: times the manifest's scale (SD-VAE,
+    KL-16); VA-VAE passes its per-channel `ChannelNorm.normalize` (models/latent_norm.py).
     `expect` holds manifest values this run needs (e.g. {"image_size": 256, "vae_version": "d8",
     "vae_identity": ...}); any difference is refused with one sentence naming it.
     """
 
     def __init__(self, cache_dir, expect: dict | None = None, use_mean: bool = False, seed: int = 0,
-                 random_flip: bool = True):
+                 random_flip: bool = True, normalize=None):
         self.cache_dir = Path(cache_dir)
         manifest = read_manifest(self.cache_dir)
         if not manifest.get("complete"):
@@ -202,6 +206,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                                    "extract a cache for these settings or change the run's flags.")
         self.manifest = manifest
         self.scale = float(manifest["scale"])
+        self.normalize = normalize
         self.shard_size = int(manifest["shard_size"])
         self.use_mean = use_mean
         self.seed = seed
@@ -240,15 +245,17 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             latents = mean
         else:
             latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
-        return latents * self.scale, int(self.labels[index]), index
+        latents = self.normalize(latents[None])[0] if self.normalize is not None else latents * self.scale
+        return latents, int(self.labels[index]), index
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Extract a latent cache (posterior moments of each image and its flip)")
     parser.add_argument("--data_path", required=True, help="ImageFolder root (<class>/<image>)")
     parser.add_argument("--cached_path", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16"])
-    parser.add_argument("--vae_path", default=None, help="d8: diffusers folder or hub id; d16: kl16.ckpt")
+    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16", "vavae_f16d32"])
+    parser.add_argument("--vae_path", default=None,
+                        help="d8: diffusers folder or hub id; d16: kl16.ckpt; vavae_f16d32: the VA-VAE .pt (or folder)")
     parser.add_argument("--input_size", type=int, default=256, help="image size (divisible by the VAE factor)")
     parser.add_argument("--crop", default="center", choices=sorted(CROPS))
     parser.add_argument("--batch_size", type=int, default=64, help="images per encoder call per rank")
@@ -256,6 +263,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
+    parser.add_argument("--latent_stats", action="store_true",
+                        help=f"then compute per-channel statistics into <cached_path>/{LATENT_STATS_FILENAME} "
+                             f"(LightningDiT's latent_norm, for VA-VAE users without the released file)")
+    parser.add_argument("--stats_max_samples", type=int, default=OFFICIAL_MAX_SAMPLES,
+                        help="images the statistics use (a seeded random choice, as LightningDiT); 0 = all")
     return parser
 
 
@@ -268,13 +280,22 @@ def main(args) -> dict:
     build_image_folder(args.data_path)
     env = init_distributed(args.device)
     try:
-        codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device)
-        return extract_latent_cache(
+        # The cache stores raw posterior moments, so VA-VAE's statistics are not needed to extract it.
+        codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device, require_stats=False)
+        manifest = extract_latent_cache(
             args.data_path, args.cached_path, codec, args.input_size, crop=args.crop, batch_size=args.batch_size,
             dist=env, num_workers=args.num_workers, shard_size=args.shard_size,
             vae_identity=vae_identity(args.vae_version, args.vae_path), vae_version=args.vae_version,
             strict=args.strict_data,
         )
+        if args.latent_stats:
+            mean, std = compute_latent_stats(LatentCacheDataset(args.cached_path), args.stats_max_samples or None,
+                                             rank=env.rank, world_size=env.world_size, device=env.device)
+            if env.is_main:
+                path = save_latent_stats(Path(args.cached_path) / LATENT_STATS_FILENAME, mean, std)
+                print(f"latent statistics -> {path} (mean {mean.flatten()[:3].tolist()}..., "
+                      f"std {std.flatten()[:3].tolist()}...)")
+        return manifest
     finally:
         cleanup()
 
