@@ -53,10 +53,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--model_kwargs", default="{}", type=str,
                         help='JSON dict of preset overrides, e.g. \'{"embed_dim": 64, "depth": 2, "num_heads": 2}\'')
     parser.add_argument("--input_size", default=224, type=int, help="image side in pixels")
-    parser.add_argument("--vae_version", default=None, choices=["d8", "d16"],
+    parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"],
                         help="latent space of *_vae presets (default d8); not allowed for pixel presets")
     parser.add_argument("--vae_path", default=None, type=str,
-                        help="d8: diffusers AutoencoderKL folder or hub id; d16: kl16.ckpt")
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: kl16.ckpt; vavae_f16d32: the VA-VAE "
+                             ".pt (or its folder)")
+    parser.add_argument("--latent_stats", default=None, type=str,
+                        help="vavae_f16d32: latents_stats.pt (default: beside the VA-VAE weights)")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the VAE encoder (fp32 matches pretraining and the latent cache)")
     parser.add_argument("--weight_decay", type=float, default=weight_decay)
@@ -213,7 +216,8 @@ def build_models(args, dist_env, pixel: bool, head_init_std: float, adapt_vit=No
     if not pixel:
         from models.vae import LatentCodec
 
-        codec = LatentCodec.load(args.vae_version, args.vae_path, device=dist_env.device)
+        codec = LatentCodec.load(args.vae_version, args.vae_path, device=dist_env.device,
+                                 latent_stats=args.latent_stats)
     return vit, codec
 
 

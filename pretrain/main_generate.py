@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", default=8, type=int)
     parser.add_argument("--mask_ratio", default=None, type=float, help="default: the checkpoint's")
     parser.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's")
-    parser.add_argument("--vae_version", default=None, choices=["d8", "d16"], help="default: the checkpoint's")
+    parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"], help="default: the checkpoint's")
     parser.add_argument("--vae_path", default=None, help="default: the checkpoint's --vae_path")
     parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
     parser.add_argument("--device", default="cuda")

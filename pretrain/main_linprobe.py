@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_train_dataset(args, pixel: bool):
     """MAE's probe augmentation (RandomResizedCrop, bicubic + flip) on images, or the latent cache."""
     if args.use_cached:
-        from models.vae import vae_identity
+        from models.vae import PER_CHANNEL_CODECS, load_latent_norm, vae_identity
         from util.latent_cache import LatentCacheDataset
 
         if pixel:
@@ -55,7 +55,10 @@ def build_train_dataset(args, pixel: bool):
                              "(made with `python -m util.latent_cache`).")
         expect = {"image_size": args.input_size, "vae_version": args.vae_version,
                   "vae_identity": vae_identity(args.vae_version, args.vae_path)}
-        dataset = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed)
+        normalize = (load_latent_norm(args.vae_version, args.vae_path, args.latent_stats).normalize
+                     if args.vae_version in PER_CHANNEL_CODECS else None)  # VA-VAE: per-channel statistics
+        dataset = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed,
+                                     normalize=normalize)
         if len(dataset.manifest["classes"]) != args.nb_classes:
             raise UsageError(f"--nb_classes {args.nb_classes} does not match the {len(dataset.manifest['classes'])} "
                              f"classes of the latent cache {args.cached_path}; pass --nb_classes "

@@ -24,7 +24,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from models.mae import create_mae, is_pixel_model
-from models.vae import LatentCodec, vae_identity
+from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
 from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.cli import parse_json_object
@@ -70,10 +70,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm_image", action="store_true", help="standardise each input/target per sample")
     parser.add_argument("--add_noise", action="store_true",
                         help="feed sqrt(t) z + sqrt(1 - t) eps with t ~ U[0.5, 1) and reconstruct the clean z")
-    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16"],
-                        help="d8: SD-VAE (4 ch, /8); d16: KL-16 (16 ch, /16)")
+    parser.add_argument("--vae_version", default="d8", choices=["d8", "d16", "vavae_f16d32"],
+                        help="d8: SD-VAE (4 ch, /8); d16: KL-16 (16 ch, /16); vavae_f16d32: VA-VAE (32 ch, /16)")
     parser.add_argument("--vae_path", default=None, type=str,
-                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file")
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file; vavae_f16d32: "
+                             "the VA-VAE .pt file or its folder")
+    parser.add_argument("--latent_stats", default=None, type=str,
+                        help="vavae_f16d32: per-channel latent statistics (latents_stats.pt; default: beside the "
+                             "VA-VAE weights)")
     add_precision_arg(parser, "--precision")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the frozen VAE encoder (fp32 keeps latents identical to "
@@ -174,12 +178,20 @@ def build_dataset(args, model, pixel: bool):
         if args.vae_path:
             expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
         # USP pretrains on the posterior mean; the cache picks the flip per (epoch, index).
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed)
+        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed,
+                                  normalize=cache_normalizer(args))
     else:
         folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
         base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
     input_shape = (model.in_chans, model.img_size, model.img_size)
     return MaskedModelingDataset(base, model.patch_embed.num_patches, input_shape, args.add_noise, args.seed)
+
+
+def cache_normalizer(args):
+    """VA-VAE's per-channel normalisation of cached latents (None: the cache's one scale factor)."""
+    if args.vae_version not in PER_CHANNEL_CODECS:
+        return None
+    return load_latent_norm(args.vae_version, args.vae_path, args.latent_stats).normalize
 
 
 def build_codec(args, device, pixel: bool):
@@ -190,7 +202,7 @@ def build_codec(args, device, pixel: bool):
         raise UserError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
                          "AutoencoderKL folder such as a download of stabilityai/sd-vae-ft-ema; d16: kl16.ckpt), "
                          "or --use_cached with a latent cache.")
-    return LatentCodec.load(args.vae_version, args.vae_path, device=device)
+    return LatentCodec.load(args.vae_version, args.vae_path, device=device, latent_stats=args.latent_stats)
 
 
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
