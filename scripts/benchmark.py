@@ -41,6 +41,7 @@ from generation.objectives import NoiseBundle, build_objective
 from generation.sampling import diffusion_sampler, transport_sampler
 from generation.transport import create_transport
 from models.dit import DiT_models
+from models.lightningdit import LightningDiT_models
 from models.latent_spec import get_latent_spec
 from models.mae import create_mae
 from models.sit import SiT_models
@@ -54,7 +55,10 @@ from util.ema import update_ema
 from util.errors import UserError
 from util.precision import autocast, make_grad_scaler
 
-WORKLOADS = ("mae", "dit", "sit", "sample-ddpm", "sample-ode", "vae", "inception")
+WORKLOADS = ("mae", "dit", "sit", "lightningdit", "sample-ddpm", "sample-ode", "vae", "inception")
+# LightningDiT trains on VA-VAE latents (32 channels, factor 16) with patch 1, so LightningDiT-B/1 at a given
+# image size sees as many tokens as DiT-B/2 on SD-VAE latents; its released block switches and recipe are on.
+LIGHTNINGDIT_BLOCKS = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True)
 SIZES = ("tiny", "S", "B", "L", "XL")
 # Tiny transformer used by tests and the quick CPU preset (a DiT/MAE override, not a paper size).
 TINY_DIT = dict(hidden_size=64, depth=2, num_heads=4)
@@ -189,6 +193,19 @@ def random_codec(layout: str, vae_version: str = "d8") -> LatentCodec:
     return LatentCodec.from_autoencoder(autoencoder, spec)
 
 
+def vavae_codec(args, device: torch.device) -> LatentCodec:
+    """A random VA-VAE-layout codec (LDM ch_mult (1, 1, 2, 2, 4), 32 latent channels, attention at the lowest
+    level): width 128 as the release with `--vae sd`, width 32 with `--vae tiny`; unit per-channel statistics."""
+    from diffusers import AutoencoderKL
+
+    width = 128 if args.vae == "sd" else 32
+    autoencoder = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+                                up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+                                block_out_channels=tuple(width * m for m in (1, 1, 2, 2, 4)), layers_per_block=2,
+                                latent_channels=32, norm_num_groups=32)
+    return LatentCodec.from_autoencoder(autoencoder, get_latent_spec("vavae_f16d32")).to(device)
+
+
 def load_codec(args, device: torch.device) -> LatentCodec:
     if args.vae in VAE_LAYOUTS:
         return random_codec(args.vae, args.vae_version).to(device)
@@ -264,13 +281,15 @@ class Workload:
 # ----------------------------------------------------------------------------------------------
 
 def generation_model_name(family: str, size: str) -> str:
+    if family == "lightningdit":
+        return f"LightningDiT-{'B' if size in ('tiny', 'S') else size}/1"  # LightningDiT has no S preset
     prefix = "DiT" if family in ("dit", "sample-ddpm") else "SiT"
     return f"{prefix}-{'S' if size == 'tiny' else size}/2"
 
 
 def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], device: torch.device,
                          codec: LatentCodec, perturb: float = 0.0, ddp: bool = False) -> Workload:
-    """DiT (diffusion) / SiT (transport) training step: TrainStep with each mode's settings.
+    """DiT (diffusion) / SiT (transport) / LightningDiT training step: TrainStep with each mode's settings.
 
     The cached-latent batch is the online batch encoded once by the same VAE with the same posterior noise,
     so the two paths train on identical latents.
@@ -280,12 +299,15 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
     latent_size = spec.latent_size(args.image_size)
     latent_shape = (spec.channels, latent_size, latent_size)
     overrides = TINY_DIT if size == "tiny" else {}
+    lightning = family == "lightningdit"
+    if lightning:
+        overrides = {**overrides, **LIGHTNINGDIT_BLOCKS}
     torch.manual_seed(args.seed)
-    reference = {**DiT_models, **SiT_models}[name](input_size=latent_size, num_classes=args.num_classes,
-                                                   in_channels=spec.channels, **overrides)
+    reference = {**DiT_models, **SiT_models, **LightningDiT_models}[name](
+        input_size=latent_size, num_classes=args.num_classes, in_channels=spec.channels, **overrides)
     if perturb:
         perturb_(reference, perturb, args.seed)
-    objective = build_objective(name, args.num_classes)
+    objective = build_objective(name, args.num_classes, use_lognorm=lightning, use_cosine_loss=lightning)
 
     generator = torch.Generator().manual_seed(args.seed)
     n = args.batch_size
@@ -498,6 +520,9 @@ def build_workloads(args, modes: List[ModeConfig], device: torch.device, codec: 
             for size in args.sizes:
                 if workload in ("dit", "sit"):
                     yield build_train_workload(workload, size, args, modes, device, codec, perturb, ddp)
+                elif workload == "lightningdit":
+                    yield build_train_workload(workload, size, args, modes, device, vavae_codec(args, device),
+                                               perturb, ddp)
                 elif workload == "mae":
                     yield build_mae_workload(size, args, modes, device, codec, perturb, ddp)
                 else:
