@@ -53,7 +53,7 @@ __all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "buil
 RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
                      "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps",
                      "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_lognorm",
-                     "use_cosine_loss", "latent_stats")
+                     "use_cosine_loss", "latent_stats", "fixed_posterior_sample")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-grad-norm", type=float, default=None,
                         help="clip the gradient norm to this value (default: no clipping, as DiT/SiT)")
     parser.add_argument("--cached-path", type=str, default=None, help="latent cache from util/latent_cache.py")
+    parser.add_argument("--fixed-posterior-sample", action="store_true",
+                        help="with --cached-path: one posterior sample per image and flip for the whole run, as "
+                             "LightningDiT's extracted latents (default: a fresh sample every epoch)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpointing)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
     parser.add_argument("--ema-decay", type=float, default=0.9999)
@@ -189,7 +192,8 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
                       vae_identity=vae_identity(args.vae_version, vae_source(args)))
         latent_norm = build_latent_norm(args)
         base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
-                                  normalize=latent_norm.normalize if latent_norm is not None else None)
+                                  normalize=latent_norm.normalize if latent_norm is not None else None,
+                                  fixed_posterior=args.fixed_posterior_sample)
         classes, source = base.manifest["classes"], args.cached_path
     else:
         folder = build_image_folder(args.data_path)

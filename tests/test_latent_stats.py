@@ -57,3 +57,12 @@ def test_cache_stats_follow_the_official_algorithm(tiny_cache):
     normalised = norm.normalize(latents)
     torch.testing.assert_close(normalised.mean(dim=[0, 2, 3]), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(normalised.std(dim=[0, 2, 3]), torch.ones(4))
+
+
+def test_fixed_posterior_sample_is_the_same_every_epoch(tiny_cache):
+    fresh = LatentCacheDataset(tiny_cache, seed=3, random_flip=False)
+    fixed = LatentCacheDataset(tiny_cache, seed=3, random_flip=False, fixed_posterior=True)
+    assert not torch.equal(fresh[(0, 5)][0], fresh[(1, 5)][0])  # a new posterior sample each epoch
+    assert torch.equal(fixed[(0, 5)][0], fixed[(7, 5)][0])  # LightningDiT: one stored sample per image
+    mean, logvar = fixed.moments(5, 0)
+    assert not torch.equal(fixed[(0, 5)][0], mean * fixed.scale)  # a sample, not the mean

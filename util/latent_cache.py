@@ -42,6 +42,7 @@ from util.run_log import progress
 from util.rng import sample_generator
 
 CACHE_FORMAT = 1
+FIXED_POSTERIOR_STREAM = 0xF1C5ED  # seed offset of the epoch-independent posterior noise (fixed_posterior)
 MANIFEST = "manifest.json"
 # How an image becomes a square of `image_size` pixels before encoding.
 CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
@@ -189,12 +190,14 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     `use_mean=True` returns the scaled posterior mean instead of a sample (USP pretraining).
     `normalize` maps raw latents to what the network sees; default: times the manifest's scale (SD-VAE,
     KL-16); VA-VAE passes its per-channel `ChannelNorm.normalize` (models/latent_norm.py).
+    `fixed_posterior=True` draws each image's (and each flip's) posterior noise once, the same in every epoch,
+    as LightningDiT's extracted latents are one stored sample per image (default: a fresh sample per epoch).
     `expect` holds manifest values this run needs (e.g. {"image_size": 256, "vae_version": "d8",
     "vae_identity": ...}); any difference is refused with one sentence naming it.
     """
 
     def __init__(self, cache_dir, expect: dict | None = None, use_mean: bool = False, seed: int = 0,
-                 random_flip: bool = True, normalize=None):
+                 random_flip: bool = True, normalize=None, fixed_posterior: bool = False):
         self.cache_dir = Path(cache_dir)
         manifest = read_manifest(self.cache_dir)
         if not manifest.get("complete"):
@@ -207,6 +210,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self.manifest = manifest
         self.scale = float(manifest["scale"])
         self.normalize = normalize
+        self.fixed_posterior = fixed_posterior
         self.shard_size = int(manifest["shard_size"])
         self.use_mean = use_mean
         self.seed = seed
@@ -244,7 +248,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         if self.use_mean:
             latents = mean
         else:
-            latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+            # A fixed sample keys its noise by (image, flip) only; FIXED_POSTERIOR_STREAM keeps it apart from the flips.
+            noise_generator = (sample_generator(self.seed + FIXED_POSTERIOR_STREAM, flip, index)
+                               if self.fixed_posterior else generator)
+            latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise_generator)
         latents = self.normalize(latents[None])[0] if self.normalize is not None else latents * self.scale
         return latents, int(self.labels[index]), index
 
