@@ -65,10 +65,18 @@ def usp_checkpoint(tmp_path_factory, tiny_image_folder, vavae_dir):
     return checkpoint
 
 
-def test_latent_cache_statistics_under_torchrun_match_one_process(tiny_image_folder, vavae_dir, tmp_path):
-    common = ["-m", "util.latent_cache", "--data_path", tiny_image_folder / "train", "--vae_version",
-              "vavae_f16d32", "--vae_path", vavae_dir, "--input_size", "32", "--batch_size", "8", "--shard_size",
-              "16", "--num_workers", "0", "--device", "cpu", "--latent_stats", "--stats_max_samples", "40"]
+def test_latent_cache_statistics_under_torchrun_match_one_process(vavae_dir, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "images"  # 2 classes x 6 images: the two ranks get 3 shards of 4 between them
+    generator = np.random.default_rng(0)
+    for index in range(12):
+        folder = data / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    common = ["-m", "util.latent_cache", "--data_path", data, "--vae_version", "vavae_f16d32", "--vae_path",
+              vavae_dir, "--input_size", "32", "--batch_size", "4", "--shard_size", "4", "--num_workers", "0",
+              "--device", "cpu", "--latent_stats", "--stats_max_samples", "10"]
     run_torchrun([*common, "--cached_path", tmp_path / "two"])
     run_python([*common, "--cached_path", tmp_path / "one"])
     two, one = ChannelNorm.load(tmp_path / "two" / "latents_stats.pt"), ChannelNorm.load(tmp_path / "one" / "latents_stats.pt")
