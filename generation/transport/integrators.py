@@ -5,7 +5,10 @@ from torchdiffeq import odeint
 from .utils import randn_like
 
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-ODE_METHODS = ADAPTIVE_ODE_METHODS + ("euler", "midpoint", "heun", "heun2", "heun3", "rk4")
+# SiT passes any torchdiffeq method through: the Adams-Bashforth(-Moulton) multistep solvers and
+# SciPy's solve_ivp (scipy_solver, LSODA) are there as well.
+ODE_METHODS = ADAPTIVE_ODE_METHODS + ("euler", "midpoint", "heun", "heun2", "heun3", "rk4", "explicit_adams",
+                                      "implicit_adams", "fixed_adams", "scipy_solver")
 SDE_METHODS = ("Euler", "Heun")
 
 
@@ -22,7 +25,7 @@ class ode:
     evenly spaced times; fixed-step methods (euler, heun, rk4, ...) take exactly num_steps - 1 steps.
     """
 
-    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol):
+    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol, step_to_end=False):
         if sampler_type not in ODE_METHODS:
             raise ValueError(f"unknown ODE sampling method {sampler_type!r}; use one of {', '.join(ODE_METHODS)}.")
         if num_steps < 2:
@@ -32,6 +35,7 @@ class ode:
         self.sampler_type = "heun2" if sampler_type == "heun" else sampler_type
         self.num_steps = num_steps
         self.atol, self.rtol = atol, rtol
+        self.step_to_end = step_to_end
 
     def sample(self, x, model, **model_kwargs):
         """x (N, ...) at t0 -> trajectory (num_steps, N, ...); the last entry is the state at t1."""
@@ -41,9 +45,11 @@ class ode:
             # torchdiffeq passes a scalar time; the model wants one time per sample.
             return self.drift(state, t.expand(state.shape[0]).to(state.dtype), model, **model_kwargs)
 
-        # Adaptive solvers may otherwise step past the last time and interpolate back, evaluating the
-        # model beyond t = 1 - eps where the VP path (and noise/score conversions) are undefined.
-        options = {"step_t": times[-1:]} if self.sampler_type in ADAPTIVE_ODE_METHODS else None
+        # SiT lets an adaptive solver step past the last time and interpolate back (step_to_end=False).
+        # That evaluates the model beyond t1, where the VP path is undefined (torchdiffeq then stops with
+        # "underflow in dt"); step_to_end=True makes the last step land on t1 instead.
+        adaptive_end = self.step_to_end and self.sampler_type in ADAPTIVE_ODE_METHODS
+        options = {"step_t": times[-1:]} if adaptive_end else None
         return odeint(velocity, x, times, method=self.sampler_type, atol=self.atol, rtol=self.rtol, options=options)
 
 
