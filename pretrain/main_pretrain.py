@@ -42,10 +42,11 @@ from util.rng import gather_rng_states, restore_rank_rng, sample_generator, samp
 from util.sampler import ResumableDistributedSampler
 
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
-# Parameters that never get weight decay besides biases and norm weights (timm drops every 1-D
-# parameter): the learned tokens and the position embeddings (frozen in MAE, but listed so a
-# variant that learns them is handled the same way).
-NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# MAE/USP decay every parameter with 2+ dimensions (timm's param_groups_weight_decay with an empty
+# list): cls_token and mask_token are decayed, biases and norm weights are not. --no_decay_tokens
+# also exempts the learned tokens and position embeddings (frozen in MAE; listed so a variant that
+# learns them is handled the same way).
+TOKENS_AND_POSITIONS = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use per-patch normalised targets as the reconstruction target")
-    parser.add_argument("--norm_image", action="store_true", help="standardise each input/target per sample")
+    parser.add_argument("--norm_image", action="store_true",
+                        help="with --norm_pix_loss: normalise the target per image instead of per patch (USP)")
     parser.add_argument("--add_noise", action="store_true",
                         help="feed sqrt(t) z + sqrt(1 - t) eps with t ~ U[0.5, 1) and reconstruct the clean z")
     parser.add_argument("--vae_version", default="d8", choices=["d8", "d16"],
@@ -81,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Optimizer
     parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--no_decay_tokens", action="store_true",
+                        help="no weight decay on cls_token / mask_token (MAE and USP decay them)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
     parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
                         help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
@@ -194,8 +198,9 @@ def build_codec(args, device, pixel: bool):
 
 
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
-    """AdamW(0.9, 0.95) with no weight decay on biases, norms, tokens and position embeddings."""
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    """AdamW(0.9, 0.95); no weight decay on biases and norms (and tokens with --no_decay_tokens)."""
+    exempt = TOKENS_AND_POSITIONS if getattr(args, "no_decay_tokens", False) else ()
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=exempt)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from models.dit import DiT, DiT_models
 from models.layers import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
-from models.mae import MAE_MODEL_NAMES, MaskedAutoencoderViT, create_mae, is_pixel_model, standardize_per_sample
+from models.mae import MAE_MODEL_NAMES, MaskedAutoencoderViT, create_mae, is_pixel_model
 from models.sit import SiT, SiT_models
 from models.vit import VIT_MODEL_NAMES, VisionTransformer, create_vit
 
@@ -313,23 +313,25 @@ def test_mae_loss_is_mse_over_masked_patches_only(norm_pix_loss):
     torch.testing.assert_close(default_target_loss, ((pred - target) ** 2).mean(-1)[mask.bool()].mean())
 
 
-def test_mae_norm_image_standardises_input_and_target_per_sample():
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_mae_norm_image_follows_usp(norm_pix_loss):
+    """USP's models_mae.forward_loss: with norm_pix_loss, norm_image normalises the target per image
+    (mean, unbiased var over all patches and channels); alone it changes nothing; the input is never normalised."""
     imgs = torch.randn(2, 4, 8, 8) * torch.tensor([3.0, 0.5]).view(2, 1, 1, 1) + 2.0
-    standardized = standardize_per_sample(imgs)
-    flat = standardized.flatten(1)
-    torch.testing.assert_close(flat.mean(1), torch.zeros(2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat.var(1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
-
-    model = tiny_mae(norm_image=True)
-    plain = tiny_mae(norm_image=False)  # same seed -> same weights
+    model = tiny_mae(norm_image=True, norm_pix_loss=norm_pix_loss)
     noise = torch.rand(2, 16)
-    loss, pred, _ = model(imgs, noise=noise)
-    plain_loss, plain_pred, _ = plain(standardized, noise=noise)
-    torch.testing.assert_close(loss, plain_loss)
-    torch.testing.assert_close(pred, plain_pred)
-    target = torch.randn(2, 4, 8, 8) * 5
-    torch.testing.assert_close(model(imgs, target=target, noise=noise)[0],
-                               plain(standardized, target=standardize_per_sample(target), noise=noise)[0])
+    loss, pred, mask = model(imgs, noise=noise)
+    plain_pred = tiny_mae(norm_pix_loss=norm_pix_loss)(imgs, noise=noise)[1]  # same weights, no norm_image
+    torch.testing.assert_close(pred, plain_pred)  # the encoder saw the raw input
+    target = manual_patchify(imgs, 2)  # (N, L, D)
+    if norm_pix_loss:
+        flat = target.reshape(2, -1)
+        count = flat.shape[1]
+        mean = flat.sum(1) / count
+        var = ((flat - mean[:, None]) ** 2).sum(1) / (count - 1)
+        target = (target - mean.view(2, 1, 1)) / (var.view(2, 1, 1) + 1e-6).sqrt()
+    expected = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(loss, expected)
 
 
 def test_mae_rejects_wrong_input_and_mask_ratio():

@@ -185,17 +185,22 @@ def test_bad_input_is_one_sentence(flags, fragment, tiny_image_folder, tiny_vae_
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_no_weight_decay_on_biases_norms_tokens_and_positions():
+@pytest.mark.parametrize("no_decay_tokens", [False, True])
+def test_weight_decay_groups_follow_mae(no_decay_tokens):
+    """MAE/USP (timm param_groups_weight_decay, empty skip list): decay unless the parameter is 1-D or a bias."""
     model = create_mae("vit_base_patch_vae", 32, **TINY)
-    args = main_pretrain.get_args_parser().parse_args([])
+    args = main_pretrain.get_args_parser().parse_args(["--no_decay_tokens"] if no_decay_tokens else [])
     optimizer = main_pretrain.build_optimizer(model, args, 1e-3, torch.device("cpu"))
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    names = dict(model.named_parameters())
-    for name in ("cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_norm.bias"):
-        assert decay_of[id(names[name])] == 0.0, name
-    for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"):
-        assert decay_of[id(names[name])] == 0.05, name
-    assert id(model.pos_embed) not in decay_of  # frozen sin-cos: not optimised at all
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in decay_of, name  # frozen sin-cos position embeddings: not optimised
+            continue
+        official = 0.0 if param.ndim <= 1 or name.endswith(".bias") else 0.05
+        if no_decay_tokens and name in ("cls_token", "mask_token"):
+            official = 0.0
+        assert decay_of[id(param)] == official, name
+    assert decay_of[id(model.cls_token)] == (0.0 if no_decay_tokens else 0.05)
     assert optimizer.defaults["betas"] == (0.9, 0.95)
 
 
