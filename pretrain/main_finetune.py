@@ -7,7 +7,7 @@
 Pipeline per batch: timm's train transform on pixels (RandomResizedCrop, RandAugment, colour
 jitter, random erasing) -> Mixup/CutMix -> frozen VAE encoder (posterior mean x scale; trainable
 with --train_vae) -> ViT -> soft-target / label-smoothing cross-entropy. Layer-wise lr decay
-(timm's param_groups_layer_decay), AdamW, per-iteration warmup + cosine, optional grad clipping
+(MAE's param_groups_lrd, util/lr_decay.py), AdamW, per-iteration warmup + cosine, optional grad clipping
 and EMA. Pixel presets (vit_base_patch16, ...) skip the VAE and use ImageNet normalisation.
 """
 import argparse
@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from models.vit import is_pixel_model
@@ -28,6 +28,7 @@ from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_a
                                       build_models, build_train_loader, check_class_count, evaluate_only,
                                       guard_posterize, image_mean_std, run_main, start, train)
 from util.data import SeededDataset, build_image_folder
+from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
 
 HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wreck the pretrained features
@@ -96,13 +97,11 @@ def build_mixup(args):
 def build_optimizer(vit, codec, args, base_lr: float) -> torch.optim.Optimizer:
     """AdamW over layer-decayed ViT groups (+ the VAE encoder at full lr with --train_vae).
 
-    timm's grouping (from the ViT's group_matcher) gives stem = 0, blocks.i = i + 1, final norm /
-    fc_norm / head = depth + 1, with lr_scale = layer_decay ** (depth + 1 - layer_id): MAE's
-    param_groups_lrd. Biases, norms, pos_embed and cls_token get no weight decay.
+    MAE/USP's param_groups_lrd (util/lr_decay.py): stem = layer 0, blocks.i = i + 1, final norm /
+    fc_norm / head = depth + 1 with lr_scale 1. No weight decay on 1-D parameters, pos_embed and cls_token.
     """
-    groups = param_groups_layer_decay(vit, weight_decay=args.weight_decay,
-                                      no_weight_decay_list=list(vit.no_weight_decay()),
-                                      layer_decay=args.layer_decay)
+    groups = param_groups_lrd(vit, weight_decay=args.weight_decay, no_weight_decay_list=list(vit.no_weight_decay()),
+                              layer_decay=args.layer_decay)
     if codec is not None and args.train_vae:
         groups += param_groups_weight_decay(codec.autoencoder, weight_decay=args.weight_decay)
     return torch.optim.AdamW(groups, lr=base_lr)
