@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn as nn
-from timm.data import create_transform
+from torchvision import transforms
 from timm.optim import Lars
 
 from models.vit import is_pixel_model
@@ -28,6 +28,7 @@ from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_a
                                       image_mean_std, run_main, start, train)
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
+from util.tf_crop import RandomResizedCrop
 
 HEAD_INIT_STD = 0.01  # MAE's linear probe head init
 
@@ -62,8 +63,9 @@ def build_train_dataset(args, pixel: bool):
                              f"{len(dataset.manifest['classes'])}.")
         return dataset
     mean, std = image_mean_std(pixel)
-    transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=None,
-                                 auto_augment=None, interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
+    transform = transforms.Compose([  # MAE/USP's probe: TF-style RandomResizedCrop (bicubic) + flip
+        RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
     base = build_image_folder(args.data_path, "train")
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
     return SeededDataset(base, transform, seed=args.seed)

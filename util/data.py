@@ -81,9 +81,14 @@ def generation_transform(image_size: int) -> transforms.Compose:
 
 
 def eval_crop(input_size: int) -> transforms.Compose:
-    """Resize the short side to input_size / 0.875 (bicubic) and take the centre (MAE evaluation)."""
+    """MAE/USP evaluation: resize the short side to input_size / crop_pct (bicubic), take the centre.
+
+    crop_pct is 224 / 256 up to 224 px and 1.0 above (MAE's `build_transform`): 256 px evaluates on the
+    whole resized image, not a 256 / 0.875 = 292 px resize.
+    """
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
-        transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
     ])
 

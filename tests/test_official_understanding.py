@@ -1,0 +1,43 @@
+"""Understanding-side data behaviours against the official MAE / USP code, restated in the tests."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from util.data import eval_crop
+from util.tf_crop import RandomResizedCrop
+
+
+def mae_tf_crop_params(width, height, scale, ratio):
+    """mae/util/crop.py RandomResizedCrop.get_params, one draw, box clipped to the image."""
+    area = height * width
+    target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+    w = min(int(round(math.sqrt(target_area * aspect))), width)
+    h = min(int(round(math.sqrt(target_area / aspect))), height)
+    i = torch.randint(0, height - h + 1, size=(1,)).item()
+    j = torch.randint(0, width - w + 1, size=(1,)).item()
+    return i, j, h, w
+
+
+@pytest.mark.parametrize("size", [(97, 41), (40, 120), (64, 64)])
+def test_probe_crop_is_maes_tf_style_crop(size):
+    image = Image.new("RGB", size)
+    crop = RandomResizedCrop(16)
+    for seed in range(50):
+        torch.manual_seed(seed)
+        ours = crop.get_params(image, crop.scale, crop.ratio)
+        torch.manual_seed(seed)
+        assert ours == mae_tf_crop_params(*size, (0.08, 1.0), (3 / 4, 4 / 3))
+
+
+@pytest.mark.parametrize("input_size, resize", [(224, 256), (112, 128), (256, 256), (384, 384)])
+def test_eval_resize_uses_maes_crop_pct(input_size, resize):
+    """MAE's build_transform: crop_pct = 224/256 for input_size <= 224, else 1.0; Resize(int(size / crop_pct))."""
+    resize_step = eval_crop(input_size).transforms[0]
+    assert isinstance(resize_step, transforms.Resize) and resize_step.size == resize
+    out = eval_crop(input_size)(Image.new("RGB", (500, 400)))
+    assert out.size == (input_size, input_size)
