@@ -41,3 +41,34 @@ def test_eval_resize_uses_maes_crop_pct(input_size, resize):
     assert isinstance(resize_step, transforms.Resize) and resize_step.size == resize
     out = eval_crop(input_size)(Image.new("RGB", (500, 400)))
     assert out.size == (input_size, input_size)
+
+
+def test_imagenet_c_gaussian_noise_matches_usp():
+    """USP util/datasets.py GaussianNoise: x/255 + N(0, c), clip [0, 1], *255, astype(uint8); c[2] = 0.12."""
+    import numpy as np
+
+    from pretrain.robustness import GaussianNoise
+
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+    np.random.seed(3)
+    ours = np.asarray(GaussianNoise(2)(image))
+    np.random.seed(3)
+    x = np.asarray(image) / 255.0
+    expected = (np.clip(x + np.random.normal(size=x.shape, scale=0.12), 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(ours, expected)
+    with pytest.raises(ValueError, match="1..5"):
+        GaussianNoise(6)
+
+
+def test_t_noise_uses_the_linear_ddpm_alpha_bar():
+    from pretrain.robustness import ddpm_alpha_bar, diffuse_latents
+
+    # Hand-worked: beta_1 = 1e-4, beta_2 = 1e-4 + 0.0199 / 999.
+    beta_2 = 1e-4 + (0.02 - 1e-4) / 999
+    assert ddpm_alpha_bar(1) == pytest.approx(1 - 1e-4, rel=1e-6)
+    assert ddpm_alpha_bar(2) == pytest.approx((1 - 1e-4) * (1 - beta_2), rel=1e-6)
+    assert ddpm_alpha_bar(1000) == pytest.approx(4.04e-5, rel=0.01)  # the DDPM schedule's known end value
+    latents = torch.ones(2, 4, 3, 3)
+    noisy = diffuse_latents(latents, 0.25, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy, 0.5 * latents + 0.75 ** 0.5 * eps)
