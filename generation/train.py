@@ -83,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
+    parser.add_argument("--fid-mode", type=str, choices=["ODE", "SDE"], default="SDE",
+                        help="SiT sampler of the FID hook (USP's train.py: SDE; always fp32)")
     # SiT's transport flags (ignored for DiT).
     add_flags(parser, *TRANSPORT_FLAGS)
     # This re-implementation's additions.
