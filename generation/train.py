@@ -83,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
+                             "(its EMA weights; FID with --num-fid-samples) and exit without training")
     parser.add_argument("--fid-mode", type=str, choices=["ODE", "SDE"], default="SDE",
                         help="SiT sampler of the FID hook (USP's train.py: SDE; always fp32)")
     # SiT's transport flags (ignored for DiT).
@@ -125,6 +128,9 @@ def check_args(args) -> dict:
     for flag in ("fid_ref_batch", "inception_weights"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
+    if args.evaluate and (args.resume is None or args.eval_every <= 0):
+        raise UserError("--evaluate scores the checkpoint given with --resume through the evaluation hooks; pass "
+                        "--resume CKPT and keep --eval-every > 0 (add --num-fid-samples N for FID).")
     check_vae_args(args)
     return model_kwargs
 
@@ -346,11 +352,25 @@ def train(run: Run) -> LoopState:
     return state
 
 
-def main(argv=None) -> None:
+def evaluate_only(run: Run) -> dict:
+    """USP's `train.py --evaluate`: the evaluation hooks once with the resumed EMA weights, no training step."""
+    metrics = {}
+    for hook in run.eval_hooks:
+        metrics.update(hook(run.step_fn.ema, run.state.step))
+    run.logger.log(run.state.step, metrics, prefix="eval")
+    run.logger.info(f"Evaluated step {run.state.step}: " + ", ".join(f"{key} {value:.4g}" for key, value in
+                                                                     metrics.items()))
+    run.logger.close()
+    return metrics
+
+
+def main(argv=None):
     """Exit codes (util.errors): 2 = a user error (one sentence on stderr), 1 = the loss diverged."""
     args = get_args_parser().parse_args(argv)
     run = run_cli(setup, args, prog="generation.train", cleanup=cleanup)
     try:
+        if args.evaluate:
+            return evaluate_only(run)
         run_cli(train, run, prog="generation.train")
     finally:
         cleanup()
