@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 import torch
 from timm.optim import param_groups_weight_decay
 
+from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
 from models.vae import LatentCodec, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
@@ -32,6 +33,7 @@ from util.data import build_image_folder, build_loader, pretrain_transform, Seed
 from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
+from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
 from util.run_log import RunLogger
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
@@ -61,10 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "still follows --epochs")
 
     # Model
-    parser.add_argument("--model", default="vit_base_patch_vae", type=str, help="MAE preset name")
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str,
+                        help="MAE preset name (USP's default; the paper's runs use vit_{base,large,xlarge}_patch_vae)")
     parser.add_argument("--model_kwargs", default="{}", type=str,
                         help='JSON object of constructor overrides, e.g. \'{"embed_dim": 32, "depth": 2}\'')
-    parser.add_argument("--input_size", default=224, type=int, help="image size in pixels")
+    parser.add_argument("--input_size", default=256, type=int,
+                        help="image size in pixels (USP's default; its pretraining recipe passes 224)")
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use per-patch normalised targets as the reconstruction target")
@@ -95,7 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
                         help="ImageFolder root holding train/")
     parser.add_argument("--use_cached", action="store_true", help="read latents from a latent cache")
-    parser.add_argument("--cached_path", default="", type=str, help="latent cache directory (util.latent_cache)")
+    parser.add_argument("--cached_path", default="", type=str,
+                        help="latent cache: a util.latent_cache directory or a MAR-style <class>/<image>.npz folder")
+    parser.add_argument("--cached_posterior_sample", action="store_true",
+                        help="with --use_cached, draw a posterior sample each step as USP's cached path does "
+                             "(default: the posterior mean, as USP's online path)")
     parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true",
@@ -110,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint file or run directory to continue")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (without --resume)")
-    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs")
+    parser.add_argument("--save_every", default=40, type=int,
+                        help="save after epochs 0, N, 2N, ... and the last (USP/MAE: 40)")
     parser.add_argument("--keep_last", default=None, type=int,
                         help="keep only the newest K checkpoints (default: keep all, as MAE)")
     parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric reads")
@@ -177,8 +186,16 @@ def build_dataset(args, model, pixel: bool):
         expect = {"vae_version": args.vae_version, "image_size": args.input_size}
         if args.vae_path:
             expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
-        # USP pretrains on the posterior mean; the cache picks the flip per (epoch, index).
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed)
+        # USP's online path encodes the posterior mean; its cached path draws a sample every step
+        # (--cached_posterior_sample). The cache picks the flip per (epoch, index).
+        use_mean = not args.cached_posterior_sample
+        if is_npz_latent_folder(args.cached_path):
+            spec = get_latent_spec(args.vae_version)
+            base = NpzLatentFolder(args.cached_path, scale=spec.scale, use_mean=use_mean, seed=args.seed,
+                                   expect_shape=(spec.channels, spec.latent_size(args.input_size),
+                                                 spec.latent_size(args.input_size)))
+        else:
+            base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=use_mean, seed=args.seed)
     else:
         folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
         base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
@@ -345,7 +362,8 @@ def train(run) -> None:
         if finished and result.stats["loss"] is not None:
             run.logger.log(position.global_step, {"train_lr": result.stats["lr"], "train_loss": result.stats["loss"],
                                                   "epoch": position.epoch}, prefix="epoch")
-        scheduled = finished and (position.epoch + 1 == args.epochs or (position.epoch + 1) % args.save_every == 0)
+        # MAE/USP: `epoch % 40 == 0 or epoch + 1 == epochs`.
+        scheduled = finished and (position.epoch + 1 == args.epochs or position.epoch % args.save_every == 0)
         if scheduled or result.stop_reason is not None:
             save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done=finished)
         if result.stop_reason is not None:
