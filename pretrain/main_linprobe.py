@@ -25,7 +25,7 @@ from timm.optim import Lars
 from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
-                                      image_mean_std, run_main, start, train)
+                                      image_mean_std, run_main, start, t_noise_alpha_bar, train)
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
 from util.tf_crop import RandomResizedCrop
@@ -107,11 +107,12 @@ def main(args) -> dict:
     train_dataset = None if args.eval else build_train_dataset(args, pixel)
 
     vit, codec = build_models(args, dist_env, pixel, HEAD_INIT_STD, adapt_vit=attach_probe_head)
-    eval_model = LatentClassifier(vit, codec, args.vae_precision)
+    eval_model = LatentClassifier(vit, codec, args.vae_precision, t_noise_alpha_bar(args, pixel))
     if args.eval:
         return evaluate_only(args, eval_model, eval_loader, dist_env)
     # Cached latents skip the encoder during training; validation still starts from images.
-    classifier = LatentClassifier(vit, None) if args.use_cached else eval_model
+    classifier = LatentClassifier(vit, None, t_noise_alpha_bar=eval_model.t_noise_alpha_bar) if args.use_cached \
+        else eval_model
 
     train_data = build_train_loader(args, train_dataset, dist_env)
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)

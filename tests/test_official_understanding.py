@@ -72,3 +72,38 @@ def test_t_noise_uses_the_linear_ddpm_alpha_bar():
     noisy = diffuse_latents(latents, 0.25, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(noisy, 0.5 * latents + 0.75 ** 0.5 * eps)
+
+
+def test_finetune_mixes_latents_after_encoding_and_t_noise():
+    """USP engine_finetune: x = vae.encode(x).mean * scale; [t-noise]; then mixup_fn(latents, targets)."""
+    from pretrain.engine_finetune import LatentClassifier
+
+    class Codec:
+        def encode(self, images, sample=False):
+            return images[:, :2, ::2, ::2] * 3.0  # a stand-in encoder: (N, 3, 8, 8) -> (N, 2, 4, 4)
+
+    seen = {}
+
+    def mixup(latents, targets):
+        seen["latents"] = latents.clone()
+        return latents.flip(0), targets.flip(0) * 0.5
+
+    images, targets = torch.randn(2, 3, 8, 8), torch.eye(2)
+    classifier = LatentClassifier(torch.nn.Flatten(), Codec(), "fp32", t_noise_alpha_bar=0.25, latent_mixup=mixup)
+    torch.manual_seed(0)
+    logits, mixed = classifier(images, targets)
+    torch.manual_seed(0)
+    expected_latents = 0.5 * images[:, :2, ::2, ::2] * 3.0 + 0.75 ** 0.5 * torch.randn(2, 2, 4, 4)
+    torch.testing.assert_close(seen["latents"], expected_latents)
+    torch.testing.assert_close(logits, expected_latents.flip(0).flatten(1))
+    torch.testing.assert_close(mixed, torch.eye(2).flip(0) * 0.5)
+    assert classifier(images).shape == (2, 32)  # evaluation: no targets, no mixing
+
+
+def test_add_noise_corrupts_the_evaluation_images_after_the_crop():
+    from pretrain.robustness import GaussianNoise
+    from util.data import eval_transform
+
+    steps = eval_transform(224, corruption=GaussianNoise(3)).transforms
+    assert isinstance(steps[0], transforms.Compose) and isinstance(steps[1], GaussianNoise)
+    assert isinstance(steps[2], transforms.ToTensor)

@@ -93,9 +93,11 @@ def eval_crop(input_size: int) -> transforms.Compose:
     ])
 
 
-def eval_transform(input_size: int, pixel: bool = False) -> transforms.Compose:
-    """Deterministic evaluation transform: `eval_crop` then normalisation."""
-    return transforms.Compose([eval_crop(input_size), transforms.ToTensor(), _normalize(pixel)])
+def eval_transform(input_size: int, pixel: bool = False, corruption=None) -> transforms.Compose:
+    """Evaluation transform: `eval_crop`, then `corruption` (a PIL -> PIL callable, e.g. USP's
+    ImageNet-C noise) if given, then normalisation."""
+    steps = [eval_crop(input_size)] + ([corruption] if corruption is not None else [])
+    return transforms.Compose([*steps, transforms.ToTensor(), _normalize(pixel)])
 
 
 class SafeImageFolder(datasets.ImageFolder):
