@@ -256,6 +256,11 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
     return _build(dict(patch_size=14, **size_kwargs("H")), kwargs)
 
 
+def mae_vit_xlarge_patch16(**kwargs):
+    """Pixel MAE sized like DiT-XL (1152/28/16), 16x16 patches (USP's models_mae)."""
+    return _build(dict(patch_size=16, **size_kwargs("XL")), kwargs)
+
+
 # The names the MAE repo exposes (recommended decoder = 512-d, 8 blocks).
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
@@ -296,10 +301,13 @@ PIXEL_MODELS = {
     "mae_vit_base_patch16": mae_vit_base_patch16,
     "mae_vit_large_patch16": mae_vit_large_patch16,
     "mae_vit_huge_patch14": mae_vit_huge_patch14,
+    "mae_vit_xlarge_patch16": mae_vit_xlarge_patch16,
 }
 # name -> (constructor, latent patch multiplier: 1 = one pixel-16 patch, 2 = the `_2` presets)
 LATENT_MODELS = {
     "vit_base_patch_vae": (vit_base_patch_vae, 1),
+    # USP's name for the same ViT-B latent MAE with 2x2 patches (its constructor fixes patch_size=2).
+    "vit_base_patch2_vae": (vit_base_patch_vae, 1),
     "vit_base_patch_vae_2": (vit_base_patch_vae_2, 2),
     "vit_large_patch_vae": (vit_large_patch_vae, 1),
     "vit_large_patch_vae_2": (vit_large_patch_vae_2, 2),

@@ -402,3 +402,27 @@ def test_bf16_autocast_forward_runs_for_dit_and_mae():
         loss = mae(torch.randn(2, 4, 8, 8))[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_usp_model_names_build_the_official_shapes(monkeypatch):
+    """USP's models_mae: mae_vit_xlarge_patch16 = patch 16, 1152 wide, 28 deep, 16 heads; vit_base_patch2_vae =
+    patch 2, 768/12/12; both with the 512-d, 8-block, 16-head decoder. USP's DiT-B/2-VAE-simple-dnln is DiT-B/2
+    with non-affine block norms, i.e. DiT-B/2's parameters."""
+    import models.mae as mae_module
+    from models.dit import DiT_models
+
+    captured = {}
+    monkeypatch.setattr(mae_module, "MaskedAutoencoderViT", lambda **kwargs: captured.update(kwargs) or kwargs)
+    official = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
+    create_mae("mae_vit_xlarge_patch16", 256)
+    assert {k: captured[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "img_size",
+                                     *official)} == dict(patch_size=16, embed_dim=1152, depth=28, num_heads=16,
+                                                         in_chans=3, img_size=256, **official)
+    create_mae("vit_base_patch2_vae", 256)
+    assert {k: captured[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "img_size")} == \
+        dict(patch_size=2, embed_dim=768, depth=12, num_heads=12, in_chans=4, img_size=32)
+    small = dict(input_size=4, depth=1, hidden_size=24, num_heads=2)
+    dnln = DiT_models["DiT-B/2-VAE-simple-dnln"](**small).state_dict()
+    plain = DiT_models["DiT-B/2"](**small).state_dict()
+    assert {k: v.shape for k, v in dnln.items()} == {k: v.shape for k, v in plain.items()}
+    assert "blocks.0.norm1.weight" not in dnln
