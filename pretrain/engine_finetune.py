@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from models.dit_classifier import DIT_CLASSIFIERS, load_dit_backbone
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.robustness import GaussianNoise, ddpm_alpha_bar, diffuse_latents
@@ -208,6 +209,11 @@ def build_vit(args, head_init_std: float) -> nn.Module:
     """
     from models.transfer import TransferError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
 
+    if args.model in DIT_CLASSIFIERS:
+        return build_dit_probe(args, head_init_std)
+    if getattr(args, "skip_depth", 0):
+        raise UsageError(f"--skip_depth probes an intermediate block of a DiT backbone (dit_*); --model {args.model} "
+                         "is a ViT.")
     vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
                      drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
                      **args.model_kwargs_dict)
@@ -220,6 +226,26 @@ def build_vit(args, head_init_std: float) -> nn.Module:
             raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
         print(f"Initialised from {args.finetune}:\n{report}")
     return vit
+
+
+def build_dit_probe(args, head_init_std: float) -> nn.Module:
+    """A DiT backbone classifier (USP's models_dit) from a DiT/SiT checkpoint's 'model' weights (--finetune)."""
+    spec = get_latent_spec(args.vae_version)
+    try:
+        model = DIT_CLASSIFIERS[args.model](img_size=spec.latent_size(args.input_size), in_chans=spec.channels,
+                                            patch_size=max(1, 16 // spec.factor), num_classes=args.nb_classes,
+                                            skip_depth=getattr(args, "skip_depth", 0), **args.model_kwargs_dict)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--model {args.model} cannot be built from these flags: {error}") from None
+    nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    nn.init.zeros_(model.head.bias)
+    if args.finetune and not args.eval:
+        try:
+            fresh = load_dit_backbone(model, load_checkpoint(args.finetune))
+        except ValueError as error:
+            raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
+        print(f"Initialised the DiT trunk from {args.finetune}; left at initialisation: {', '.join(fresh)}")
+    return model
 
 
 def build_models(args, dist_env, pixel: bool, head_init_std: float, adapt_vit=None) -> tuple:

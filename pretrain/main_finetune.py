@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
+from models.dit_classifier import DIT_CLASSIFIERS
 from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
@@ -128,6 +129,9 @@ def build_criterion(args, mixup_fn) -> torch.nn.Module:
 
 
 def main(args) -> dict:
+    if args.model in DIT_CLASSIFIERS:
+        raise UsageError(f"--model {args.model} is a DiT backbone for linear probing (USP probes, not fine-tunes, "
+                         "them); use pretrain.main_linprobe.")
     dist_env = start(args)
     pixel = is_pixel_model(args.model)
 

@@ -39,6 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     warmup_epochs=10, global_pool=False)
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (util.latent_cache)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
+    parser.add_argument("--skip_depth", default=0, type=int,
+                        help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
+                             "block depth - skip_depth (USP)")
+    parser.add_argument("--image_mix", action="store_true", help=argparse.SUPPRESS)  # USP accepts it; no effect
     return parser
 
 
