@@ -38,7 +38,7 @@ from util.distributed import cleanup, init_distributed, rank_seed, seed_everythi
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
 from util.latent_cache import LatentCacheDataset
-from util.run_log import RunLogger
+from util.run_log import RunLogger, require_wandb
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
@@ -83,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log to Weights & Biases (SiT's flag; needs `pip install wandb`)")
     parser.add_argument("--evaluate", action="store_true",
                         help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
                              "(its EMA weights; FID with --num-fid-samples) and exit without training")
@@ -128,6 +130,8 @@ def check_args(args) -> dict:
     for flag in ("fid_ref_batch", "inception_weights"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
+    if args.wandb:
+        require_wandb()
     if args.evaluate and (args.resume is None or args.eval_every <= 0):
         raise UserError("--evaluate scores the checkpoint given with --resume through the evaluation hooks; pass "
                         "--resume CKPT and keep --eval-every > 0 (add --num-fid-samples N for FID).")
@@ -295,7 +299,9 @@ def setup(args) -> Run:
     eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
 
     # Everything a user can get wrong has been checked: only now does the run leave files behind.
-    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt")
+    wandb_run = {"project": "usp-generation", "name": experiment_dir.name, "config": args_to_dict(args)}
+    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
+                       wandb_run=wandb_run if args.wandb else None)
     say = logger.info
     if report is not None:
         say(f"Initialised {args.model} from {args.finetune}:\n{report}")

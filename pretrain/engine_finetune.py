@@ -25,7 +25,7 @@ from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
-from util.run_log import RunLogger
+from util.run_log import RunLogger, require_wandb
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
@@ -93,6 +93,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--max_steps", default=None, type=int,
                         help="stop after this many optimizer steps (counted over the whole run), saving a checkpoint")
     parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric logs")
+    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
     # USP's robustness probes (pretrain/robustness.py).
     parser.add_argument("--add_noise", action="store_true",
                         help="evaluate on images with ImageNet-C Gaussian noise of --noise_level (USP)")
@@ -130,6 +131,8 @@ def validate_args(args) -> None:
         args.model_kwargs_dict = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 64, "depth": 2}')
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.wandb:
+        require_wandb()
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
@@ -689,7 +692,9 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
           f"steps/epoch: {train_data.steps_per_epoch}")
 
-    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    wandb_run = {"project": "usp-understanding", "name": Path(args.output_dir).name, "config": vars(args)}
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
+                       wandb_run=wandb_run if args.wandb else None)
     run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
                      base_lr=base_lr, steps_per_epoch=train_data.steps_per_epoch, criterion=criterion,
                      mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=clip_grad)

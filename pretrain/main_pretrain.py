@@ -34,7 +34,7 @@ from util.distributed import (barrier, cleanup, init_distributed, rank_seed, see
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
 from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
-from util.run_log import RunLogger
+from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr
@@ -118,6 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint file or run directory to continue")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (without --resume)")
+    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
     parser.add_argument("--save_every", default=40, type=int,
                         help="save after epochs 0, N, 2N, ... and the last (USP/MAE: 40)")
     parser.add_argument("--keep_last", default=None, type=int,
@@ -301,6 +302,8 @@ def setup(args) -> SimpleNamespace:
     device = dist_env.device
     if device.type == "cuda":
         enable_tf32()
+    if args.wandb:
+        require_wandb()
     if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
         raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
 
@@ -332,7 +335,9 @@ def setup(args) -> SimpleNamespace:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
     scaler = make_grad_scaler(device, args.precision)
-    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    wandb_run = {"project": "usp-pretrain", "name": Path(args.output_dir).name, "config": vars(args)}
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
+                       wandb_run=wandb_run if args.wandb else None)
     position = resume_position(args, model_without_ddp, optimizer, scaler, global_batch, logger)
     logger.info(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f}M params, "
                 f"{'pixels' if pixel else 'latents'} {tuple(dataset.model_input_shape)}, "
