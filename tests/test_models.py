@@ -83,6 +83,8 @@ def official_dit_keys(depth: int, affine_norm: bool) -> set:
 def test_registries_have_every_official_name():
     for prefix, registry in (("DiT", DiT_models), ("SiT", SiT_models)):
         expected = {f"{prefix}-{s}/{p}{v}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8) for v in ("", "-VAE-simple")}
+        if prefix == "DiT":
+            expected.add("DiT-B/2-VAE-simple-dnln")  # USP's generation/DiT/models.py
         assert set(registry) == expected
 
 
