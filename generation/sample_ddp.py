@@ -3,7 +3,7 @@
     # DiT (DDPM respaced to 250 steps, as the USP tables):
     torchrun --nproc_per_node=8 -m generation.sample_ddp --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt \
         --num-fid-samples 50000 --per-proc-batch-size 32 --cfg-scale 1.0 --sample-dir samples/dit-xl
-    # SiT (mode first, as SiT's sample_ddp.py; `--mode SDE` works too):
+    # SiT (mode first, as SiT's sample_ddp.py; `--mode SDE` works too; without a mode: SDE, as USP's recipe):
     torchrun --nproc_per_node=8 -m generation.sample_ddp SDE --model SiT-XL/2 --ckpt SiT-XL-2-256x256.pt ...
 
 Writes `<sample-dir>/<index:06d>.png` (the label in a PNG text chunk) and then `<sample-dir>.npz` with
@@ -16,7 +16,8 @@ Checkpoints: official DiT/SiT raw state dicts, or this project's training checkp
 weights are used (the `model` weights only when there is no `ema`, with a warning).
 Differences from the official scripts: --sample-dir is the PNG folder itself (DiT names a subfolder after
 the settings; here `sampling_config.json` in the folder records them and a resume with other settings is
-refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image.
+refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image. The sampler flags
+and the checkpoint loading are shared with the quick grid sampler `generation/sample.py` (sampler_setup.py).
 """
 import argparse
 import sys
