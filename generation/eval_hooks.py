@@ -85,13 +85,15 @@ class FIDEvalHook:
     """Draws `num_samples` EMA images on every rank into `<sample_dir>/fid-<step>.npz` and, when a reference
     batch and Inception weights are configured, returns ADM's metrics (rank 0) for the training log.
 
-    The sampler is the family's standard one (DiT: DDPM with --num-sampling-steps; SiT: dopri5 ODE), without
-    guidance unless `cfg_scale` > 1, as in USP's tables. The PNG folder is removed once the npz exists.
+    The sampler is USP's training-time evaluation (DiT: DDPM with --num-sampling-steps; SiT: `mode`, by
+    default the Euler-Maruyama SDE with SiT's command-line defaults), in fp32 (TF32 allowed) whatever the
+    training precision, without guidance unless `cfg_scale` > 1, as in USP's tables. The PNG folder is
+    removed once the npz exists.
     """
 
     def __init__(self, objective, codec, sample_dir, latent_shape, *, num_samples: int, batch_size: int,
                  num_steps: int, num_classes: int, global_seed: int, dist_env, precision: str,
-                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None):
+                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None, mode: str = "SDE"):
         self.objective = objective
         self.codec = codec
         self.sample_dir = Path(sample_dir)
@@ -106,10 +108,11 @@ class FIDEvalHook:
         self.guidance = Guidance(scale=cfg_scale)
         self.ref_batch = ref_batch
         self.inception_weights = inception_weights
+        self.mode = mode
 
     def _sample_fn(self, ema):
         if hasattr(self.objective, "transport"):
-            return transport_sampler(self.objective.transport, "ODE", self.num_steps), False
+            return transport_sampler(self.objective.transport, self.mode, self.num_steps), self.mode == "SDE"
         return diffusion_sampler(self.num_steps, "ddpm", learn_sigma=ema.learn_sigma), True
 
     def __call__(self, ema, step: int) -> dict:
@@ -153,7 +156,8 @@ def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
     return FIDEvalHook(objective, codec, sample_dir, (spec.channels, latent_size, latent_size),
                        num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size,
                        num_steps=args.num_sampling_steps, num_classes=args.num_classes,
-                       global_seed=args.global_seed, dist_env=dist_env, precision=args.precision,
+                       global_seed=args.global_seed, dist_env=dist_env, precision="fp32",
+                       mode=getattr(args, "fid_mode", "SDE"),
                        cfg_scale=getattr(args, "fid_cfg_scale", 1.0),
                        ref_batch=getattr(args, "fid_ref_batch", None),
                        inception_weights=getattr(args, "inception_weights", None))

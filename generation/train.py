@@ -39,7 +39,7 @@ from util.distributed import cleanup, init_distributed, rank_seed, seed_everythi
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
 from util.latent_cache import LatentCacheDataset
-from util.run_log import RunLogger
+from util.run_log import RunLogger, require_wandb
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
@@ -86,6 +86,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log to Weights & Biases (SiT's flag; needs `pip install wandb`)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
+                             "(its EMA weights; FID with --num-fid-samples) and exit without training")
+    parser.add_argument("--fid-mode", type=str, choices=["ODE", "SDE"], default="SDE",
+                        help="SiT sampler of the FID hook (USP's train.py: SDE; always fp32)")
     # SiT's transport flags (ignored for DiT).
     add_flags(parser, *TRANSPORT_FLAGS)
     # This re-implementation's additions.
@@ -142,6 +149,11 @@ def check_args(args) -> dict:
     for flag in ("fid_ref_batch", "inception_weights"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
+    if args.wandb:
+        require_wandb()
+    if args.evaluate and (args.resume is None or args.eval_every <= 0):
+        raise UserError("--evaluate scores the checkpoint given with --resume through the evaluation hooks; pass "
+                        "--resume CKPT and keep --eval-every > 0 (add --num-fid-samples N for FID).")
     check_vae_args(args)
     return model_kwargs
 
@@ -312,7 +324,9 @@ def setup(args) -> Run:
     eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
 
     # Everything a user can get wrong has been checked: only now does the run leave files behind.
-    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt")
+    wandb_run = {"project": "usp-generation", "name": experiment_dir.name, "config": args_to_dict(args)}
+    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
+                       wandb_run=wandb_run if args.wandb else None)
     say = logger.info
     if report is not None:
         say(f"Initialised {args.model} from {args.finetune}:\n{report}")
@@ -369,11 +383,25 @@ def train(run: Run) -> LoopState:
     return state
 
 
-def main(argv=None) -> None:
+def evaluate_only(run: Run) -> dict:
+    """USP's `train.py --evaluate`: the evaluation hooks once with the resumed EMA weights, no training step."""
+    metrics = {}
+    for hook in run.eval_hooks:
+        metrics.update(hook(run.step_fn.ema, run.state.step))
+    run.logger.log(run.state.step, metrics, prefix="eval")
+    run.logger.info(f"Evaluated step {run.state.step}: " + ", ".join(f"{key} {value:.4g}" for key, value in
+                                                                     metrics.items()))
+    run.logger.close()
+    return metrics
+
+
+def main(argv=None):
     """Exit codes (util.errors): 2 = a user error (one sentence on stderr), 1 = the loss diverged."""
     args = get_args_parser().parse_args(argv)
     run = run_cli(setup, args, prog="generation.train", cleanup=cleanup)
     try:
+        if args.evaluate:
+            return evaluate_only(run)
         run_cli(train, run, prog="generation.train")
     finally:
         cleanup()

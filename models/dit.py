@@ -257,3 +257,6 @@ def build_registry(model_class, prefix: str) -> dict:
 
 
 DiT_models = build_registry(DiT, "DiT")
+# USP's generation/DiT/models.py name for a DiT-B/2 whose block LayerNorms have no affine weights
+# ("dnln"): the same parameters and function as DiT-B/2, so checkpoints of either load into both.
+DiT_models["DiT-B/2-VAE-simple-dnln"] = DiT_models["DiT-B/2"]

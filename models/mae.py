@@ -10,7 +10,11 @@ Additions over the official module:
   its data index) rather than on the rank's RNG stream;
 - `target` may differ from the encoder input (e.g. clean latents while the input is noised);
 - `in_chans` is honoured by patchify/unpatchify (latents have 4 or 16 channels, not 3);
-- `norm_image`: see `standardize_per_sample`.
+- `normalize_target` exposes the loss's target normalisation (for reconstructions).
+
+`norm_image` is USP's flag: together with `norm_pix_loss` the target is normalised per image (mean and
+unbiased variance over all its patches) instead of per patch; on its own it does nothing, and the
+encoder input is never normalised (as in USP's models_mae.py).
 
 Latent presets (`vit_*_patch_vae*`) default to SD-VAE latents of 224 px images: 28x28x4 with
 2x2 latent patches (= 16x16 pixel patches), 196 tokens like pixel ViT-B/16; `_2` means 4x4 latent
@@ -35,19 +39,6 @@ from models.layers import Block, PatchEmbed, get_2d_sincos_pos_embed
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, apply_rope, rope_tables
 from models.sizes import size_kwargs
 from util.errors import UserError
-
-
-def standardize_per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(N, C, H, W) -> same shape with zero mean and unit variance over (C, H, W) for each sample.
-
-    Used by `norm_image`: VAE latents differ in offset and spread from image to image, and
-    standardising each one makes the reconstruction target comparable across the batch
-    (the image-level analogue of MAE's per-patch `norm_pix_loss`). eps guards flat inputs.
-    """
-    flat = x.flatten(1)
-    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-    var = flat.var(dim=1, unbiased=False).view(-1, 1, 1, 1)
-    return (x - mean) / (var + eps) ** 0.5
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -205,23 +196,27 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]  # drop the cls position
 
+    def normalize_target(self, target: torch.Tensor):
+        """target patches (N, L, p*p*C) -> (normalised target, mean, std), target = normalised * std + mean.
+
+        norm_pix_loss: mean / unbiased variance per patch (MAE); with norm_image as well, per image over
+        all patches and channels (USP). Otherwise the target is unchanged (mean 0, std 1).
+        """
+        if not self.norm_pix_loss:
+            return target, 0.0, 1.0
+        dims = (-2, -1) if self.norm_image else -1
+        mean = target.mean(dim=dims, keepdim=True)
+        std = (target.var(dim=dims, keepdim=True) + 1.0e-6) ** 0.5
+        return (target - mean) / std, mean, std
+
     def forward_loss(self, target_imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE; target_imgs (N, C, H, W), pred (N, L, p*p*C)."""
-        target = self.patchify(target_imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target, _, _ = self.normalize_target(self.patchify(target_imgs))
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (N, L); fp32 so bf16 runs sum safely
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, target: torch.Tensor = None, noise: torch.Tensor = None):
-        """imgs (N, C, H, W); target (N, C, H, W) defaults to imgs; noise (N, L) optional masking noise.
-
-        With `norm_image`, the input and the target are each standardised per sample
-        (`standardize_per_sample`, own statistics) before encoding / before the loss; when the
-        target is the input itself both are the same tensor.
-        """
+        """imgs (N, C, H, W); target (N, C, H, W) defaults to imgs; noise (N, L) optional masking noise."""
         self._check_input(imgs, "input")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1) to have both visible and masked patches, got {mask_ratio}.")
@@ -229,10 +224,6 @@ class MaskedAutoencoderViT(nn.Module):
             target = imgs
         else:
             self._check_input(target, "target")
-        if self.norm_image:
-            target_is_input = target is imgs
-            imgs = standardize_per_sample(imgs)
-            target = imgs if target_is_input else standardize_per_sample(target)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
         loss = self.forward_loss(target, pred, mask)
@@ -327,6 +318,11 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
     return _build(dict(patch_size=14, **size_kwargs("H")), kwargs)
 
 
+def mae_vit_xlarge_patch16(**kwargs):
+    """Pixel MAE sized like DiT-XL (1152/28/16), 16x16 patches (USP's models_mae)."""
+    return _build(dict(patch_size=16, **size_kwargs("XL")), kwargs)
+
+
 # The names the MAE repo exposes (recommended decoder = 512-d, 8 blocks).
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
@@ -380,10 +376,13 @@ PIXEL_MODELS = {
     "mae_vit_base_patch16": mae_vit_base_patch16,
     "mae_vit_large_patch16": mae_vit_large_patch16,
     "mae_vit_huge_patch14": mae_vit_huge_patch14,
+    "mae_vit_xlarge_patch16": mae_vit_xlarge_patch16,
 }
 # name -> (constructor, latent patch multiplier: 1 = one pixel-16 patch, 2 = the `_2` presets)
 LATENT_MODELS = {
     "vit_base_patch_vae": (vit_base_patch_vae, 1),
+    # USP's name for the same ViT-B latent MAE with 2x2 patches (its constructor fixes patch_size=2).
+    "vit_base_patch2_vae": (vit_base_patch_vae, 1),
     "vit_base_patch_vae_2": (vit_base_patch_vae_2, 2),
     "vit_large_patch_vae": (vit_large_patch_vae, 1),
     "vit_large_patch_vae_2": (vit_large_patch_vae_2, 2),

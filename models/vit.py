@@ -95,9 +95,13 @@ VIT_MODEL_NAMES = sorted([*PIXEL_MODELS, *LATENT_MODELS])
 
 
 def is_pixel_model(name: str) -> bool:
-    """True for the RGB presets, False for the latent ones; unknown name -> ValueError."""
-    if name not in PIXEL_MODELS and name not in LATENT_MODELS:
-        raise UserError(f"unknown ViT model {name!r}; choose one of: {', '.join(VIT_MODEL_NAMES)}.")
+    """True for the RGB presets, False for the latent ones (and the DiT backbones of
+    models/dit_classifier.py, which read latents too); unknown name -> UserError."""
+    from models.dit_classifier import DIT_CLASSIFIERS
+
+    if name not in PIXEL_MODELS and name not in LATENT_MODELS and name not in DIT_CLASSIFIERS:
+        names = ", ".join([*VIT_MODEL_NAMES, *DIT_CLASSIFIERS])
+        raise UserError(f"unknown ViT model {name!r}; choose one of: {names}.")
     return name in PIXEL_MODELS
 
 

@@ -16,14 +16,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from models.dit_classifier import DIT_CLASSIFIERS, load_dit_backbone
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
+from pretrain.robustness import GaussianNoise, ddpm_alpha_bar, diffuse_latents
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
-from util.run_log import RunLogger
+from util.run_log import RunLogger, require_wandb
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
@@ -94,6 +96,14 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--max_steps", default=None, type=int,
                         help="stop after this many optimizer steps (counted over the whole run), saving a checkpoint")
     parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric logs")
+    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
+    # USP's robustness probes (pretrain/robustness.py).
+    parser.add_argument("--add_noise", action="store_true",
+                        help="evaluate on images with ImageNet-C Gaussian noise of --noise_level (USP)")
+    parser.add_argument("--noise_level", type=int, default=1, choices=[1, 2, 3, 4, 5], help="ImageNet-C severity")
+    parser.add_argument("--add_t_noise", action="store_true",
+                        help="diffuse the latents to DDPM step --t before the classifier, in training and evaluation")
+    parser.add_argument("--t", type=int, default=100, help="DDPM step (1..1000) of --add_t_noise")
     add_precision_arg(parser, "--precision", default="bf16")
     # Distributed flags of MAE's scripts; torchrun's environment is what is actually used.
     parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
@@ -124,6 +134,8 @@ def validate_args(args) -> None:
         args.model_kwargs_dict = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 64, "depth": 2}')
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.wandb:
+        require_wandb()
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
@@ -158,13 +170,18 @@ class LatentClassifier(nn.Module):
     the ones pretraining and the latent cache saw), independent of the ViT's --precision.
     """
 
-    def __init__(self, vit: nn.Module, codec=None, vae_precision: str = "fp32"):
+    def __init__(self, vit: nn.Module, codec=None, vae_precision: str = "fp32", t_noise_alpha_bar=None,
+                 latent_mixup=None):
         super().__init__()
         self.vit = vit
         self.codec = codec
         self.vae_precision = vae_precision
+        self.t_noise_alpha_bar = t_noise_alpha_bar  # --add_t_noise: latents diffused to abar_t (USP)
+        self.latent_mixup = latent_mixup  # Mixup/CutMix on the latents (USP's default, i.e. without --image_mix)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor = None):
+        """inputs (N, 3, H, W) -> logits (N, K); with `targets` (training with latent mixing) ->
+        (logits, mixed soft targets (N, K)): USP encodes, adds t-noise, then mixes the latents."""
         if self.codec is not None:
             if self.vae_precision == "fp32":
                 vae_autocast = torch.autocast(inputs.device.type, enabled=False)  # overrides an outer autocast
@@ -173,7 +190,21 @@ class LatentClassifier(nn.Module):
             with vae_autocast:
                 inputs = self.codec.encode(inputs.float() if self.vae_precision == "fp32" else inputs,
                                            sample=False).float()  # (N, C, h, w) scaled posterior mean
-        return self.vit(inputs)
+        if self.t_noise_alpha_bar is not None:
+            inputs = diffuse_latents(inputs, self.t_noise_alpha_bar)
+        if targets is None:
+            return self.vit(inputs)
+        inputs, targets = self.latent_mixup(inputs, targets)
+        return self.vit(inputs), targets
+
+
+def t_noise_alpha_bar(args, pixel: bool):
+    """abar_t for --add_t_noise (USP: linear DDPM schedule, step --t), or None when off."""
+    if not getattr(args, "add_t_noise", False):
+        return None
+    if pixel:
+        raise UsageError(f"--add_t_noise diffuses VAE latents but --model {args.model} reads pixels; use a *_vae preset.")
+    return ddpm_alpha_bar(args.t)
 
 
 def build_vit(args, head_init_std: float) -> nn.Module:
@@ -184,6 +215,11 @@ def build_vit(args, head_init_std: float) -> nn.Module:
     """
     from models.transfer import TransferError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
 
+    if args.model in DIT_CLASSIFIERS:
+        return build_dit_probe(args, head_init_std)
+    if getattr(args, "skip_depth", 0):
+        raise UsageError(f"--skip_depth probes an intermediate block of a DiT backbone (dit_*); --model {args.model} "
+                         "is a ViT.")
     vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
                      drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
                      **args.model_kwargs_dict)
@@ -196,6 +232,26 @@ def build_vit(args, head_init_std: float) -> nn.Module:
             raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
         print(f"Initialised from {args.finetune}:\n{report}")
     return vit
+
+
+def build_dit_probe(args, head_init_std: float) -> nn.Module:
+    """A DiT backbone classifier (USP's models_dit) from a DiT/SiT checkpoint's 'model' weights (--finetune)."""
+    spec = get_latent_spec(args.vae_version)
+    try:
+        model = DIT_CLASSIFIERS[args.model](img_size=spec.latent_size(args.input_size), in_chans=spec.channels,
+                                            patch_size=max(1, 16 // spec.factor), num_classes=args.nb_classes,
+                                            skip_depth=getattr(args, "skip_depth", 0), **args.model_kwargs_dict)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--model {args.model} cannot be built from these flags: {error}") from None
+    nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    nn.init.zeros_(model.head.bias)
+    if args.finetune and not args.eval:
+        try:
+            fresh = load_dit_backbone(model, load_checkpoint(args.finetune))
+        except ValueError as error:
+            raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
+        print(f"Initialised the DiT trunk from {args.finetune}; left at initialisation: {', '.join(fresh)}")
+    return model
 
 
 def build_models(args, dist_env, pixel: bool, head_init_std: float, adapt_vit=None) -> tuple:
@@ -291,7 +347,9 @@ class EvalShardSampler(torch.utils.data.Sampler):
 
 def build_eval_loader(args, dist_env, pixel: bool):
     """Validation loader: resize to input_size / 0.875 + center crop; sharded with --dist_eval."""
-    dataset = build_image_folder(args.data_path, "val", transform=eval_transform(args.input_size, pixel=pixel))
+    corruption = GaussianNoise(args.noise_level) if getattr(args, "add_noise", False) else None
+    dataset = build_image_folder(args.data_path, "val",
+                                 transform=eval_transform(args.input_size, pixel=pixel, corruption=corruption))
     check_class_count(dataset, args.nb_classes, Path(args.data_path) / "val")
     if args.dist_eval and dist_env.world_size > 1:
         sampler = EvalShardSampler(len(dataset), dist_env.world_size, dist_env.rank)
@@ -415,13 +473,15 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
                                       run.base_lr, args.min_lr, args.warmup_epochs, args.epochs)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if run.mixup_fn is not None:
-            samples, targets = run.mixup_fn(samples, targets)  # pixel-space mixing, soft targets (N, K)
+        mix_latents = run.mixup_fn is not None and not getattr(args, "image_mix", False)
+        if run.mixup_fn is not None and not mix_latents:
+            samples, targets = run.mixup_fn(samples, targets)  # --image_mix: pixel-space mixing, soft targets
 
         def compute_loss():
             with autocast(device, args.precision):
-                logits = model(samples)
-            return run.criterion(logits.float(), targets)
+                # USP's default mixes the latents inside the classifier, after the VAE encoder.
+                logits, soft_targets = model(samples, targets) if mix_latents else (model(samples), targets)
+            return run.criterion(logits.float(), soft_targets)
 
         boundary = (position.batch + 1) % accum == 0
         losses.add(backward_micro_batch(model, scaler, compute_loss, accum, boundary))
@@ -585,7 +645,8 @@ def evaluate_all(eval_model, eval_loader, run: TrainSetup, reduce: bool) -> dict
     """`evaluate` for the model and, with --model_ema, for its EMA weights (as ema_acc1, ...)."""
     metrics = evaluate(eval_model, eval_loader, run.device, run.args.precision, reduce)
     if run.model_ema is not None:
-        ema_model = LatentClassifier(run.model_ema.module, eval_model.codec, eval_model.vae_precision)
+        ema_model = LatentClassifier(run.model_ema.module, eval_model.codec, eval_model.vae_precision,
+                                     eval_model.t_noise_alpha_bar)
         ema_metrics = evaluate(ema_model, eval_loader, run.device, run.args.precision, reduce)
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     return metrics
@@ -635,7 +696,9 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
           f"steps/epoch: {train_data.steps_per_epoch}")
 
-    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    wandb_run = {"project": "usp-understanding", "name": Path(args.output_dir).name, "config": vars(args)}
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
+                       wandb_run=wandb_run if args.wandb else None)
     run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
                      base_lr=base_lr, steps_per_epoch=train_data.steps_per_epoch, criterion=criterion,
                      mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=clip_grad)

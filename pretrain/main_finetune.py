@@ -5,9 +5,9 @@
         --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval
 
 Pipeline per batch: timm's train transform on pixels (RandomResizedCrop, RandAugment, colour
-jitter, random erasing) -> Mixup/CutMix -> frozen VAE encoder (posterior mean x scale; trainable
-with --train_vae) -> ViT -> soft-target / label-smoothing cross-entropy. Layer-wise lr decay
-(timm's param_groups_layer_decay), AdamW, per-iteration warmup + cosine, optional grad clipping
+jitter, random erasing) -> frozen VAE encoder (posterior mean x scale; trainable with --train_vae)
+-> [--add_t_noise] -> Mixup/CutMix on the latents (USP; --image_mix mixes the pixels before the VAE) -> ViT -> soft-target / label-smoothing cross-entropy. Layer-wise lr decay
+(MAE's param_groups_lrd, util/lr_decay.py), AdamW, per-iteration warmup + cosine, optional grad clipping
 and EMA. Pixel presets (vit_base_patch16, ...) skip the VAE and use ImageNet normalisation.
 """
 import argparse
@@ -20,14 +20,16 @@ if __package__ in (None, ""):
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
+from models.dit_classifier import DIT_CLASSIFIERS
 from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
-                                      guard_posterize, image_mean_std, run_main, start, train)
+                                      guard_posterize, image_mean_std, run_main, start, t_noise_alpha_bar, train)
 from util.data import SeededDataset, build_image_folder
+from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
 
 HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wreck the pretrained features
@@ -42,6 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (ELECTRA/BEiT)")
     parser.add_argument("--train_vae", action="store_true",
                         help="also fine-tune the VAE encoder (its parameters join the optimizer)")
+    parser.add_argument("--train_vae_flat", action="store_true",
+                        help="with --train_vae, USP's optimizer: one lr (no layer decay) and weight decay on every "
+                             "ViT and VAE parameter")
+    parser.add_argument("--image_mix", action="store_true",
+                        help="Mixup/CutMix the images before the VAE (default: the latents, as USP)")
+    parser.add_argument("--no_aug", action="store_true",
+                        help="no training augmentation: resize + center crop + flip-free (timm's no_aug)")
     # Augmentation (timm's implementations).
     parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
                         help="colour jitter factor (enabled only when not using auto augment)")
@@ -73,7 +82,7 @@ def build_train_dataset(args, pixel: bool) -> SeededDataset:
     transform = create_transform(
         input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
         auto_augment=None if args.aa in (None, "none") else args.aa, interpolation="bicubic",
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std, no_aug=args.no_aug,
     )
     base = build_image_folder(args.data_path, "train")
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
@@ -96,13 +105,16 @@ def build_mixup(args):
 def build_optimizer(vit, codec, args, base_lr: float) -> torch.optim.Optimizer:
     """AdamW over layer-decayed ViT groups (+ the VAE encoder at full lr with --train_vae).
 
-    timm's grouping (from the ViT's group_matcher) gives stem = 0, blocks.i = i + 1, final norm /
-    fc_norm / head = depth + 1, with lr_scale = layer_decay ** (depth + 1 - layer_id): MAE's
-    param_groups_lrd. Biases, norms, pos_embed and cls_token get no weight decay.
+    MAE/USP's param_groups_lrd (util/lr_decay.py): stem = layer 0, blocks.i = i + 1, final norm /
+    fc_norm / head = depth + 1 with lr_scale 1. No weight decay on 1-D parameters, pos_embed and cls_token.
+    --train_vae_flat: USP's --train_vae groups instead, [VAE, ViT] at lr_scale 1 with weight decay on all.
     """
-    groups = param_groups_layer_decay(vit, weight_decay=args.weight_decay,
-                                      no_weight_decay_list=list(vit.no_weight_decay()),
-                                      layer_decay=args.layer_decay)
+    if codec is not None and args.train_vae and args.train_vae_flat:
+        return torch.optim.AdamW([
+            {"lr_scale": 1.0, "weight_decay": args.weight_decay, "params": list(codec.autoencoder.parameters())},
+            {"lr_scale": 1.0, "weight_decay": args.weight_decay, "params": list(vit.parameters())}], lr=base_lr)
+    groups = param_groups_lrd(vit, weight_decay=args.weight_decay, no_weight_decay_list=list(vit.no_weight_decay()),
+                              layer_decay=args.layer_decay)
     if codec is not None and args.train_vae:
         groups += param_groups_weight_decay(codec.autoencoder, weight_decay=args.weight_decay)
     return torch.optim.AdamW(groups, lr=base_lr)
@@ -117,6 +129,9 @@ def build_criterion(args, mixup_fn) -> torch.nn.Module:
 
 
 def main(args) -> dict:
+    if args.model in DIT_CLASSIFIERS:
+        raise UsageError(f"--model {args.model} is a DiT backbone for linear probing (USP probes, not fine-tunes, "
+                         "them); use pretrain.main_linprobe.")
     dist_env = start(args)
     pixel = is_pixel_model(args.model)
 
@@ -128,7 +143,8 @@ def main(args) -> dict:
     vit, codec = build_models(args, dist_env, pixel, HEAD_INIT_STD)
     if codec is not None and args.train_vae:
         codec.train_encoder(True)
-    classifier = LatentClassifier(vit, codec, args.vae_precision)
+    latent_mixup = mixup_fn if not args.image_mix else None
+    classifier = LatentClassifier(vit, codec, args.vae_precision, t_noise_alpha_bar(args, pixel), latent_mixup)
     if args.eval:
         return evaluate_only(args, classifier, eval_loader, dist_env)
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 import torch
 from torchvision.utils import save_image
 
-from models.mae import is_pixel_model, standardize_per_sample
+from models.mae import is_pixel_model
 from models.vae import LatentCodec
 from pretrain.main_pretrain import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import resolve_resume
@@ -80,26 +80,18 @@ def pick_images(data_path, count: int, input_size: int, pixel: bool) -> torch.Te
 def reconstruct(model, inputs: torch.Tensor, mask_ratio: float, generator: torch.Generator):
     """inputs (N, C, h, w) -> (reconstruction (N, C, h, w), mask (N, L) 1 = masked).
 
-    The model predicts in its training target space: per-sample standardised with `norm_image`,
-    per-patch normalised with `norm_pix_loss`. Predictions are mapped back with the statistics of
-    the true patches (as MAE's visualisations do), then pasted into the masked positions.
+    The model predicts in its training target space (`normalize_target`: per patch with
+    norm_pix_loss, per image with norm_image as well). Predictions are mapped back with the
+    statistics of the true patches (as MAE's visualisations do), then pasted into the masked positions.
     """
     noise = torch.rand(inputs.shape[0], model.patch_embed.num_patches, generator=generator)
     _, pred, mask = model(inputs, mask_ratio=mask_ratio, noise=noise)
-    target = standardize_per_sample(inputs) if model.norm_image else inputs
-    target_patches = model.patchify(target)  # (N, L, p*p*C)
-    pred = pred.float()
-    if model.norm_pix_loss:
-        mean = target_patches.mean(dim=-1, keepdim=True)
-        var = target_patches.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    target_patches = model.patchify(inputs)  # (N, L, p*p*C)
+    _, mean, std = model.normalize_target(target_patches)
+    pred = pred.float() * std + mean
     mask_patches = mask.unsqueeze(-1)
     patches = target_patches * (1 - mask_patches) + pred * mask_patches
     reconstruction = model.unpatchify(patches)
-    if model.norm_image:
-        flat = inputs.flatten(1)
-        std = (flat.var(dim=1, unbiased=False) + 1e-6).sqrt().view(-1, 1, 1, 1)
-        reconstruction = reconstruction * std + flat.mean(dim=1).view(-1, 1, 1, 1)
     return reconstruction, mask
 
 

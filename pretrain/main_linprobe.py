@@ -19,15 +19,16 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn as nn
-from timm.data import create_transform
+from torchvision import transforms
 from timm.optim import Lars
 
 from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
-                                      image_mean_std, run_main, start, train)
+                                      image_mean_std, run_main, start, t_noise_alpha_bar, train)
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
+from util.tf_crop import RandomResizedCrop
 
 HEAD_INIT_STD = 0.01  # MAE's linear probe head init
 
@@ -38,6 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     warmup_epochs=10, global_pool=False)
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (util.latent_cache)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
+    parser.add_argument("--skip_depth", default=0, type=int,
+                        help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
+                             "block depth - skip_depth (USP)")
+    parser.add_argument("--image_mix", action="store_true", help=argparse.SUPPRESS)  # USP accepts it; no effect
     return parser
 
 
@@ -65,8 +70,9 @@ def build_train_dataset(args, pixel: bool):
                              f"{len(dataset.manifest['classes'])}.")
         return dataset
     mean, std = image_mean_std(pixel)
-    transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=None,
-                                 auto_augment=None, interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
+    transform = transforms.Compose([  # MAE/USP's probe: TF-style RandomResizedCrop (bicubic) + flip
+        RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
     base = build_image_folder(args.data_path, "train")
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
     return SeededDataset(base, transform, seed=args.seed)
@@ -108,11 +114,12 @@ def main(args) -> dict:
     train_dataset = None if args.eval else build_train_dataset(args, pixel)
 
     vit, codec = build_models(args, dist_env, pixel, HEAD_INIT_STD, adapt_vit=attach_probe_head)
-    eval_model = LatentClassifier(vit, codec, args.vae_precision)
+    eval_model = LatentClassifier(vit, codec, args.vae_precision, t_noise_alpha_bar(args, pixel))
     if args.eval:
         return evaluate_only(args, eval_model, eval_loader, dist_env)
     # Cached latents skip the encoder during training; validation still starts from images.
-    classifier = LatentClassifier(vit, None) if args.use_cached else eval_model
+    classifier = LatentClassifier(vit, None, t_noise_alpha_bar=eval_model.t_noise_alpha_bar) if args.use_cached \
+        else eval_model
 
     train_data = build_train_loader(args, train_dataset, dist_env)
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 import torch
 from timm.optim import param_groups_weight_decay
 
+from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
 from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
@@ -32,7 +33,8 @@ from util.data import build_image_folder, build_loader, pretrain_transform, Seed
 from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
-from util.run_log import RunLogger
+from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
+from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr
@@ -42,10 +44,11 @@ from util.rng import gather_rng_states, restore_rank_rng, sample_generator, samp
 from util.sampler import ResumableDistributedSampler
 
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
-# Parameters that never get weight decay besides biases and norm weights (timm drops every 1-D
-# parameter): the learned tokens and the position embeddings (frozen in MAE, but listed so a
-# variant that learns them is handled the same way).
-NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# MAE/USP decay every parameter with 2+ dimensions (timm's param_groups_weight_decay with an empty
+# list): cls_token and mask_token are decayed, biases and norm weights are not. --no_decay_tokens
+# also exempts the learned tokens and position embeddings (frozen in MAE; listed so a variant that
+# learns them is handled the same way).
+TOKENS_AND_POSITIONS = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,14 +63,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "still follows --epochs")
 
     # Model
-    parser.add_argument("--model", default="vit_base_patch_vae", type=str, help="MAE preset name")
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str,
+                        help="MAE preset name (USP's default; the paper's runs use vit_{base,large,xlarge}_patch_vae)")
     parser.add_argument("--model_kwargs", default="{}", type=str,
                         help='JSON object of constructor overrides, e.g. \'{"embed_dim": 32, "depth": 2}\'')
-    parser.add_argument("--input_size", default=224, type=int, help="image size in pixels")
+    parser.add_argument("--input_size", default=256, type=int,
+                        help="image size in pixels (USP's default; its pretraining recipe passes 224)")
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use per-patch normalised targets as the reconstruction target")
-    parser.add_argument("--norm_image", action="store_true", help="standardise each input/target per sample")
+    parser.add_argument("--norm_image", action="store_true",
+                        help="with --norm_pix_loss: normalise the target per image instead of per patch (USP)")
     parser.add_argument("--add_noise", action="store_true",
                         help="feed sqrt(t) z + sqrt(1 - t) eps with t ~ U[0.5, 1) and reconstruct the clean z")
     parser.add_argument("--vae_version", default="d8", choices=["d8", "d16", "vavae_f16d32"],
@@ -85,6 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Optimizer
     parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--no_decay_tokens", action="store_true",
+                        help="no weight decay on cls_token / mask_token (MAE and USP decay them)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
     parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
                         help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
@@ -95,7 +103,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
                         help="ImageFolder root holding train/")
     parser.add_argument("--use_cached", action="store_true", help="read latents from a latent cache")
-    parser.add_argument("--cached_path", default="", type=str, help="latent cache directory (util.latent_cache)")
+    parser.add_argument("--cached_path", default="", type=str,
+                        help="latent cache: a util.latent_cache directory or a MAR-style <class>/<image>.npz folder")
+    parser.add_argument("--cached_posterior_sample", action="store_true",
+                        help="with --use_cached, draw a posterior sample each step as USP's cached path does "
+                             "(default: the posterior mean, as USP's online path)")
     parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true",
@@ -110,7 +122,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint file or run directory to continue")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (without --resume)")
-    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs")
+    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
+    parser.add_argument("--save_every", default=40, type=int,
+                        help="save after epochs 0, N, 2N, ... and the last (USP/MAE: 40)")
     parser.add_argument("--keep_last", default=None, type=int,
                         help="keep only the newest K checkpoints (default: keep all, as MAE)")
     parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric reads")
@@ -177,9 +191,20 @@ def build_dataset(args, model, pixel: bool):
         expect = {"vae_version": args.vae_version, "image_size": args.input_size}
         if args.vae_path:
             expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
-        # USP pretrains on the posterior mean; the cache picks the flip per (epoch, index).
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed,
-                                  normalize=cache_normalizer(args))
+        # USP's online path encodes the posterior mean; its cached path draws a sample every step
+        # (--cached_posterior_sample). The cache picks the flip per (epoch, index).
+        use_mean = not args.cached_posterior_sample
+        if is_npz_latent_folder(args.cached_path):
+            if args.vae_version in PER_CHANNEL_CODECS:
+                raise UserError(f"--cached_path {args.cached_path} is a per-image .npz folder, which holds one-scale "
+                                f"latents; {args.vae_version} needs a latent cache from util.latent_cache.")
+            spec = get_latent_spec(args.vae_version)
+            base = NpzLatentFolder(args.cached_path, scale=spec.scale, use_mean=use_mean, seed=args.seed,
+                                   expect_shape=(spec.channels, spec.latent_size(args.input_size),
+                                                 spec.latent_size(args.input_size)))
+        else:
+            base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=use_mean, seed=args.seed,
+                                      normalize=cache_normalizer(args))
     else:
         folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
         base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
@@ -206,8 +231,9 @@ def build_codec(args, device, pixel: bool):
 
 
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
-    """AdamW(0.9, 0.95) with no weight decay on biases, norms, tokens and position embeddings."""
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    """AdamW(0.9, 0.95); no weight decay on biases and norms (and tokens with --no_decay_tokens)."""
+    exempt = TOKENS_AND_POSITIONS if getattr(args, "no_decay_tokens", False) else ()
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=exempt)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -291,6 +317,8 @@ def setup(args) -> SimpleNamespace:
     device = dist_env.device
     if device.type == "cuda":
         enable_tf32()
+    if args.wandb:
+        require_wandb()
     if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
         raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
 
@@ -322,7 +350,9 @@ def setup(args) -> SimpleNamespace:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
     scaler = make_grad_scaler(device, args.precision)
-    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir)
+    wandb_run = {"project": "usp-pretrain", "name": Path(args.output_dir).name, "config": vars(args)}
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
+                       wandb_run=wandb_run if args.wandb else None)
     position = resume_position(args, model_without_ddp, optimizer, scaler, global_batch, logger)
     logger.info(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f}M params, "
                 f"{'pixels' if pixel else 'latents'} {tuple(dataset.model_input_shape)}, "
@@ -352,7 +382,8 @@ def train(run) -> None:
         if finished and result.stats["loss"] is not None:
             run.logger.log(position.global_step, {"train_lr": result.stats["lr"], "train_loss": result.stats["loss"],
                                                   "epoch": position.epoch}, prefix="epoch")
-        scheduled = finished and (position.epoch + 1 == args.epochs or (position.epoch + 1) % args.save_every == 0)
+        # MAE/USP: `epoch % 40 == 0 or epoch + 1 == epochs`.
+        scheduled = finished and (position.epoch + 1 == args.epochs or position.epoch % args.save_every == 0)
         if scheduled or result.stop_reason is not None:
             save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done=finished)
         if result.stop_reason is not None:

@@ -2,7 +2,9 @@
 # Classification fine-tuning (SFT) of a USP-pretrained ViT on SD-VAE (d8) latents of 224 px ImageNet crops,
 # with MAE's ViT-B recipe: effective batch 1024 (32 per GPU x 8 GPUs x 4 nodes, or ACCUM_ITER=4 on one node),
 # 100 epochs, blr 5e-4, layer decay 0.65, wd 0.05, drop path 0.1, RandAugment, mixup 0.8, cutmix 1.0,
-# label smoothing 0.1, random erasing 0.25. Reference: MAE ViT-B/16 in pixel space reaches 83.6% top-1
+# label smoothing 0.1, random erasing 0.25, Mixup/CutMix on the latents (USP's default; --image_mix mixes pixels),
+# fp16 autocast with a GradScaler, the VAE encoder under the same fp16 autocast (USP's main_finetune without
+# --use_fp32). The full command is printed before it starts. Reference: MAE ViT-B/16 in pixel space reaches 83.6% top-1
 # (MODEL=vit_base_patch16, no VAE). ViT-L: MODEL=vit_large_patch16_vae EPOCHS=50 LAYER_DECAY=0.75 DROP_PATH=0.2.
 #
 # One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth ACCUM_ITER=4 \
@@ -47,7 +49,8 @@ launch -m pretrain.main_finetune \
   --reprob 0.25 \
   --aa rand-m9-mstd0.5-inc1 \
   --nb_classes 1000 \
-  --precision bf16 \
+  --precision fp16 \
+  --vae_precision fp16 \
   --num_workers 10 \
   --dist_eval \
   --data_path "$DATA_PATH" \

@@ -15,7 +15,23 @@ NNODES=${NNODES:-${WORLD_SIZE:-1}}
 NODE_RANK=${NODE_RANK:-${RANK:-0}}
 GPUS=${GPUS:-8}
 
+# Prints the full setting (every flag, one per line, copy-pasteable) before it runs, so a log says
+# exactly which recipe produced it; appended arguments come last and win over the recipe's.
+print_setting() {
+  local line="" arg
+  printf '[recipe] node %s of %s, %s process(es) per node; full command:\n' "$NODE_RANK" "$NNODES" "$GPUS" >&2
+  printf '  torchrun --nnodes=%s --node_rank=%s --nproc_per_node=%s --master_addr=%s --master_port=%s' \
+    "$NNODES" "$NODE_RANK" "$GPUS" "$MASTER_ADDR" "$MASTER_PORT" >&2
+  for arg in "$@"; do
+    if [[ "$arg" == -* && -n "$line" ]]; then printf ' \\\n   %s' "$line" >&2; line=""; fi
+    line+="${line:+ }$(printf '%q' "$arg")"
+  done
+  [ -n "$line" ] && printf ' \\\n   %s' "$line" >&2
+  printf '\n' >&2
+}
+
 launch() {
+  print_setting "$@"
   torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
 }

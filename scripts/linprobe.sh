@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Linear probe of a USP-pretrained ViT on SD-VAE (d8) latents with MAE's recipe: frozen encoder, BatchNorm
 # (no affine) + linear head on the cls token, LARS, effective batch 16384 (512 per GPU x 8 GPUs x 4 nodes,
-# or ACCUM_ITER=4 on one node), 90 epochs, blr 0.1, no weight decay, RandomResizedCrop + flip only.
+# or ACCUM_ITER=4 on one node), 90 epochs, blr 0.1, no weight decay, MAE's TF-style RandomResizedCrop + flip only,
+# fp16 autocast with a GradScaler and the VAE encoder under the same fp16 autocast (USP's main_linprobe).
+# The full command is printed before it starts.
 # Reference: MAE ViT-B/16 in pixel space reaches 68.0% top-1 (MODEL=vit_base_patch16, no VAE).
 #
 # One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth ACCUM_ITER=4 \
@@ -38,7 +40,8 @@ launch -m pretrain.main_linprobe \
   --blr 0.1 \
   --weight_decay 0.0 \
   --nb_classes 1000 \
-  --precision bf16 \
+  --precision fp16 \
+  --vae_precision fp16 \
   --num_workers 10 \
   --dist_eval \
   --data_path "$DATA_PATH" \

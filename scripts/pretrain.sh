@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# USP pretraining (masked latent modeling) with the paper's recipe: vit_base_patch_vae on SD-VAE (d8) latents of
-# 224 px ImageNet crops, mask ratio 0.75, norm_pix_loss, batch 64 per GPU, blr 1.5e-4, wd 0.05, 40 warmup epochs,
-# 800 (or EPOCHS=1600) epochs.
+# USP pretraining (masked latent modeling) with the paper's recipe (USP's PRETRAIN.md command and main_pretrain.py
+# defaults): vit_base_patch_vae (MODEL=vit_large_patch_vae / vit_xlarge_patch_vae for L / XL) on SD-VAE (d8)
+# latents of 224 px ImageNet crops, mask ratio 0.75, norm_pix_loss, batch 64 per GPU on 64 GPUs (8 nodes x 8),
+# blr 1.5e-4, wd 0.05 (cls/mask tokens decayed), 40 warmup epochs, 800 (or EPOCHS=1600) epochs, fp16 autocast with
+# a GradScaler, the VAE encoder under the same fp16 autocast, checkpoints at epochs 0, 40, 80, ... and the last.
+# The full command is printed before it starts.
 #
 # One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema bash scripts/pretrain.sh
 # N nodes:    run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and NODE_RANK = 0..NNODES-1:
@@ -30,9 +33,10 @@ launch -m pretrain.main_pretrain \
   --warmup_epochs 40 \
   --blr 1.5e-4 \
   --weight_decay 0.05 \
-  --precision bf16 \
+  --precision fp16 \
+  --vae_precision fp16 \
   --num_workers 10 \
-  --save_every 20 \
+  --save_every 40 \
   --data_path "$DATA_PATH" \
   --output_dir "$OUTPUT_DIR" \
   --log_dir "$OUTPUT_DIR" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# FID-50K samples of a DiT checkpoint as in USP's tables: DiT-XL/2, 256 px, 250 DDPM steps, cfg 1.0,
-# per-process batch 32; then ADM's evaluation (scripts/eval.sh) when REF_BATCH is set.
+# FID-50K samples of a DiT checkpoint as in USP's tables (USP's sample_dit.sh): DiT-XL/2, 256 px, 250 DDPM
+# steps, cfg 1.0, per-process batch 128, fp32 with TF32; then ADM's evaluation (scripts/eval.sh) when REF_BATCH
+# is set. The full command is printed before it starts.
 #
 #   CKPT=results/000-DiT-XL-2-VAE-simple-usp/checkpoints/0400000.pt REF_BATCH=VIRTUAL_imagenet256_labeled.npz \
 #   INCEPTION_WEIGHTS=pretrained/weights-inception-2015-12-05-6726825d.pth bash scripts/sample_dit.sh
@@ -24,7 +25,9 @@ launch -m generation.sample_ddp \
   --num-sampling-steps 250 \
   --cfg-scale "$CFG_SCALE" \
   --num-fid-samples 50000 \
-  --per-proc-batch-size 32 \
+  --per-proc-batch-size 128 \
+  --precision fp32 \
+  --tf32 \
   --global-seed 0 \
   --sample-dir "$SAMPLE_DIR" \
   "$@"

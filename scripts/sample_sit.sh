@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# FID-50K samples of a SiT checkpoint: SiT-XL/2, 256 px, Linear/velocity transport, cfg 1.0, per-process
-# batch 32, with SiT's samplers: MODE=SDE (default; Euler-Maruyama, 250 steps, sigma diffusion, Mean last
-# step) or MODE=ODE (dopri5, atol 1e-6, rtol 1e-3); then ADM's evaluation (scripts/eval.sh) when REF_BATCH is set.
+# FID-50K samples of a SiT checkpoint as in USP's tables (USP's sample_sit.sh): SiT-XL/2, 256 px,
+# Linear/velocity transport, cfg 1.0, per-process batch 128, fp32 with TF32, MODE=SDE (the paper's; Euler-
+# Maruyama, 250 steps, sigma diffusion, Mean last step of 0.04) or MODE=ODE (dopri5, atol 1e-6, rtol 1e-3); then
+# ADM's evaluation (scripts/eval.sh) when REF_BATCH is set. (USP's script passes the mode as "sde", which its own
+# sample_ddp.py rejects; SDE is what it means.) The full command is printed before it starts.
 #
 #   CKPT=results/000-SiT-XL-2-VAE-simple-usp/checkpoints/0400000.pt MODE=ODE REF_BATCH=VIRTUAL_imagenet256_labeled.npz \
 #   INCEPTION_WEIGHTS=pretrained/weights-inception-2015-12-05-6726825d.pth bash scripts/sample_sit.sh
@@ -35,7 +37,9 @@ launch -m generation.sample_ddp "$MODE" \
   --num-sampling-steps 250 \
   --cfg-scale "$CFG_SCALE" \
   --num-fid-samples 50000 \
-  --per-proc-batch-size 32 \
+  --per-proc-batch-size 128 \
+  --precision fp32 \
+  --tf32 \
   --global-seed 0 \
   --sample-dir "$SAMPLE_DIR" \
   "$@"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# SiT-XL/2 finetuned from a USP checkpoint at 256 px: Linear path, velocity prediction, global batch 256,
-# 400K steps (USP's generation recipe).
+# SiT-XL/2 finetuned from a USP checkpoint at 256 px with USP's generation recipe: Linear path, velocity
+# prediction, global batch 256, 400K steps, AdamW lr 1e-4, EMA 0.9999, fp32 with TF32 (as SiT's train.py),
+# checkpoints every 50K steps, EMA previews (and, with --num-fid-samples 50000 --fid-ref-batch REF, FID with the
+# SDE sampler in fp32, 250 steps, cfg 1.0, as USP's training-time evaluation) every 50K steps.
+# The full command is printed before it starts.
 #
 # Multi-node: every node runs this script with the same MASTER_ADDR/MASTER_PORT, NNODES (or WORLD_SIZE) = number of nodes,
 # NODE_RANK (or RANK) = this node's index and GPUS = GPUs per node (the variables the original scripts read).
@@ -25,10 +28,12 @@ launch -m generation.train \
   --max-steps 400000 \
   --ckpt-every 50000 \
   --log-every 100 \
-  --eval-every 10000 \
-  --cfg-scale 4.0 \
+  --eval-every 50000 \
+  --cfg-scale 1.0 \
+  --fid-cfg-scale 1.0 \
   --num-sampling-steps 250 \
-  --precision bf16 \
+  --per-proc-batch-size 128 \
+  --precision fp32 \
   --results-dir results \
   --exp-name usp \
   "$@"

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from models.dit import DiT, DiT_models
 from models.layers import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
-from models.mae import MAE_MODEL_NAMES, MaskedAutoencoderViT, create_mae, is_pixel_model, standardize_per_sample
+from models.mae import MAE_MODEL_NAMES, MaskedAutoencoderViT, create_mae, is_pixel_model
 from models.sit import SiT, SiT_models
 from models.vit import VIT_MODEL_NAMES, VisionTransformer, create_vit
 
@@ -83,6 +83,8 @@ def official_dit_keys(depth: int, affine_norm: bool) -> set:
 def test_registries_have_every_official_name():
     for prefix, registry in (("DiT", DiT_models), ("SiT", SiT_models)):
         expected = {f"{prefix}-{s}/{p}{v}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8) for v in ("", "-VAE-simple")}
+        if prefix == "DiT":
+            expected.add("DiT-B/2-VAE-simple-dnln")  # USP's generation/DiT/models.py
         assert set(registry) == expected
 
 
@@ -314,23 +316,25 @@ def test_mae_loss_is_mse_over_masked_patches_only(norm_pix_loss):
     torch.testing.assert_close(default_target_loss, ((pred - target) ** 2).mean(-1)[mask.bool()].mean())
 
 
-def test_mae_norm_image_standardises_input_and_target_per_sample():
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_mae_norm_image_follows_usp(norm_pix_loss):
+    """USP's models_mae.forward_loss: with norm_pix_loss, norm_image normalises the target per image
+    (mean, unbiased var over all patches and channels); alone it changes nothing; the input is never normalised."""
     imgs = torch.randn(2, 4, 8, 8) * torch.tensor([3.0, 0.5]).view(2, 1, 1, 1) + 2.0
-    standardized = standardize_per_sample(imgs)
-    flat = standardized.flatten(1)
-    torch.testing.assert_close(flat.mean(1), torch.zeros(2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat.var(1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
-
-    model = tiny_mae(norm_image=True)
-    plain = tiny_mae(norm_image=False)  # same seed -> same weights
+    model = tiny_mae(norm_image=True, norm_pix_loss=norm_pix_loss)
     noise = torch.rand(2, 16)
-    loss, pred, _ = model(imgs, noise=noise)
-    plain_loss, plain_pred, _ = plain(standardized, noise=noise)
-    torch.testing.assert_close(loss, plain_loss)
-    torch.testing.assert_close(pred, plain_pred)
-    target = torch.randn(2, 4, 8, 8) * 5
-    torch.testing.assert_close(model(imgs, target=target, noise=noise)[0],
-                               plain(standardized, target=standardize_per_sample(target), noise=noise)[0])
+    loss, pred, mask = model(imgs, noise=noise)
+    plain_pred = tiny_mae(norm_pix_loss=norm_pix_loss)(imgs, noise=noise)[1]  # same weights, no norm_image
+    torch.testing.assert_close(pred, plain_pred)  # the encoder saw the raw input
+    target = manual_patchify(imgs, 2)  # (N, L, D)
+    if norm_pix_loss:
+        flat = target.reshape(2, -1)
+        count = flat.shape[1]
+        mean = flat.sum(1) / count
+        var = ((flat - mean[:, None]) ** 2).sum(1) / (count - 1)
+        target = (target - mean.view(2, 1, 1)) / (var.view(2, 1, 1) + 1e-6).sqrt()
+    expected = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(loss, expected)
 
 
 def test_mae_rejects_wrong_input_and_mask_ratio():
@@ -401,3 +405,27 @@ def test_bf16_autocast_forward_runs_for_dit_and_mae():
         loss = mae(torch.randn(2, 4, 8, 8))[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_usp_model_names_build_the_official_shapes(monkeypatch):
+    """USP's models_mae: mae_vit_xlarge_patch16 = patch 16, 1152 wide, 28 deep, 16 heads; vit_base_patch2_vae =
+    patch 2, 768/12/12; both with the 512-d, 8-block, 16-head decoder. USP's DiT-B/2-VAE-simple-dnln is DiT-B/2
+    with non-affine block norms, i.e. DiT-B/2's parameters."""
+    import models.mae as mae_module
+    from models.dit import DiT_models
+
+    captured = {}
+    monkeypatch.setattr(mae_module, "MaskedAutoencoderViT", lambda **kwargs: captured.update(kwargs) or kwargs)
+    official = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
+    create_mae("mae_vit_xlarge_patch16", 256)
+    assert {k: captured[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "img_size",
+                                     *official)} == dict(patch_size=16, embed_dim=1152, depth=28, num_heads=16,
+                                                         in_chans=3, img_size=256, **official)
+    create_mae("vit_base_patch2_vae", 256)
+    assert {k: captured[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "img_size")} == \
+        dict(patch_size=2, embed_dim=768, depth=12, num_heads=12, in_chans=4, img_size=32)
+    small = dict(input_size=4, depth=1, hidden_size=24, num_heads=2)
+    dnln = DiT_models["DiT-B/2-VAE-simple-dnln"](**small).state_dict()
+    plain = DiT_models["DiT-B/2"](**small).state_dict()
+    assert {k: v.shape for k, v in dnln.items()} == {k: v.shape for k, v in plain.items()}
+    assert "blocks.0.norm1.weight" not in dnln

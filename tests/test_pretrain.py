@@ -70,7 +70,8 @@ def test_loss_falls_and_checkpoint_has_mae_keys(reference_run):
     assert {"model", "optimizer", "epoch", "scaler", "args", "resume"} <= set(checkpoint)
     assert checkpoint["epoch"] == last_epoch and checkpoint["args"]["model"] == "vit_base_patch_vae"
     assert checkpoint["resume"]["global_step"] == REFERENCE_STEPS
-    assert not (reference_run / "checkpoint-0.pth").exists()  # --save_every 20: only the last epoch is saved
+    # USP/MAE's cadence (`epoch % 40 == 0 or epoch + 1 == epochs`): of epochs 0..3, epoch 0 and the last.
+    assert sorted(path.name for path in reference_run.glob("checkpoint-*.pth")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
 
 
 def test_two_processes_match_one_with_same_global_batch(reference_run, tiny_image_folder, tiny_vae_dir, tmp_path):
@@ -167,6 +168,41 @@ def test_training_from_the_cache_and_cache_mismatch(latent_cache, tmp_path):
     assert "image_size=32" in message and "(needed 64)" in message and "\n" not in message
 
 
+def test_cached_posterior_sample_and_mar_npz_folder(latent_cache, tmp_path):
+    """USP's --use_cached: DiagonalGaussianDistribution(moments).sample() * scale every step (flag), and MAR's
+    per-image .npz folders (moments / moments_flip = cat(mean, logvar)) read as the same latents."""
+    import numpy as np
+
+    from util.rng import sample_generator
+
+    cache_dir, _ = latent_cache
+    model = create_mae("vit_base_patch_vae", 32, **TINY)
+    common = ["--model", "vit_base_patch_vae", "--input_size", "32", "--use_cached", "--device", "cpu"]
+    sampled = main_pretrain.build_dataset(main_pretrain.get_args_parser().parse_args(
+        common + ["--cached_path", str(cache_dir), "--cached_posterior_sample"]), model, pixel=False).base
+    shards = LatentCacheDataset(cache_dir, use_mean=True, seed=0)
+    latents, _, _ = sampled[(2, 5)]
+    generator = sample_generator(0, 2, 5)
+    flip = int(torch.randint(0, 2, (1,), generator=generator))
+    mean, logvar = shards.moments(5, flip)
+    expected = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * shards.scale
+    torch.testing.assert_close(latents, expected)
+
+    mar = tmp_path / "mar"
+    for index in range(6):
+        label = int(shards.labels[index])
+        (mar / f"class{label}").mkdir(parents=True, exist_ok=True)
+        moments = [torch.cat(shards.moments(index, flip)).numpy() for flip in (0, 1)]
+        np.savez(mar / f"class{label}" / f"img{index:03d}.npz", moments=moments[0], moments_flip=moments[1])
+    from_mar = main_pretrain.build_dataset(main_pretrain.get_args_parser().parse_args(
+        common + ["--cached_path", str(mar)]), model, pixel=False).base
+    for index in range(6):
+        got, label, _ = from_mar[(0, index)]
+        want, want_label, _ = shards[(0, index)]
+        assert label == want_label
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--model", "vit_gigantic_patch_vae"], "unknown MAE model"),
     (["--input_size", "36"], "not divisible by the VAE factor 8"),
@@ -185,17 +221,22 @@ def test_bad_input_is_one_sentence(flags, fragment, tiny_image_folder, tiny_vae_
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_no_weight_decay_on_biases_norms_tokens_and_positions():
+@pytest.mark.parametrize("no_decay_tokens", [False, True])
+def test_weight_decay_groups_follow_mae(no_decay_tokens):
+    """MAE/USP (timm param_groups_weight_decay, empty skip list): decay unless the parameter is 1-D or a bias."""
     model = create_mae("vit_base_patch_vae", 32, **TINY)
-    args = main_pretrain.get_args_parser().parse_args([])
+    args = main_pretrain.get_args_parser().parse_args(["--no_decay_tokens"] if no_decay_tokens else [])
     optimizer = main_pretrain.build_optimizer(model, args, 1e-3, torch.device("cpu"))
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    names = dict(model.named_parameters())
-    for name in ("cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_norm.bias"):
-        assert decay_of[id(names[name])] == 0.0, name
-    for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"):
-        assert decay_of[id(names[name])] == 0.05, name
-    assert id(model.pos_embed) not in decay_of  # frozen sin-cos: not optimised at all
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in decay_of, name  # frozen sin-cos position embeddings: not optimised
+            continue
+        official = 0.0 if param.ndim <= 1 or name.endswith(".bias") else 0.05
+        if no_decay_tokens and name in ("cls_token", "mask_token"):
+            official = 0.0
+        assert decay_of[id(param)] == official, name
+    assert decay_of[id(model.cls_token)] == (0.0 if no_decay_tokens else 0.05)
     assert optimizer.defaults["betas"] == (0.9, 0.95)
 
 

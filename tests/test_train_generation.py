@@ -234,3 +234,24 @@ def test_non_finite_loss_stops_with_one_sentence_and_keeps_last_checkpoint(tmp_p
     assert message.startswith("generation.train: error: ") and "\n" not in message, message
     assert sorted(p.name for p in (experiment / "checkpoints").iterdir()) == ["0000002.pt"]
     assert saved.read_bytes() == before
+
+
+def test_evaluate_only_scores_a_checkpoint_without_training(tmp_path, tiny_image_folder, tiny_vae_dir, capsys):
+    """USP's train.py --evaluate: sample (and score) the --resume checkpoint, then stop; no optimizer step."""
+    results = tmp_path / "results"
+    run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--max-steps", "2",
+                        "--ckpt-every", "2"))
+    (experiment,) = experiment_dirs(results)
+    checkpoint_path = experiment / "checkpoints" / "0000002.pt"
+    before = load_checkpoint(checkpoint_path)
+    metrics = main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--evaluate",
+                              "--resume", str(checkpoint_path), "--eval-every", "1", "--num-fid-samples", "4",
+                              "--per-proc-batch-size", "2", "--num-sampling-steps", "3", "--eval-images", "2"))
+    assert "fid_sampling_images_per_s" in metrics
+    with __import__("numpy").load(experiment / "samples" / "fid-0000002.npz") as data:
+        assert data["arr_0"].shape == (4, 32, 32, 3)
+    assert sorted(p.name for p in (experiment / "checkpoints").glob("*.pt")) == ["0000002.pt"]
+    after = load_checkpoint(checkpoint_path)
+    assert all(torch.equal(before["ema"][key], after["ema"][key]) for key in before["ema"])
+    assert fail_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--evaluate"),
+                     capsys).endswith("(add --num-fid-samples N for FID).")

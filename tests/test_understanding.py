@@ -112,16 +112,18 @@ def test_sharded_evaluation_counts_every_image_once():
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimisers: timm's layer decay and LARS set up with MAE's semantics
+# Optimisers: MAE's layer decay and LARS
 # ---------------------------------------------------------------------------------------------
 
-def test_layer_decay_groups_match_mae():
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_layer_decay_groups_match_mae(global_pool):
     """lr_scale = decay ** (depth + 1 - layer_id) with stem = 0, blocks.i = i + 1, head/norms = depth + 1;
-    no weight decay on 1-D tensors, pos_embed and cls_token (MAE's param_groups_lrd)."""
+    no weight decay on 1-D tensors, pos_embed and cls_token (MAE's param_groups_lrd). In cls-token mode
+    the final `norm` is a head-side layer with scale 1 (timm's grouping would give it `decay`)."""
     from models.vit import create_vit
     from pretrain.main_finetune import build_optimizer
 
-    vit = create_vit("vit_base_patch16_vae", 32, num_classes=4, **TINY_VIT)
+    vit = create_vit("vit_base_patch16_vae", 32, num_classes=4, global_pool=global_pool, **TINY_VIT)
     args = parse_finetune(["--layer_decay", "0.5", "--weight_decay", "0.05"])
     optimizer = build_optimizer(vit, None, args, base_lr=1.0)
     names = {id(p): n for n, p in vit.named_parameters()}
@@ -134,7 +136,8 @@ def test_layer_decay_groups_match_mae():
     assert seen["patch_embed.proj.weight"] == (0.125, 0.05)
     assert seen["blocks.0.attn.qkv.weight"] == (0.25, 0.05) and seen["blocks.0.norm1.weight"] == (0.25, 0.0)
     assert seen["blocks.1.mlp.fc1.weight"] == (0.5, 0.05) and seen["blocks.1.mlp.fc1.bias"] == (0.5, 0.0)
-    assert seen["head.weight"] == (1.0, 0.05) and seen["fc_norm.weight"] == (1.0, 0.0)
+    norm = "fc_norm" if global_pool else "norm"
+    assert seen["head.weight"] == (1.0, 0.05) and seen[f"{norm}.weight"] == (1.0, 0.0) and seen[f"{norm}.bias"] == (1.0, 0.0)
 
 
 def test_lars_probe_step_matches_mae_rule():

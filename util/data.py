@@ -81,16 +81,23 @@ def generation_transform(image_size: int) -> transforms.Compose:
 
 
 def eval_crop(input_size: int) -> transforms.Compose:
-    """Resize the short side to input_size / 0.875 (bicubic) and take the centre (MAE evaluation)."""
+    """MAE/USP evaluation: resize the short side to input_size / crop_pct (bicubic), take the centre.
+
+    crop_pct is 224 / 256 up to 224 px and 1.0 above (MAE's `build_transform`): 256 px evaluates on the
+    whole resized image, not a 256 / 0.875 = 292 px resize.
+    """
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
-        transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
     ])
 
 
-def eval_transform(input_size: int, pixel: bool = False) -> transforms.Compose:
-    """Deterministic evaluation transform: `eval_crop` then normalisation."""
-    return transforms.Compose([eval_crop(input_size), transforms.ToTensor(), _normalize(pixel)])
+def eval_transform(input_size: int, pixel: bool = False, corruption=None) -> transforms.Compose:
+    """Evaluation transform: `eval_crop`, then `corruption` (a PIL -> PIL callable, e.g. USP's
+    ImageNet-C noise) if given, then normalisation."""
+    steps = [eval_crop(input_size)] + ([corruption] if corruption is not None else [])
+    return transforms.Compose([*steps, transforms.ToTensor(), _normalize(pixel)])
 
 
 class SafeImageFolder(datasets.ImageFolder):

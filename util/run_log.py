@@ -1,4 +1,5 @@
-"""Run logging: console, TensorBoard and a JSON-lines metrics file (MAE's `log.txt` format).
+"""Run logging: console, TensorBoard, a JSON-lines metrics file (MAE's `log.txt` format) and, with
+`wandb_run` (--wandb, as SiT's train.py), Weights & Biases when the package is installed.
 
 Metrics arrive as floats (or tensors read once here): the training loop accumulates losses on
 the device and calls `.item()` only at log intervals, so steps in between never wait on the host.
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from util.errors import UserError
+
 
 class RunLogger:
     """Writes `{"step": step, **metrics}` lines to `<output_dir>/<jsonl_name>`, TensorBoard and stdout.
@@ -22,10 +25,12 @@ class RunLogger:
     """
 
     def __init__(self, output_dir, is_main: bool, tensorboard: bool = True, jsonl_name: str = "log.txt",
-                 log_dir=None):
+                 log_dir=None, wandb_run=None):
+        """wandb_run: None, or {"project": ..., "name": ..., "config": {...}} to log to W&B as well."""
         self.is_main = is_main
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if not is_main:
             return
         self.output_dir = Path(output_dir)
@@ -38,6 +43,9 @@ class RunLogger:
                 warnings.warn("tensorboard is not installed; metrics go to the JSON-lines log only.")
             else:
                 self.writer = SummaryWriter(log_dir=str(log_dir or self.output_dir))
+        if wandb_run is not None:
+            self.wandb = require_wandb()
+            self.wandb.init(dir=str(self.output_dir), **wandb_run)
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         """Records `metrics` (name -> number) at `step` in all three sinks."""
@@ -48,6 +56,8 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{name}": value for name, value in values.items()}, step=int(step))
         text = " ".join(f"{name}={value:.6g}" for name, value in values.items())
         tqdm.write(f"[{prefix} step {step}] {text}", file=sys.stdout)
 
@@ -61,6 +71,18 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb():
+    """The wandb module, or a one-sentence error when it is not installed (it is an optional dependency)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the Weights & Biases package; `pip install wandb` (and `wandb login`) or drop "
+                        "--wandb.") from None
+    return wandb
 
 
 def progress(iterable, is_main: bool, **kwargs):

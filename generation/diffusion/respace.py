@@ -42,7 +42,13 @@ def space_timesteps(num_timesteps, section_counts):
                 "diffusion; ask for fewer sampling steps."
             )
         stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        kept += [start_index + round(stride * k) for k in range(section_count)]
+        # Accumulate the float position step by step (as DiT/ADM do) rather than computing
+        # stride * k: the rounding errors differ, and for 278 of the 1000 possible counts the
+        # kept steps would move by one (e.g. 21 steps keeps 499, not 500).
+        position = 0.0
+        for _ in range(section_count):
+            kept.append(start_index + round(position))
+            position += stride
         start_index += size
     return set(kept)
 

@@ -16,9 +16,11 @@ LOSS_WEIGHTS = {None: WeightType.NONE, "none": WeightType.NONE, "velocity": Weig
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
     """A Transport as SiT builds it.
 
-    Default epsilons (SiT): VP, and Linear/GVP with a noise or score prediction, use train_eps 1e-5
-    and sample_eps 1e-3; a velocity prediction on Linear/GVP is regular everywhere and uses 0/0.
-    Explicit train_eps / sample_eps always win (SiT silently ignored them in the velocity case).
+    Default epsilons (SiT's create_transport): VP trains with 1e-5 and samples with 1e-3; Linear/GVP
+    with a noise or score prediction use 1e-3 for both; a velocity prediction on Linear/GVP is
+    regular everywhere and uses 0/0. An explicit train_eps / sample_eps always wins; SiT ignores
+    them for velocity on Linear/GVP (leave them unset for SiT's behaviour; see GENERATION.md,
+    "Differences from the official code").
     """
     for name, value, choices in (("path_type", path_type, PATH_TYPES), ("prediction", prediction, PREDICTIONS),
                                  ("loss_weight", loss_weight, LOSS_WEIGHTS)):
@@ -34,8 +36,12 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
             stacklevel=2,
         )
     path = PATH_TYPES[path_type]
-    singular_ends = path == PathType.VP or model_type != ModelType.VELOCITY
-    default_train_eps, default_sample_eps = (1e-5, 1e-3) if singular_ends else (0.0, 0.0)
+    if path == PathType.VP:
+        default_train_eps, default_sample_eps = 1e-5, 1e-3
+    elif model_type != ModelType.VELOCITY:
+        default_train_eps, default_sample_eps = 1e-3, 1e-3
+    else:
+        default_train_eps, default_sample_eps = 0.0, 0.0
     return Transport(
         model_type=model_type,
         path_type=path,

@@ -6,7 +6,10 @@ from .lightning_recipe import shift_timesteps
 from .utils import randn_like
 
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-ODE_METHODS = ADAPTIVE_ODE_METHODS + ("euler", "midpoint", "heun", "heun2", "heun3", "rk4")
+# SiT passes any torchdiffeq method through: the Adams-Bashforth(-Moulton) multistep solvers and
+# SciPy's solve_ivp (scipy_solver, LSODA) are there as well.
+ODE_METHODS = ADAPTIVE_ODE_METHODS + ("euler", "midpoint", "heun", "heun2", "heun3", "rk4", "explicit_adams",
+                                      "implicit_adams", "fixed_adams", "scipy_solver")
 SDE_METHODS = ("Euler", "Heun")
 
 
@@ -24,7 +27,8 @@ class ode:
     timestep_shift s > 0 (LightningDiT) warps the grid to s t / (1 + (s - 1) t); 0 keeps it even (SiT).
     """
 
-    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol, timestep_shift=0.0):
+    def __init__(self, drift, *, t0, t1, sampler_type, num_steps, atol, rtol, timestep_shift=0.0,
+                 step_to_end=False):
         if sampler_type not in ODE_METHODS:
             raise ValueError(f"unknown ODE sampling method {sampler_type!r}; use one of {', '.join(ODE_METHODS)}.")
         if num_steps < 2:
@@ -35,6 +39,7 @@ class ode:
         self.num_steps = num_steps
         self.atol, self.rtol = atol, rtol
         self.timestep_shift = timestep_shift
+        self.step_to_end = step_to_end
 
     def sample(self, x, model, **model_kwargs):
         """x (N, ...) at t0 -> trajectory (num_steps, N, ...); the last entry is the state at t1."""
@@ -44,9 +49,11 @@ class ode:
             # torchdiffeq passes a scalar time; the model wants one time per sample.
             return self.drift(state, t.expand(state.shape[0]).to(state.dtype), model, **model_kwargs)
 
-        # Adaptive solvers may otherwise step past the last time and interpolate back, evaluating the
-        # model beyond t = 1 - eps where the VP path (and noise/score conversions) are undefined.
-        options = {"step_t": times[-1:]} if self.sampler_type in ADAPTIVE_ODE_METHODS else None
+        # SiT lets an adaptive solver step past the last time and interpolate back (step_to_end=False).
+        # That evaluates the model beyond t1, where the VP path is undefined (torchdiffeq then stops with
+        # "underflow in dt"); step_to_end=True makes the last step land on t1 instead.
+        adaptive_end = self.step_to_end and self.sampler_type in ADAPTIVE_ODE_METHODS
+        options = {"step_t": times[-1:]} if adaptive_end else None
         return odeint(velocity, x, times, method=self.sampler_type, atol=self.atol, rtol=self.rtol, options=options)
 
 

@@ -8,6 +8,7 @@ import enum
 import torch
 
 from .integrators import ode, sde
+from .likelihood import ode_likelihood
 from .path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan
 from .utils import expand_t_like_x, mean_flat
 
@@ -236,18 +237,31 @@ class Sampler:
         return _sample
 
     def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False,
-                   timestep_shift=0.0):
+                   timestep_shift=0.0, step_to_end=None):
         """An ODE sampler fn(x, model, **model_kwargs) -> trajectory (num_steps, N, ...).
 
         Forward: noise at t0 to data at t1 (trajectory[-1] is the sample). reverse=True integrates
         the same probability-flow ODE backwards, data at t1 to noise at t0 (for encoding /
-        likelihoods). timestep_shift: LightningDiT's grid warp (0 = SiT's even grid).
+        likelihoods). step_to_end: make an adaptive solver's last step land on the end time; None
+        means SiT's behaviour (step past and interpolate back) except on the VP path, where SiT's
+        solver fails because the path is undefined beyond t1. timestep_shift: LightningDiT's grid
+        warp (0 = SiT's even grid).
         """
+        if step_to_end is None:
+            step_to_end = self.transport.path_type == PathType.VP
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, last_step_size=0.0
         )
         if reverse:
             t0, t1 = t1, t0
         integrator = ode(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol,
-                         rtol=rtol, timestep_shift=timestep_shift)
+                         rtol=rtol, timestep_shift=timestep_shift, step_to_end=step_to_end)
         return integrator.sample
+
+    def sample_ode_likelihood(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3):
+        """fn(x, model, generator=None, **model_kwargs) -> (log p(x) (N,), noise z (N, ...)), see likelihood.py."""
+        t0, t1 = self.transport.check_interval(
+            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, last_step_size=0.0
+        )
+        return ode_likelihood(self.drift, t0=t0, t1=t1, sampling_method=sampling_method, num_steps=num_steps,
+                              atol=atol, rtol=rtol)

@@ -1,0 +1,67 @@
+"""The shell recipes in scripts/ run the papers' setting (USP's scripts and defaults) and print it first.
+
+A stand-in `torchrun` on PATH records the command; each recipe's flags are then parsed by the entry point's
+own parser, so a flag the code does not know fails here, and the values are compared with USP's setting.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(tmp_path, script, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "argv.txt"
+    fake = bin_dir / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+    result = subprocess.run(["bash", str(REPO / "scripts" / script)], env=full_env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    module_at = argv.index("-m")
+    return argv[module_at + 1], argv[module_at + 2:], result.stderr
+
+
+def parse(module, args):
+    if module == "generation.sample_ddp":
+        from generation.sample_ddp import parse_args
+        return parse_args(args)
+    parser = __import__(module, fromlist=["get_args_parser"]).get_args_parser()
+    return parser.parse_args(args)
+
+
+PAPER = {
+    "pretrain.sh": dict(precision="fp16", vae_precision="fp16", batch_size=64, blr=1.5e-4, epochs=800,
+                        warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True, input_size=224, save_every=40,
+                        weight_decay=0.05, model="vit_base_patch_vae", vae_version="d8", norm_image=False),
+    "train_dit.sh": dict(model="DiT-XL/2-VAE-simple", global_batch_size=256, max_steps=400000, precision="fp32",
+                         ckpt_every=50000, image_size=256, lr=1e-4, ema_decay=0.9999, fid_cfg_scale=1.0),
+    "train_sit.sh": dict(model="SiT-XL/2-VAE-simple", global_batch_size=256, max_steps=400000, precision="fp32",
+                         path_type="Linear", prediction="velocity", fid_mode="SDE", fid_cfg_scale=1.0),
+    "sample_dit.sh": dict(model="DiT-XL/2-VAE-simple", cfg_scale=1.0, num_sampling_steps=250, sampler="ddpm",
+                          per_proc_batch_size=128, num_fid_samples=50000, precision="fp32", tf32=True),
+    "sample_sit.sh": dict(model="SiT-XL/2-VAE-simple", mode="SDE", sampling_method="Euler", diffusion_form="sigma",
+                          last_step="Mean", last_step_size=0.04, cfg_scale=1.0, num_sampling_steps=250,
+                          per_proc_batch_size=128, precision="fp32"),
+    "finetune.sh": dict(precision="fp16", vae_precision="fp16", blr=5e-4, layer_decay=0.65, mixup=0.8, cutmix=1.0,
+                        image_mix=False, drop_path=0.1, smoothing=0.1, reprob=0.25, epochs=100, batch_size=32),
+    "linprobe.sh": dict(precision="fp16", vae_precision="fp16", blr=0.1, weight_decay=0.0, epochs=90,
+                        batch_size=512, global_pool=False),
+}
+ENV = dict(DATA_PATH="/data/imagenet", VAE_PATH="/weights/sd-vae-ft-ema", FINETUNE="/ckpt/usp.pth", CKPT="/ckpt/x.pt")
+
+
+@pytest.mark.parametrize("script", sorted(PAPER))
+def test_recipe_runs_the_paper_setting_and_prints_it(tmp_path, script):
+    module, args, printed = run_recipe(tmp_path, script, **ENV)
+    parsed = vars(parse(module, args))
+    assert {key: parsed[key] for key in PAPER[script]} == PAPER[script]
+    assert "[recipe]" in printed and module in printed
+    assert all(flag in printed for flag in args if flag.startswith("--"))  # every flag is shown
