@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from util.progress import progress_bar
+
 
 class RunLogger:
     """Writes `{"step": step, **metrics}` lines to `<output_dir>/<jsonl_name>`, TensorBoard and stdout.
@@ -64,8 +66,8 @@ class RunLogger:
 
 
 def progress(iterable, is_main: bool, **kwargs):
-    """tqdm bar on the main rank only."""
-    return tqdm(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
+    """Progress on the main rank only: a tqdm bar in a terminal, plain lines in a log (util/progress.py)."""
+    return progress_bar(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
 
 
 class Throughput:
