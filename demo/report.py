@@ -306,9 +306,14 @@ def timing_section(timings: dict) -> list:
             and any(name.startswith("pretrain") for name in entry["ran"])]
     if full:
         lines.append("")
+        entry = full[-1]
         lines.append(f"Wall time of the run that computed every stage (up to the report): "
-                     f"**{full[-1]['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
+                     f"**{entry['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
                      f"per-stage seconds add up to more than the wall time.")
+        if "cpu_seconds" in entry:
+            lines.append(f"CPU time of those stages: {entry['cpu_seconds']:.0f} s (user + system); load average "
+                         f"at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "
+                         "busy machine the wall time grows with the load; the CPU time does not (much).")
     return lines
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -111,7 +112,7 @@ class StageProcess:
         self.command = stage.command()
         self.log_path = out / "logs" / f"{stage.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb", buffering=0)  # unbuffered: `tail -f` shows progress as it comes
         self.log.write(("$ " + shlex.join(self.command) + "\n").encode())  # copy-pasteable
         # Mirrored bars only in a terminal: in a log, each stage's own lines are in its log file.
         self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
@@ -228,7 +229,9 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
 
 
 def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
-    """Updates timings.json: every stage's last measured seconds + this invocation's wall time.
+    """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
+    seconds of its finished stages (user + system of the children: on a busy machine the wall time says
+    little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -239,7 +242,10 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> di
         timings["invocations"].pop()
     timings["stages"] = {stage.name: json.loads(marker_path(out, stage.name).read_text())["seconds"]
                          for stage in stages if marker_path(out, stage.name).is_file()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
+                                   "cpu_seconds": round(children.ru_utime + children.ru_stime, 2),
+                                   "load_average": [round(load, 2) for load in os.getloadavg()],
                                    "in_progress": not final})
     path.write_text(json.dumps(timings, indent=1))
     return timings
