@@ -1,8 +1,11 @@
 """The demo's budget: data size, model sizes and steps of every stage, for the full and the --fast run.
 
-The full run is sized to finish in under 10 minutes on 2 CPU cores (scripts/demo.sh runs two
-single-threaded stages at a time) with `seeds` = 3 paired seeds; --fast keeps every stage but takes a
-few steps each, so the test suite can run the whole pipeline in a couple of minutes.
+The full run is sized for 10 minutes on 2 quiet CPU cores (scripts/demo.sh runs two single-threaded
+stages at a time) with `seeds` = 3 paired seeds: an estimate from the previous single-seed run (473 s
+with 600 generator steps at batch 32), not yet a measurement of this configuration (see README). Against
+that run each generator does a quarter of the work (300 steps at batch 16) at 4x the lr (2e-3 instead of
+5e-4), so that Adam opens the zero-initialised adaLN gates, through which the USP weights act, sooner.
+--fast keeps every stage but takes a few steps each, so the test suite can run the whole pipeline.
 
 Seeds: the dataset, the tiny VAE and the toy classifier are made once (`data_seed`); USP pretraining,
 the linear probes and the four generator runs are repeated for the seeds `first_seed`,
