@@ -84,6 +84,8 @@ class DemoConfig:
                 changes[key] = kind(value)
             except ValueError:
                 raise ValueError(f"--set {assignment}: {value!r} is not a valid {kind.__name__}.") from None
+        if changes.get("seeds", self.seeds) < 1:
+            raise ValueError(f"--seeds {changes['seeds']}: need at least 1 (2 or more for an interval).")
         return replace(self, **changes)
 
 

@@ -255,8 +255,6 @@ def resolve_config(args):
     """FULL or FAST with --seeds, --first-seed and --set applied; a bad value stops here with one sentence."""
     overrides = list(args.set)
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise DemoError(f"--seeds {args.seeds}: need at least 1 (2 or more for an interval).")
         overrides.append(f"seeds={args.seeds}")
     if args.first_seed is not None:
         overrides.append(f"first_seed={args.first_seed}")
