@@ -184,10 +184,10 @@ def compare(curves: dict, reference: Optional[str], target: Optional[float], hig
 
 
 def describe(label: str, result: dict, unit: str) -> str:
-    head = f"{label}: reaches {result['target']:.6g} "
+    head = f"{label}: target {result['target']:.6g} "
     if result["x_to_target"] is None:
         return head + f"not reached (last {unit} {result['last_x']:.6g}, last value {result['final']:.6g})"
-    text = head + f"at {unit} {result['x_to_target']:.6g}"
+    text = head + f"reached at {unit} {result['x_to_target']:.6g}"
     if result["reference"] == label:
         return text + " (reference)"
     if result["speedup"] is None:

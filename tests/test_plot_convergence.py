@@ -70,8 +70,8 @@ def test_speedup_of_a_four_times_faster_curve(tmp_path, capsys):
     assert results["scratch"]["speedup"] == pytest.approx(1.0)
     assert results["flat"]["x_to_target"] is None and results["flat"]["speedup"] is None
     printed = capsys.readouterr().out
-    assert "usp: reaches 0.0909091 at step 250; 4.00x the speed of scratch" in printed
-    assert "flat: reaches 0.0909091 not reached (last step 1000, last value 0.4)" in printed
+    assert "usp: target 0.0909091 reached at step 250; 4.00x the speed of scratch" in printed
+    assert "flat: target 0.0909091 not reached (last step 1000, last value 0.4)" in printed
     saved = json.loads((out / "c.json").read_text())
     assert saved["runs"]["usp"]["speedup"] == pytest.approx(4.0)
     assert saved["runs"]["flat"]["speedup"] is None
