@@ -1,38 +1,32 @@
 """The demo's budget: data size, model sizes and steps of every stage, for the full and the --fast run.
 
-The full run is sized to finish in about 10 minutes on 2 CPU cores (scripts/demo.sh runs two
-single-threaded stages at a time); --fast keeps every stage but takes a few steps each, so the
-test suite can run the whole pipeline in a couple of minutes.
+The full run is sized for 10 minutes on 2 quiet CPU cores (scripts/demo.sh runs two single-threaded
+stages at a time) with `seeds` = 3 paired seeds: an estimate from the previous single-seed run (473 s
+with 600 generator steps at batch 32), not yet a measurement of this configuration (see README). Against
+that run each generator does a quarter of the work (300 steps at batch 16) at 4x the lr (2e-3 instead of
+5e-4), so that Adam opens the zero-initialised adaLN gates, through which the USP weights act, sooner.
+--fast keeps every stage but takes a few steps each, so the test suite can run the whole pipeline.
 
-All networks share one tiny transformer shape (`ENCODER`): the USP encoder (MAE), the probed ViT
-and the DiT/SiT must have the same width, depth and heads for the weights to transfer. The 32 px
-images give 4x4 SD-VAE-style latents (factor 8, 4 channels), so every model uses patch size 1
-(16 tokens); the preset names are the official ones, their size overridden with --model_kwargs.
+Seeds: the dataset, the tiny VAE and the toy classifier are made once (`data_seed`); USP pretraining,
+the linear probes and the four generator runs are repeated for the seeds `first_seed`,
+`first_seed + 1`, ... Within a seed the USP and the scratch run share every random draw but the
+initial weights (same batches, timesteps and noise), so their difference is a paired measurement.
+
+All networks share one tiny transformer shape (`embed_dim`, `depth`, `num_heads`, patch size 1): the
+USP encoder (MAE), the probed ViT and the DiT/SiT must have the same width, depth and heads for the
+weights to transfer. `image_size` 32 gives 4x4 SD-VAE-style latents (factor 8, 4 channels), i.e. 16
+tokens; 64 gives 8x8 = 64 tokens. The preset names are the official ones, their size overridden
+with --model_kwargs.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
-IMAGE_SIZE = 32
 NUM_CLASSES = 10
 VAE_VERSION = "d8"
-ENCODER = dict(embed_dim=128, depth=4, num_heads=4, patch_size=1)
+PATCH_SIZE = 1
 MAE_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
-MAE_MODEL = "vit_base_patch_vae"          # USP's latent MAE preset (d8), resized by ENCODER
+MAE_MODEL = "vit_base_patch_vae"          # USP's latent MAE preset (d8), resized by the config
 VIT_MODEL = "vit_base_patch16_vae"        # the classifier preset the probe uses
 GENERATORS = {"dit": "DiT-B/2-VAE-simple", "sit": "SiT-B/2-VAE-simple"}  # affine norms: MAE norms load
-
-
-def mae_kwargs() -> dict:
-    return {**ENCODER, **MAE_DECODER}
-
-
-def vit_kwargs() -> dict:
-    return dict(ENCODER)
-
-
-def generator_kwargs() -> dict:
-    """DiT/SiT constructor overrides matching the encoder (hidden_size = embed_dim)."""
-    return dict(hidden_size=ENCODER["embed_dim"], depth=ENCODER["depth"], num_heads=ENCODER["num_heads"],
-                patch_size=ENCODER["patch_size"])
 
 
 @dataclass(frozen=True)
@@ -57,20 +51,66 @@ class DemoConfig:
     gen_checkpoints: int          # held-out loss is measured at this many evenly spaced checkpoints
     gen_lr: float
     ema_decay: float
-    num_samples: int              # generated images per model for the toy metrics (and FID)
+    num_samples: int              # generated images per model for the toy metrics (first seed only)
     sampling_steps: int
     heldout_repeats: int          # (t, noise) draws per held-out latent
-    seed: int = 0
+    image_size: int = 32
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    pretrain_lr: float = 1e-3     # MAE's blr 1.5e-4 is scaled for batch 4096 (lr 2.4e-3); a 64-batch toy run takes 1e-3
+    seeds: int = 3                # paired seeds (pretraining, probes, generators)
+    first_seed: int = 0
+    data_seed: int = 0            # dataset, VAE, toy classifier (val split drawn from data_seed + 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def seed_list(self) -> list:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    def with_overrides(self, assignments: list) -> "DemoConfig":
+        """A copy with `KEY=VALUE` strings applied (values parsed as the field's type)."""
+        types = {field.name: field.type for field in fields(self)}
+        changes = {}
+        for assignment in assignments:
+            key, _, value = assignment.partition("=")
+            if key not in types or key == "name" or not value:
+                raise ValueError(f"--set {assignment}: expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(k for k in types if k != 'name')}.")
+            kind = types[key]  # int or float (the dataclass's annotations are the classes themselves)
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--set {assignment}: {value!r} is not a valid {kind.__name__}.") from None
+        if changes.get("seeds", self.seeds) < 1:
+            raise ValueError(f"--seeds {changes['seeds']}: need at least 1 (2 or more for an interval).")
+        return replace(self, **changes)
+
+
+def encoder_kwargs(cfg: DemoConfig) -> dict:
+    return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
+
+
+def mae_kwargs(cfg: DemoConfig) -> dict:
+    return {**encoder_kwargs(cfg), **MAE_DECODER}
+
+
+def vit_kwargs(cfg: DemoConfig) -> dict:
+    return encoder_kwargs(cfg)
+
+
+def generator_kwargs(cfg: DemoConfig) -> dict:
+    """DiT/SiT constructor overrides matching the encoder (hidden_size = embed_dim)."""
+    return dict(hidden_size=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
 
 
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
     vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=2,
     pretrain_steps=600, pretrain_batch=64, probe_epochs=3, probe_batch=256, probe_blr=20.0,
-    gen_steps=600, gen_batch=32, gen_checkpoints=6, gen_lr=5e-4, ema_decay=0.99,
+    gen_steps=300, gen_batch=16, gen_checkpoints=6, gen_lr=2e-3, ema_decay=0.99,
     num_samples=200, sampling_steps=50, heldout_repeats=2,
 )
 
@@ -79,5 +119,5 @@ FAST = DemoConfig(
     vae_steps=6, vae_batch=16, vae_width=8, classifier_epochs=1,
     pretrain_steps=6, pretrain_batch=32, probe_epochs=1, probe_batch=64, probe_blr=20.0,
     gen_steps=6, gen_batch=32, gen_checkpoints=2, gen_lr=5e-4, ema_decay=0.9,
-    num_samples=20, sampling_steps=5, heldout_repeats=1,
+    num_samples=20, sampling_steps=5, heldout_repeats=1, seeds=2,
 )

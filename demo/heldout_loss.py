@@ -1,7 +1,7 @@
 """Held-out diffusion / transport loss of every checkpoint of a DiT or SiT experiment.
 
-    python -m demo.heldout_loss --experiment demo_out/gen/dit_usp --cached_path demo_out/cache/val \
-        --output demo_out/heldout/dit_usp.json
+    python -m demo.heldout_loss --experiment demo_out/seed0/gen/dit_usp --cached_path demo_out/cache/val \
+        --output demo_out/seed0/heldout/dit_usp.json [--experiment ... --output ...]
 
 The training loss is measured on the batch being fitted, with fresh t and noise every step, so two
 runs' curves are noisy and not on the same data. Here every checkpoint is scored on the same
@@ -9,7 +9,9 @@ held-out latents (the val split's posterior means, unflipped) with the same time
 per latent, drawn once from `--seed`: two experiments evaluated with the same flags see exactly
 the same (x, t, noise) triples, so their curves differ only by the weights (common random numbers).
 The objective is the run's own training loss (DiT: MSE + VB hybrid; SiT: the transport loss), with
-labels kept (no CFG dropout). Writes {"steps": [...], "loss": [...], "ema_loss": [...], ...}.
+labels kept (no CFG dropout). Writes {"steps": [...], "loss": [...], "ema_loss": [...], ...} to --output
+and the same numbers as JSON lines ({"step": s, "heldout_loss": l, "heldout_ema_loss": e}, the trainers'
+log.txt format) next to it with the suffix .jsonl, which scripts/plot_convergence.py reads.
 """
 import argparse
 import json
@@ -22,20 +24,21 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tqdm import tqdm
 
 from generation.objectives import NoiseBundle, build_objective
 from generation.train_utils import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import load_checkpoint
 from util.latent_cache import LatentCacheDataset
+from util.progress import progress_bar as tqdm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Held-out loss of a DiT/SiT experiment's checkpoints")
-    parser.add_argument("--experiment", required=True,
-                        help="generation.train results folder (the NNN-<model> folder or its parent)")
+    parser.add_argument("--experiment", required=True, action="append",
+                        help="generation.train results folder (the NNN-<model> folder or its parent); repeatable")
     parser.add_argument("--cached_path", required=True, help="latent cache of the held-out images")
-    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--output", required=True, action="append",
+                        help="JSON file to write, one per --experiment in the same order")
     parser.add_argument("--repeats", type=int, default=2, help="(t, noise) draws per held-out latent")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
@@ -75,9 +78,18 @@ def mean_loss(model, objective, latents, labels, bundle: NoiseBundle, batch_size
     return total / len(latents)
 
 
-def main(args) -> dict:
-    checkpoints = find_checkpoints(args.experiment)
+def main(args) -> list:
+    """Scores every --experiment (one process for several: the start-up costs more than the scoring)."""
+    if len(args.output) != len(args.experiment):
+        raise SystemExit(f"heldout_loss: error: {len(args.experiment)} --experiment but {len(args.output)} --output; "
+                         "give one --output per --experiment.")
     latents, labels, bundle = heldout_batch(args.cached_path, args.repeats, args.seed)
+    return [score_experiment(experiment, Path(output), latents, labels, bundle, args)
+            for experiment, output in zip(args.experiment, args.output)]
+
+
+def score_experiment(experiment, output: Path, latents, labels, bundle: NoiseBundle, args) -> dict:
+    checkpoints = find_checkpoints(experiment)
     result = {"steps": [], "loss": [], "ema_loss": [], "num_latents": len(latents), "seed": args.seed}
     for step, path in tqdm(checkpoints, desc="held-out loss"):
         checkpoint = load_checkpoint(path)
@@ -91,9 +103,12 @@ def main(args) -> dict:
         for key, weights in (("loss", "model"), ("ema_loss", "ema")):
             model.load_state_dict(checkpoint[weights])
             result[key].append(mean_loss(model, objective, latents, labels, bundle, args.batch_size))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
-    print(f"held-out loss of {args.experiment}: " +
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    output.with_suffix(".jsonl").write_text("".join(
+        json.dumps({"step": step, "heldout_loss": loss, "heldout_ema_loss": ema}) + "\n"
+        for step, loss, ema in zip(result["steps"], result["loss"], result["ema_loss"])))
+    print(f"held-out loss of {experiment}: " +
           ", ".join(f"step {s}: {l:.4f}" for s, l in zip(result["steps"], result["loss"])))
     return result
 

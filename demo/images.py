@@ -3,10 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from generation.sampling import to_uint8
 from util.data import build_image_folder
+from util.progress import progress_bar as tqdm
 
 
 def load_split(data_path, split: str, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:

@@ -1,11 +1,15 @@
 """Runs the demo pipeline (see demo/stages.py) with markers, progress bars and per-stage timings.
 
     python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
+                            [--seeds N] [--first-seed S] [--set KEY=VALUE ...]
 
 - Stages run as subprocesses, `--jobs` at a time (default: one per CPU core, each single-threaded:
   the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
-  machine). Each stage's output goes to `<out>/logs/<stage>.log`; its tqdm counter is mirrored
-  into a bar of its own here.
+  machine). Each stage's output goes to `<out>/logs/<stage>.log`; in a terminal its tqdm counter is
+  mirrored into a bar of its own here (in a log or CI, one plain line per finished stage instead).
+- `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
+  (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
+- `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
 - A finished stage leaves `<out>/.stages/<stage>.json` (seconds, command) and is skipped next
   time. `--redo X` reruns X and everything downstream of it; a stage whose inputs were rerun is
   rerun too. A stage that is (re)run first deletes its outputs, so no stale file survives.
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -31,6 +36,7 @@ from tqdm import tqdm
 from demo.config import FAST, FULL
 from demo.stages import build_stages
 from util.errors import UserError
+from util.progress import is_interactive, progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ".stages"
@@ -52,6 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="weights-inception-2015-12-05-6726825d.pth: also compute FID/IS (adds minutes on CPU)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (CI)")
     parser.add_argument("--jobs", type=int, default=None, help="stages run at once (default: CPU cores, max 2)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="paired seeds of pretraining, probes and generators (default 3; 2 with --fast)")
+    parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field of demo/config.py's configuration (experiments; repeatable)")
     return parser
 
 
@@ -101,9 +112,11 @@ class StageProcess:
         self.command = stage.command()
         self.log_path = out / "logs" / f"{stage.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb", buffering=0)  # unbuffered: `tail -f` shows progress as it comes
         self.log.write(("$ " + shlex.join(self.command) + "\n").encode())  # copy-pasteable
-        self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True)
+        # Mirrored bars only in a terminal: in a log, each stage's own lines are in its log file.
+        self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
+            if is_interactive(sys.stderr) else None
         self.started = time.time()
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
@@ -116,7 +129,7 @@ class StageProcess:
         while chunk := os.read(fd, 65536):
             self.log.write(chunk)
             counters = PROGRESS.findall(chunk)
-            if counters:
+            if counters and self.bar is not None:
                 done, total = map(int, counters[-1])
                 self.bar.total, self.bar.n = total, done
                 self.bar.refresh()
@@ -124,7 +137,8 @@ class StageProcess:
     def finish(self) -> int:
         self.reader.join()
         self.log.close()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         return self.process.returncode
 
 
@@ -168,8 +182,8 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
     running: dict[str, StageProcess] = {}
     seconds = {}
     env = child_env(max(1, (os.cpu_count() or 1) // jobs))
-    overall = tqdm(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
-                   dynamic_ncols=True)
+    overall = progress_bar(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
+                           dynamic_ncols=True, every=1 if not is_interactive(sys.stderr) else None)
     try:
         while waiting or running:
             for name in list(waiting):
@@ -215,7 +229,9 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
 
 
 def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
-    """Updates timings.json: every stage's last measured seconds + this invocation's wall time.
+    """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
+    seconds of its finished stages (user + system of the children: on a busy machine the wall time says
+    little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -226,15 +242,31 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> di
         timings["invocations"].pop()
     timings["stages"] = {stage.name: json.loads(marker_path(out, stage.name).read_text())["seconds"]
                          for stage in stages if marker_path(out, stage.name).is_file()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
+                                   "cpu_seconds": round(children.ru_utime + children.ru_stime, 2),
+                                   "load_average": [round(load, 2) for load in os.getloadavg()],
                                    "in_progress": not final})
     path.write_text(json.dumps(timings, indent=1))
     return timings
 
 
+def resolve_config(args):
+    """FULL or FAST with --seeds, --first-seed and --set applied; a bad value stops here with one sentence."""
+    overrides = list(args.set)
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
+    if args.first_seed is not None:
+        overrides.append(f"first_seed={args.first_seed}")
+    try:
+        return (FAST if args.fast else FULL).with_overrides(overrides)
+    except ValueError as error:
+        raise DemoError(str(error)) from None
+
+
 def main(args) -> int:
     started = time.time()
-    cfg = FAST if args.fast else FULL
+    cfg = resolve_config(args)
     out = Path(args.out).resolve()
     if args.inception_weights and not Path(args.inception_weights).is_file():
         raise DemoError(f"--inception-weights {args.inception_weights} does not exist; pass the file "

@@ -20,9 +20,9 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from demo.images import load_split, to_signed_unit, vae_reconstructions
+from util.progress import progress_bar as tqdm
 
 FEATURE_DIM = 64
 WEIGHTS_NAME = "classifier.pt"

@@ -21,10 +21,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tqdm import tqdm
 
 from demo.images import load_split, to_signed_unit
 from models.latent_spec import get_latent_spec
+from util.progress import progress_bar as tqdm
 
 VAE_VERSION = "d8"  # the SD-VAE latent space: 4 channels, factor 8
 

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from scipy import linalg
 from scipy.special import log_softmax, xlogy
-from tqdm import tqdm
 
 from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, full_fp32)
 from util.errors import UserError, run_cli
+from util.progress import progress_bar as tqdm
 
 IS_SPLIT_SIZE = 5000
 NEAREST_K = 3

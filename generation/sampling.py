@@ -304,7 +304,7 @@ def sample_to_folder(generator: ImageGenerator, sample_dir, num_samples: int, ba
         log(f"resuming: {len(batches) - len(todo)} of rank 0's {len(batches)} batches are already complete")
     iterator = todo
     if progress:
-        from tqdm import tqdm
+        from util.progress import progress_bar as tqdm
         iterator = tqdm(todo, desc="sampling", unit="batch")
     start, written = time.perf_counter(), 0
     for indices, missing in iterator:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The project's main job at toy scale, on CPU, in about 10 minutes on 2 cores:
-# toy dataset -> tiny VAE -> latent cache -> USP pretraining -> linear probe and DiT/SiT (USP init vs
-# scratch) -> samples -> toy metrics (+ FID/IS with --inception-weights) -> <out>/report.md.
+# The project's main job at toy scale, on CPU (sized for 10 minutes on 2 quiet cores):
+# toy dataset -> tiny VAE -> latent cache -> for each of 3 seeds: USP pretraining -> linear probe and
+# DiT/SiT (USP init vs scratch, paired) -> held-out loss -> convergence speed-up; samples -> toy metrics
+# (+ FID/IS with --inception-weights) -> <out>/report.md with paired 95% t-intervals over the seeds.
 #   bash scripts/demo.sh [--out DIR] [--redo STAGE|all] [--inception-weights PATH] [--fast] [--jobs N]
+#                        [--seeds N] [--first-seed S] [--set KEY=VALUE]
 # Re-running skips finished stages; see demo/run_demo.py.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

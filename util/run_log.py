@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from util.errors import UserError
+from util.progress import progress_bar
 
 
 class RunLogger:
@@ -86,8 +87,8 @@ def require_wandb():
 
 
 def progress(iterable, is_main: bool, **kwargs):
-    """tqdm bar on the main rank only."""
-    return tqdm(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
+    """Progress on the main rank only: a tqdm bar in a terminal, plain lines in a log (util/progress.py)."""
+    return progress_bar(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
 
 
 class Throughput:
