@@ -39,6 +39,17 @@ def _tanh_gelu():
     return nn.GELU(approximate="tanh")
 
 
+def _xavier_linear(module: nn.Module) -> None:
+    """DiT's `_basic_init`: xavier-uniform Linear weights, zero biases; affine LayerNorms start as the identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)  # -VAE-simple: identity until pretrained weights arrive
+        nn.init.zeros_(module.bias)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: x (N, T, D), c (N, D) -> (N, T, D).
 
@@ -135,24 +146,18 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, affine_norm=affine_norm, qk_norm=qk_norm)
              for _ in range(depth)]
         )
-        # Training-only REPA heads (empty without z_dims, so plain checkpoints keep their keys).
-        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z_dim) for z_dim in z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        # Training-only REPA heads (empty without z_dims, so plain checkpoints keep their keys). Built after
+        # everything else so the rest of the network draws the same initial weights with or without them:
+        # REPA with --proj-coeff 0 then trains bit-identically to plain training.
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z_dim) for z_dim in z_dims])
+        self.projectors.apply(_xavier_linear)
 
     def initialize_weights(self):
         """Official DiT init: xavier linears, sin-cos positions, N(0, 0.02) embedders, adaLN-Zero."""
 
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-                nn.init.ones_(module.weight)  # -VAE-simple: identity until pretrained weights arrive
-                nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        self.apply(_xavier_linear)
 
         grid_size = int(self.x_embedder.num_patches ** 0.5)
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)

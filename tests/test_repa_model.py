@@ -141,3 +141,13 @@ def test_plain_model_has_no_repa_keys_and_sampling_weights_drop_projectors():
 def test_encoder_depth_outside_the_model_is_refused():
     with pytest.raises(ValueError, match="encoder_depth 4 is outside 1..3"):
         SiT_models["SiT-S/2"](**TINY, z_dims=[12], encoder_depth=4)
+
+
+def test_projectors_do_not_change_the_initial_weights_of_the_rest():
+    torch.manual_seed(7)
+    plain = SiT_models["SiT-S/2"](**TINY, qk_norm=True)
+    torch.manual_seed(7)
+    repa = SiT_models["SiT-S/2"](**TINY, qk_norm=True, z_dims=[12], projector_dim=24, encoder_depth=2)
+    repa_state = repa.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, repa_state[name]), name
