@@ -3,10 +3,26 @@
 REPA trains a DiT/SiT whose hidden tokens after block `encoder_depth` pass through one projector MLP per
 target encoder and are pulled (cosine) towards that frozen encoder's patch tokens. The transformer is
 ours (`models.dit.DiT` with `z_dims`, `projector_dim`, `encoder_depth`, `qk_norm`); this module holds
-the projector, named as REPA names it (`build_mlp`), and reads a REPA layout back from a state dict so a
-checkpoint can be rebuilt without its training arguments.
+the projector, named as REPA names it (`build_mlp`), reads a REPA layout back from a state dict so a
+checkpoint can be rebuilt without its training arguments, and builds the frozen target encoders.
+
+Target encoders, as REPA's train.py `preprocess_raw_image` and utils.py `load_encoders` use them:
+- the target is the frozen encoder's patch tokens after its final norm (DINOv2's `x_norm_patchtokens`:
+  cls and register tokens excluded) on the clean training image, without gradients;
+- DINOv2 input: uint8 / 255, ImageNet mean/std, then a bicubic resize (not antialiased) to 224 px per
+  256 px of input, with the position table resampled once to that grid (`models.dinov2`, mode "repa").
+Sizes other than REPA's 256/512 px: the encoder sees `image_size * 7 / 8` px (224 per 256), which must
+be a multiple of the patch size 14; the encoder's token grid must equal the DiT/SiT token grid.
 """
+from __future__ import annotations
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from models.dinov2 import DINOV2_MODELS, PATCH_SIZE, build_dinov2, normalize_imagenet, patch_tokens
+
+DEFAULT_ENC_TYPE = "dinov2-vit-b"
 
 PROJECTOR_PREFIX = "projectors."
 
@@ -45,3 +61,49 @@ def layout_from_state_dict(state_dict: dict) -> dict:
 def without_projectors(state_dict: dict) -> dict:
     """The state dict minus the training-only `projectors.*` entries (what sampling needs)."""
     return {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
+
+
+def encoder_resolution(image_size: int) -> int:
+    """REPA's `224 * (resolution // 256)` generalised to 224 px per 256 px: 256 -> 224, 512 -> 448, 32 -> 28."""
+    size, remainder = divmod(image_size * 224, 256)
+    if remainder or size % PATCH_SIZE:
+        raise ValueError(f"--image-size {image_size} gives a DINOv2 input of {image_size * 224 / 256:g} px, not a "
+                         f"multiple of its {PATCH_SIZE}-px patches; REPA needs an image size divisible by 16.")
+    return size
+
+
+def preprocess_raw_image(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """REPA's DINOv2 input: images (N, 3, H, W) in [0, 1] -> normalised, bicubic-resized (N, 3, h, h)."""
+    size = encoder_resolution(image_size)
+    return F.interpolate(normalize_imagenet(images), size=size, mode="bicubic")
+
+
+class DinoV2Target(nn.Module):
+    """One frozen DINOv2 alignment target: images (N, 3, H, W) in [-1, 1] -> patch tokens (N, T, z_dim)."""
+
+    def __init__(self, enc_type: str, weights, image_size: int, model_kwargs: dict | None = None):
+        super().__init__()
+        if enc_type not in DINOV2_MODELS:
+            raise ValueError(f"--enc-type {enc_type!r} is not supported; choose from {', '.join(DINOV2_MODELS)}.")
+        self.enc_type = enc_type
+        self.image_size = image_size
+        self.encoder = build_dinov2(DINOV2_MODELS[enc_type], weights, encoder_resolution(image_size),
+                                    pos_embed_mode="repa", model_kwargs=model_kwargs)
+
+    @property
+    def z_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return patch_tokens(self.encoder, preprocess_raw_image((images + 1) / 2, self.image_size))
+
+
+def parse_encoder_list(enc_type: str, paths: str) -> list[tuple[str, str]]:
+    """REPA's comma-separated --enc-type with a matching comma-separated --repa-encoder-path."""
+    types = [name.strip() for name in enc_type.split(",") if name.strip()]
+    weights = [path.strip() for path in (paths or "").split(",") if path.strip()]
+    if len(types) != len(weights):
+        raise ValueError(f"--enc-type names {len(types)} encoder(s) but --repa-encoder-path gives {len(weights)} "
+                         "weights; pass one local weights file (or timm hub tag) per encoder, comma-separated.")
+    return list(zip(types, weights))

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from generation.repa import DinoV2Target, encoder_resolution, parse_encoder_list, preprocess_raw_image, projection_loss
+from generation.repa import projection_loss
+from models.repa import DinoV2Target, encoder_resolution, parse_encoder_list, preprocess_raw_image
 from dinov2_reference import DIM, TINY_VIT, hub_state_dict, reference_tokens
 from models.dinov2 import EncoderWeightsError, build_dinov2
 
