@@ -19,7 +19,6 @@ SHA-256, so a changed file or other weights recompute them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from generation.inception import full_fp32, to_nchw_uint8
-from models.dinov2 import build_dinov2, class_token, normalize_imagenet
+from models.dinov2 import build_dinov2, class_token, file_sha256, normalize_imagenet
 
 FD_MODEL = "vit_large_patch14_dinov2"  # torch.hub dinov2_vitl14
 FD_INPUT_SIZE = 224
@@ -51,14 +50,6 @@ class DinoV2FeatureExtractor:
             batch = F.interpolate(batch, size=(FD_INPUT_SIZE, FD_INPUT_SIZE), mode="bicubic", antialias=True)
             tokens = class_token(self.model, normalize_imagenet(batch / 255))
         return tokens.double().cpu().numpy()
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stored_reference(ref_path):

@@ -16,6 +16,7 @@ Either way the table is fixed at load time for one input size (the interpolation
 
 Nothing is downloaded unless `weights` is a timm hub tag (e.g. "vit_base_patch14_dinov2.lvd142m").
 """
+import hashlib
 import math
 from pathlib import Path
 
@@ -42,6 +43,15 @@ DINOV2_MODELS = {
 
 class EncoderWeightsError(ValueError):
     """A DINOv2 weights argument that is neither a readable file nor a timm hub tag."""
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a weights file (it names the encoder in caches, whatever the file is called)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_state_dict(weights: Path) -> dict:

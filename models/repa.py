@@ -16,11 +16,13 @@ be a multiple of the patch size 14; the encoder's token grid must equal the DiT/
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dinov2 import DINOV2_MODELS, PATCH_SIZE, build_dinov2, normalize_imagenet, patch_tokens
+from models.dinov2 import DINOV2_MODELS, PATCH_SIZE, build_dinov2, file_sha256, normalize_imagenet, patch_tokens
 
 DEFAULT_ENC_TYPE = "dinov2-vit-b"
 
@@ -97,6 +99,11 @@ class DinoV2Target(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return patch_tokens(self.encoder, preprocess_raw_image((images + 1) / 2, self.image_size))
+
+
+def encoder_identity(enc_type: str, weights) -> str:
+    """"dinov2-vit-b:<sha256 of the weights file, 16 hex>" (or the hub tag): what a feature cache was made with."""
+    return f"{enc_type}:{file_sha256(weights)[:16] if Path(str(weights)).is_file() else weights}"
 
 
 def parse_encoder_list(enc_type: str, paths: str) -> list[tuple[str, str]]:
