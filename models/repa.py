@@ -16,6 +16,7 @@ be a multiple of the patch size 14; the encoder's token grid must equal the DiT/
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -58,6 +59,33 @@ def layout_from_state_dict(state_dict: dict) -> dict:
         index += 1
     qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
     return {"z_dims": z_dims, "projector_dim": projector_dim, "qk_norm": qk_norm}
+
+
+def convert_time_convention(state_dict: dict, frequency_embedding_size: int = 256, max_period: float = 10000) -> dict:
+    """REPA's SiT weights <-> weights for SiT's transport convention (its own inverse).
+
+    REPA trains x_t = (1 - t) x + t eps and predicts eps - x (t = 1 is noise); SiT's transport (ours) has
+    x_t = t x + (1 - t) eps and predicts x - eps (t = 1 is data). The same network serves both when its time
+    input is 1 - t and its output is negated, and both changes are linear in the weights:
+    - the timestep features [cos(w t), sin(w t)] of 1 - t are a reflection of those of t,
+      cos(w(1-t)) = cos w cos wt + sin w sin wt, sin(w(1-t)) = sin w cos wt - cos w sin wt,
+      folded into the first timestep Linear;
+    - the final Linear is negated.
+    So converted(x, t) = -original(x, 1 - t) up to float rounding, and REPA's checkpoints sample with our
+    samplers (and ours with REPA's).
+    """
+    half = frequency_embedding_size // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    cos_w, sin_w = torch.cos(freqs), torch.sin(freqs)
+    weight = state_dict["t_embedder.mlp.0.weight"]
+    cos_part, sin_part = weight.double()[:, :half], weight.double()[:, half:2 * half]  # (D, half) each
+    converted = dict(state_dict)
+    converted["t_embedder.mlp.0.weight"] = torch.cat(
+        [cos_part * cos_w + sin_part * sin_w, cos_part * sin_w - sin_part * cos_w, weight.double()[:, 2 * half:]],
+        dim=1).to(weight.dtype)
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        converted[name] = -state_dict[name]
+    return converted
 
 
 def without_projectors(state_dict: dict) -> dict:

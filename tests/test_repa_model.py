@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.repa import layout_from_state_dict, without_projectors
+from models.repa import convert_time_convention, layout_from_state_dict, without_projectors
 from models.sit import SiT_models
 
 TINY = dict(input_size=8, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=5)
@@ -151,3 +151,19 @@ def test_projectors_do_not_change_the_initial_weights_of_the_rest():
     repa_state = repa.state_dict()
     for name, value in plain.state_dict().items():
         assert torch.equal(value, repa_state[name]), name
+
+
+def test_time_convention_conversion_maps_repa_onto_sit_transport():
+    # REPA: x_t = (1 - t) x + t eps, predicts eps - x; SiT (ours): t = 1 is data, predicts x - eps.
+    torch.manual_seed(1)
+    reference = RefREPASiT(**TINY).eval()
+    converted = convert_time_convention(reference.state_dict())
+    ours = SiT_models["SiT-S/2"](**TINY, learn_sigma=False, encoder_depth=2, z_dims=[12, 20], projector_dim=24).eval()
+    ours.load_state_dict(converted, strict=True)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.0, 0.3, 0.95]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        expected, _ = reference(x, 1 - t, y)
+        torch.testing.assert_close(ours(x, t, y), -expected, rtol=1e-4, atol=1e-4)
+    twice = convert_time_convention(converted)  # its own inverse
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(twice[name], value, rtol=1e-5, atol=1e-6)
