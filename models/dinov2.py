@@ -78,6 +78,18 @@ def _hub_interpolated_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Ten
     return torch.cat([pos_embed[:, :prefix], patches], dim=1)
 
 
+def weights_source(model_name: str, weights) -> str:
+    """"file" for an existing file, "hub" for a timm hub tag of `model_name` (only for online users), else a
+    one-sentence EncoderWeightsError (checked before any network is built)."""
+    if Path(str(weights)).is_file():
+        return "file"
+    if str(weights).split(".")[0] == model_name or str(weights).startswith("hf-hub:"):
+        return "hub"
+    raise EncoderWeightsError(f"DINOv2 weights {weights} do not exist; pass a local file (e.g. "
+                              f"{model_name.replace('vit_', 'dinov2_')}.pth or timm's model.safetensors) or, when "
+                              f"online, the timm hub tag {model_name}.lvd142m.")
+
+
 def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str = "repa",
                  model_kwargs: dict | None = None) -> nn.Module:
     """A frozen timm DINOv2 (`model_name`, e.g. "vit_base_patch14_dinov2") for square inputs of `image_size` px.
@@ -91,8 +103,8 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
     if image_size % PATCH_SIZE != 0:
         raise ValueError(f"DINOv2 input size {image_size} is not a multiple of its patch size {PATCH_SIZE}.")
     kwargs = dict(img_size=image_size, num_classes=0, **(model_kwargs or {}))
-    path = Path(str(weights))
-    if path.is_file():
+    if weights_source(model_name, weights) == "file":
+        path = Path(str(weights))
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         state = _read_state_dict(path)
         if pos_embed_mode == "hub" and "pos_embed" in state:
@@ -102,15 +114,11 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
         if missing or unexpected:
             raise EncoderWeightsError(f"{path} does not hold {model_name} weights (missing {sorted(missing)[:3]}, "
                                       f"unexpected {sorted(unexpected)[:3]}); pass the matching DINOv2 file.")
-    elif str(weights).split(".")[0] == model_name or str(weights).startswith("hf-hub:"):
+    else:
         if pos_embed_mode == "hub":
             raise EncoderWeightsError(f"{weights}: the hub's position interpolation needs the weights as a file; "
                                       "download them once and pass the path.")
         model = timm.create_model(str(weights), pretrained=True, **kwargs)
-    else:
-        raise EncoderWeightsError(f"DINOv2 weights {weights} do not exist; pass a local file (e.g. "
-                                  f"dinov2_vitb14_pretrain.pth or timm's model.safetensors) or, when online, the "
-                                  f"timm hub tag {model_name}.lvd142m.")
     return model.eval().requires_grad_(False)
 
 
