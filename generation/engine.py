@@ -103,7 +103,7 @@ class TrainStep:
         if self.alignment is None:
             loss = total = objective_loss(self.model_fn).mean()
         else:
-            loss, proj_loss = self.alignment.loss(objective_loss, self.model_fn, batch)
+            loss, proj_loss = self.alignment.loss(objective_loss, self.model_fn, batch, latents)
             total = loss + self.alignment.proj_coeff * proj_loss  # REPA: loss_mean + proj_loss_mean * proj_coeff
             self.window_metrics["proj_loss"] += proj_loss.detach()
         self.optimizer.zero_grad(set_to_none=True)

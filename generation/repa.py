@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.dinov2 import DINOV2_MODELS, EncoderWeightsError, weights_source
-from models.repa import DinoV2Target, encoder_identity, encoder_resolution, parse_encoder_list
+from models.repa import USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
 
 DEFAULT_PROJ_COEFF = 0.5
@@ -33,7 +33,8 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("REPA (representation alignment, sihyun-yu/REPA)")
     group.add_argument("--repa", action="store_true", help="add REPA's alignment loss and projector heads")
     group.add_argument("--enc-type", "--repa-encoder", dest="enc_type", type=str, default="dinov2-vit-b",
-                       help="target encoder(s), REPA's names, comma-separated (dinov2-vit-{s,b,l,g}, dinov2reg-vit-*)")
+                       help="target encoder(s), REPA's names, comma-separated (dinov2-vit-{s,b,l,g}, dinov2reg-vit-*), "
+                            "or usp: the USP pretraining checkpoint's own encoder on the clean latents")
     group.add_argument("--repa-encoder-path", type=str, default=None,
                        help="local weights of each --enc-type (comma-separated; official .pth or timm .safetensors), "
                             "or the timm hub tag (e.g. vit_base_patch14_dinov2.lvd142m) when online")
@@ -87,8 +88,9 @@ class ProjectionCapture:
 class Alignment:
     """REPA's term of one training step: targets of the clean batch, and the weighted alignment loss.
 
-    targets: frozen encoders (`models.repa.DinoV2Target`) run on batch["x"] (images in [-1, 1]), or None when
-    the batch carries cached features (batch["repa_features"], (N, T, D), from `util.feature_cache`).
+    targets: frozen encoders (`models.repa.build_target`): DINOv2 runs on batch["x"] (images in [-1, 1]), the USP
+    encoder on the clean latents; or None when the batch carries cached features (batch["repa_features"],
+    (N, T, D), from `util.feature_cache`).
     """
 
     def __init__(self, targets, proj_coeff: float, autocast_fn):
@@ -97,16 +99,18 @@ class Alignment:
         self.autocast_fn = autocast_fn  # () -> the run's autocast context (REPA encodes under it too)
 
     @torch.no_grad()
-    def target_tokens(self, batch: dict) -> list[torch.Tensor]:
+    def target_tokens(self, batch: dict, latents: torch.Tensor) -> list[torch.Tensor]:
+        """Each target's tokens (N, T, D): DINOv2 on the batch's images, the USP encoder on its clean latents."""
         if self.targets is None:
             return [batch["repa_features"].float()]
         with self.autocast_fn():
-            return [target(batch["x"]).float() for target in self.targets]
+            return [target(latents if target.input_kind == "latents" else batch["x"]).float()
+                    for target in self.targets]
 
-    def loss(self, objective_loss_fn, model_fn, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, objective_loss_fn, model_fn, batch: dict, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(diffusion/flow loss mean, alignment loss mean) of one batch; the step minimises
-        first + proj_coeff * second. `objective_loss_fn(model_fn) -> (N,)` runs the objective."""
-        targets = self.target_tokens(batch)
+        first + proj_coeff * second. `objective_loss_fn(model_fn) -> (N,)` runs the objective on `latents`."""
+        targets = self.target_tokens(batch, latents)
         capture = ProjectionCapture(model_fn)
         objective_loss = objective_loss_fn(capture).mean()
         return objective_loss, projection_loss(targets, capture.projections).mean()
@@ -124,25 +128,32 @@ def check_repa_args(args) -> dict:
         raise UserError(f"--projector-dim must be positive, got {args.projector_dim}.")
     try:
         encoder_kwargs = parse_json_object(args.repa_encoder_kwargs, "--repa-encoder-kwargs")
-        encoder_resolution(args.image_size)
+        if args.enc_type != USP_ENC_TYPE:
+            encoder_resolution(args.image_size)  # DINOv2 sees 224 px per 256
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.repa_feature_cache is None:
-        if args.cached_path is not None:
-            raise UserError("REPA aligns with the encoder's features of each image, which a latent cache does not "
-                            "hold: add --repa-feature-cache (made by `python -m util.feature_cache`) or train from "
-                            "--data-path.")
         try:
             encoders = parse_encoder_list(args.enc_type, args.repa_encoder_path)
         except ValueError as error:
             raise UserError(str(error)) from None
         for enc_type, weights in encoders:
+            if enc_type == USP_ENC_TYPE:
+                if not Path(weights).is_file():
+                    raise UserError(f"--repa-encoder-path {weights} does not exist; --enc-type usp aligns with the "
+                                    "USP pretraining checkpoint, pass that file.")
+                continue
             if enc_type not in DINOV2_MODELS:
-                raise UserError(f"--enc-type {enc_type!r} is not supported; choose from {', '.join(DINOV2_MODELS)}.")
+                raise UserError(f"--enc-type {enc_type!r} is not supported; choose from "
+                                f"{', '.join([*DINOV2_MODELS, USP_ENC_TYPE])}.")
             try:
                 weights_source(DINOV2_MODELS[enc_type], weights)
             except EncoderWeightsError as error:
                 raise UserError(f"--repa-encoder-path: {error}") from None
+            if args.cached_path is not None:
+                raise UserError(f"REPA aligns with {enc_type}'s features of each image, which a latent cache does "
+                                "not hold: add --repa-feature-cache (made by `python -m util.feature_cache`) or "
+                                "train from --data-path.")
     else:
         if args.cached_path is None:
             raise UserError("--repa-feature-cache pairs with a latent cache: add --cached-path (the features of a "
@@ -167,7 +178,7 @@ def build_targets(args, encoder_kwargs: dict, device: torch.device) -> list:
         return []
     with torch.random.fork_rng(devices=[]):
         try:
-            return [DinoV2Target(enc_type, weights, args.image_size, model_kwargs=encoder_kwargs).to(device)
+            return [build_target(enc_type, weights, args.image_size, args.vae_version, encoder_kwargs).to(device)
                     for enc_type, weights in parse_encoder_list(args.enc_type, args.repa_encoder_path)]
         except ValueError as error:
             raise UserError(str(error)) from None

@@ -95,7 +95,7 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
     """A frozen timm DINOv2 (`model_name`, e.g. "vit_base_patch14_dinov2") for square inputs of `image_size` px.
 
     weights: local file (official .pth or timm .safetensors) or a timm hub tag ("<model_name>.lvd142m",
-    downloaded by timm: only for users who are online). `model_kwargs` overrides timm's constructor (tests
+    downloaded by timm: only for users who are online); None = random weights (for cost measurements). `model_kwargs` overrides timm's constructor (tests
     build tiny random networks this way). Returns the model in eval mode without gradients.
     """
     if pos_embed_mode not in ("repa", "hub"):
@@ -103,7 +103,9 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
     if image_size % PATCH_SIZE != 0:
         raise ValueError(f"DINOv2 input size {image_size} is not a multiple of its patch size {PATCH_SIZE}.")
     kwargs = dict(img_size=image_size, num_classes=0, **(model_kwargs or {}))
-    if weights_source(model_name, weights) == "file":
+    if weights is None:  # random weights: the network's shapes and cost only (scripts/benchmark.py)
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    elif weights_source(model_name, weights) == "file":
         path = Path(str(weights))
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         state = _read_state_dict(path)

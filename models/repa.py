@@ -16,6 +16,8 @@ be a multiple of the patch size 14; the encoder's token grid must equal the DiT/
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from pathlib import Path
 
@@ -24,8 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.dinov2 import DINOV2_MODELS, PATCH_SIZE, build_dinov2, file_sha256, normalize_imagenet, patch_tokens
+from models.mae import create_mae, standardize_per_sample
+from util.checkpoint import load_checkpoint
 
 DEFAULT_ENC_TYPE = "dinov2-vit-b"
+USP_ENC_TYPE = "usp"  # the USP-pretrained encoder itself (its --repa-encoder-path is the pretraining checkpoint)
 
 PROJECTOR_PREFIX = "projectors."
 
@@ -111,6 +116,8 @@ def preprocess_raw_image(images: torch.Tensor, image_size: int) -> torch.Tensor:
 class DinoV2Target(nn.Module):
     """One frozen DINOv2 alignment target: images (N, 3, H, W) in [-1, 1] -> patch tokens (N, T, z_dim)."""
 
+    input_kind = "images"
+
     def __init__(self, enc_type: str, weights, image_size: int, model_kwargs: dict | None = None):
         super().__init__()
         if enc_type not in DINOV2_MODELS:
@@ -127,6 +134,60 @@ class DinoV2Target(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return patch_tokens(self.encoder, preprocess_raw_image((images + 1) / 2, self.image_size))
+
+
+class USPTarget(nn.Module):
+    """The USP-pretrained latent MAE encoder itself as the alignment target (an ablation REPA does not offer):
+    clean scaled latents (N, C, h, w) -> encoder tokens after its final norm, cls excluded, (N, T, D).
+
+    checkpoint: a USP/MAE pretraining checkpoint ({"model": ..., "args": {"model": preset, "model_kwargs",
+    "norm_image", "vae_version"}}) as pretrain/main_pretrain.py writes it. The encoder sees every patch in
+    order (mask ratio 0); its fixed sin-cos position table is rebuilt for this run's grid (MAE's table is a
+    function of the grid, so nothing is interpolated). Inputs are standardised per sample when USP was
+    pretrained with --norm_image.
+    """
+
+    input_kind = "latents"  # what Alignment feeds it (DINOv2 targets take images)
+
+    def __init__(self, checkpoint, image_size: int, vae_version: str = "d8", model_kwargs: dict | None = None):
+        super().__init__()
+        state = load_checkpoint(checkpoint)
+        args = dict(state.get("args") or {}) if not isinstance(state.get("args"), argparse.Namespace) \
+            else vars(state["args"])
+        if "model" not in state or "model" not in args:
+            raise ValueError(f"{checkpoint} is not a USP pretraining checkpoint (it needs 'model' weights and the "
+                             "'args' naming the MAE preset); pass the file pretrain/main_pretrain.py wrote.")
+        saved_kwargs = args.get("model_kwargs") or {}
+        saved_kwargs = json.loads(saved_kwargs) if isinstance(saved_kwargs, str) else dict(saved_kwargs)
+        self.mae = create_mae(args["model"], image_size, vae_version=args.get("vae_version", vae_version),
+                              norm_image=bool(args.get("norm_image", False)), **{**saved_kwargs, **(model_kwargs or {})})
+        fixed = ("pos_embed", "decoder_pos_embed")
+        weights = {name: value for name, value in state["model"].items() if name not in fixed}
+        missing, unexpected = self.mae.load_state_dict(weights, strict=False)
+        if set(missing) - set(fixed) or unexpected:
+            raise ValueError(f"{checkpoint} does not fit the {args['model']} encoder (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}).")
+        self.mae.eval().requires_grad_(False)
+
+    @property
+    def z_dim(self) -> int:
+        return self.mae.cls_token.shape[-1]
+
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        x = standardize_per_sample(latents) if self.mae.norm_image else latents
+        n, length = x.shape[0], self.mae.patch_embed.num_patches
+        in_order = torch.arange(length, device=x.device, dtype=torch.float32).expand(n, length)  # keep every patch
+        tokens, _, _ = self.mae.forward_encoder(x, 0.0, in_order)
+        return tokens[:, 1:]
+
+
+def build_target(enc_type: str, weights, image_size: int, vae_version: str = "d8",
+                 model_kwargs: dict | None = None) -> nn.Module:
+    """One frozen alignment target by REPA's --enc-type name ("dinov2-vit-b", ...) or "usp"."""
+    if enc_type == USP_ENC_TYPE:
+        return USPTarget(weights, image_size, vae_version, model_kwargs)
+    return DinoV2Target(enc_type, weights, image_size, model_kwargs)
 
 
 def encoder_identity(enc_type: str, weights) -> str:

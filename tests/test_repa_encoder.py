@@ -74,3 +74,36 @@ def test_bad_encoder_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="one local weights file"):
         parse_encoder_list("dinov2-vit-b,dinov2-vit-l", "a.pth")
     assert parse_encoder_list("dinov2-vit-b", "a.pth") == [("dinov2-vit-b", "a.pth")]
+
+
+def test_usp_target_is_the_pretrained_encoder_on_clean_latents_in_patch_order(tmp_path):
+    import json
+
+    from models.layers import get_2d_sincos_pos_embed
+    from models.mae import create_mae
+    from models.repa import build_target
+
+    tiny = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
+            "decoder_num_heads": 2}
+    torch.manual_seed(0)
+    pretrained = create_mae("vit_base_patch_vae", input_size=32, **tiny)  # pretrained on a 2 x 2 grid
+    with torch.no_grad():
+        pretrained.cls_token.normal_()
+    path = tmp_path / "usp.pth"
+    torch.save({"model": pretrained.state_dict(), "epoch": 0,
+                "args": {"model": "vit_base_patch_vae", "model_kwargs": json.dumps(tiny), "vae_version": "d8"}}, path)
+
+    target = build_target("usp", path, image_size=64)  # this run: 8 x 8 latents, a 4 x 4 grid
+    assert target.z_dim == 32 and target.input_kind == "latents"
+    latents = torch.randn(2, 4, 8, 8)
+    tokens = target(latents)
+    assert tokens.shape == (2, 16, 32)
+
+    # Independently: every patch in order, the 4 x 4 sin-cos table, cls in front, blocks, final norm, cls dropped.
+    pos = torch.from_numpy(get_2d_sincos_pos_embed(32, 4, cls_token=True)).float()[None]
+    proj = pretrained.patch_embed.proj
+    x = F.conv2d(latents, proj.weight, proj.bias, stride=2).flatten(2).transpose(1, 2) + pos[:, 1:]
+    x = torch.cat([(pretrained.cls_token + pos[:, :1]).expand(2, -1, -1), x], dim=1)
+    for block in pretrained.blocks:
+        x = block(x)
+    torch.testing.assert_close(tokens, pretrained.norm(x)[:, 1:], rtol=1e-5, atol=1e-5)

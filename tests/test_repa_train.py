@@ -67,7 +67,7 @@ def test_alignment_gradients_reach_projector_and_blocks_up_to_encoder_depth_only
     batch = {"x": images}
     bundle = NoiseBundle(u=torch.rand(3), noise=torch.randn(3, 4, 4, 4), drop=torch.zeros(3, dtype=torch.long))
     latents, labels = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
-    _, proj = alignment.loss(lambda fn: objective.loss(fn, latents, labels, bundle), model, batch)
+    _, proj = alignment.loss(lambda fn: objective.loss(fn, latents, labels, bundle), model, batch, latents)
     proj.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name in ("projectors.0.0.weight", "projectors.0.4.weight", "blocks.0.attn.qkv.weight",
