@@ -16,12 +16,9 @@ import torch.nn.functional as F
 from models.dinov2 import DINOV2_MODELS, EncoderWeightsError, weights_source
 from models.repa import USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
+from util.errors import UserError
 
 DEFAULT_PROJ_COEFF = 0.5
-
-
-class UserError(ValueError):
-    """Placeholder until the project's one user-error type lands (util.errors)."""
 
 
 # Flags that fix the network's shapes or the training signal: a resumed REPA run must keep them.
@@ -133,10 +130,7 @@ def check_repa_args(args) -> dict:
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.repa_feature_cache is None:
-        try:
-            encoders = parse_encoder_list(args.enc_type, args.repa_encoder_path)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        encoders = parse_encoder_list(args.enc_type, args.repa_encoder_path)
         for enc_type, weights in encoders:
             if enc_type == USP_ENC_TYPE:
                 if not Path(weights).is_file():
@@ -177,11 +171,8 @@ def build_targets(args, encoder_kwargs: dict, device: torch.device) -> list:
     if not args.repa or args.repa_feature_cache is not None:
         return []
     with torch.random.fork_rng(devices=[]):
-        try:
-            return [build_target(enc_type, weights, args.image_size, args.vae_version, encoder_kwargs).to(device)
-                    for enc_type, weights in parse_encoder_list(args.enc_type, args.repa_encoder_path)]
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        return [build_target(enc_type, weights, args.image_size, args.vae_version, encoder_kwargs).to(device)
+                for enc_type, weights in parse_encoder_list(args.enc_type, args.repa_encoder_path)]
 
 
 def feature_cache_expectation(args, dataset_manifest: dict) -> dict:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from util.checkpoint import load_checkpoint
+from util.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,9 +42,7 @@ DINOV2_MODELS = {
 }
 
 
-class EncoderWeightsError(ValueError):
-    """A DINOv2 weights argument that is neither a readable file nor a timm hub tag."""
-
+EncoderWeightsError = UserError  # DINOv2 weights that are neither a readable file nor a timm hub tag
 
 def file_sha256(path) -> str:
     """SHA-256 of a weights file (it names the encoder in caches, whatever the file is called)."""

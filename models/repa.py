@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from models.dinov2 import DINOV2_MODELS, PATCH_SIZE, build_dinov2, file_sha256, normalize_imagenet, patch_tokens
 from models.mae import create_mae, standardize_per_sample
 from util.checkpoint import load_checkpoint
+from util.errors import UserError
 
 DEFAULT_ENC_TYPE = "dinov2-vit-b"
 USP_ENC_TYPE = "usp"  # the USP-pretrained encoder itself (its --repa-encoder-path is the pretraining checkpoint)
@@ -102,7 +103,7 @@ def encoder_resolution(image_size: int) -> int:
     """REPA's `224 * (resolution // 256)` generalised to 224 px per 256 px: 256 -> 224, 512 -> 448, 32 -> 28."""
     size, remainder = divmod(image_size * 224, 256)
     if remainder or size % PATCH_SIZE:
-        raise ValueError(f"--image-size {image_size} gives a DINOv2 input of {image_size * 224 / 256:g} px, not a "
+        raise UserError(f"--image-size {image_size} gives a DINOv2 input of {image_size * 224 / 256:g} px, not a "
                          f"multiple of its {PATCH_SIZE}-px patches; REPA needs an image size divisible by 16.")
     return size
 
@@ -121,7 +122,7 @@ class DinoV2Target(nn.Module):
     def __init__(self, enc_type: str, weights, image_size: int, model_kwargs: dict | None = None):
         super().__init__()
         if enc_type not in DINOV2_MODELS:
-            raise ValueError(f"--enc-type {enc_type!r} is not supported; choose from {', '.join(DINOV2_MODELS)}.")
+            raise UserError(f"--enc-type {enc_type!r} is not supported; choose from {', '.join(DINOV2_MODELS)}.")
         self.enc_type = enc_type
         self.image_size = image_size
         self.encoder = build_dinov2(DINOV2_MODELS[enc_type], weights, encoder_resolution(image_size),
@@ -155,7 +156,7 @@ class USPTarget(nn.Module):
         args = dict(state.get("args") or {}) if not isinstance(state.get("args"), argparse.Namespace) \
             else vars(state["args"])
         if "model" not in state or "model" not in args:
-            raise ValueError(f"{checkpoint} is not a USP pretraining checkpoint (it needs 'model' weights and the "
+            raise UserError(f"{checkpoint} is not a USP pretraining checkpoint (it needs 'model' weights and the "
                              "'args' naming the MAE preset); pass the file pretrain/main_pretrain.py wrote.")
         saved_kwargs = args.get("model_kwargs") or {}
         saved_kwargs = json.loads(saved_kwargs) if isinstance(saved_kwargs, str) else dict(saved_kwargs)
@@ -165,7 +166,7 @@ class USPTarget(nn.Module):
         weights = {name: value for name, value in state["model"].items() if name not in fixed}
         missing, unexpected = self.mae.load_state_dict(weights, strict=False)
         if set(missing) - set(fixed) or unexpected:
-            raise ValueError(f"{checkpoint} does not fit the {args['model']} encoder (missing {sorted(missing)[:3]}, "
+            raise UserError(f"{checkpoint} does not fit the {args['model']} encoder (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}).")
         self.mae.eval().requires_grad_(False)
 
@@ -200,6 +201,6 @@ def parse_encoder_list(enc_type: str, paths: str) -> list[tuple[str, str]]:
     types = [name.strip() for name in enc_type.split(",") if name.strip()]
     weights = [path.strip() for path in (paths or "").split(",") if path.strip()]
     if len(types) != len(weights):
-        raise ValueError(f"--enc-type names {len(types)} encoder(s) but --repa-encoder-path gives {len(weights)} "
+        raise UserError(f"--enc-type names {len(types)} encoder(s) but --repa-encoder-path gives {len(weights)} "
                          "weights; pass one local weights file (or timm hub tag) per encoder, comma-separated.")
     return list(zip(types, weights))

@@ -21,45 +21,35 @@ CLI:
       --encoder_path dinov2_vitb14_pretrain.pth --input_size 256
 """
 import argparse
-import hashlib
 import json
 import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # repo root, not util/ (whose logging.py shadows)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import safetensors
 import safetensors.torch
 import torch
 
 from util.checkpoint import atomic_open
-from util.data import DataError, build_image_folder
+from util.data import build_image_folder
 from util.distributed import barrier, cleanup, init_distributed
-from util.latent_cache import cache_transform
-from util.logging import progress
+from util.errors import UserError, run_cli
+from util.latent_cache import cache_transform, files_digest
 from util.precision import add_precision_arg, autocast
+from util.run_log import progress
 
 FEATURE_CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-class FeatureCacheError(ValueError):
-    """A feature cache that is missing, unfinished, or made for other settings."""
-
+FeatureCacheError = UserError  # a feature cache that is missing, unfinished, or made for other settings
 
 def shard_path(cache_dir, shard: int) -> Path:
     return Path(cache_dir) / f"shard-{shard:05d}.safetensors"
-
-
-def files_digest(folder) -> str:
-    """Hash of the (relative path, label) list, so features never pair with another dataset's latents."""
-    digest = hashlib.sha256()
-    for path, label in folder.samples:
-        digest.update(f"{Path(path).relative_to(folder.root)}\t{label}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def read_manifest(cache_dir) -> dict:
@@ -223,7 +213,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (DataError, FeatureCacheError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run_cli(main, get_args_parser().parse_args(), prog="util.feature_cache", cleanup=cleanup)

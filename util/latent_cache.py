@@ -61,7 +61,7 @@ def cache_transform(image_size: int, crop: str = "center") -> transforms.Compose
     ])
 
 
-def _files_digest(dataset) -> str:
+def files_digest(dataset) -> str:
     """Hash of the (relative path, label) list: a cache never silently mixes two datasets."""
     digest = hashlib.sha256()
     for path, label in dataset.samples:
@@ -127,7 +127,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         "format": CACHE_FORMAT, "vae_identity": vae_identity, "vae_version": vae_version, "scale": spec.scale,
         "channels": spec.channels, "factor": spec.factor, "image_size": image_size, "latent_size": latent_size,
         "crop": crop, "batch_size": batch_size, "shard_size": shard_size, "num_images": len(folder),
-        "classes": list(folder.classes), "files_sha256": _files_digest(folder),
+        "classes": list(folder.classes), "files_sha256": files_digest(folder),
     }
     if (cache_dir / MANIFEST).is_file():
         differences = _differences(read_manifest(cache_dir), settings)
