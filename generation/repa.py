@@ -17,6 +17,7 @@ from models.dinov2 import DINOV2_MODELS, EncoderWeightsError, weights_source
 from models.repa import USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
 from util.errors import UserError
+from util.feature_cache import read_manifest as read_feature_manifest
 
 DEFAULT_PROJ_COEFF = 0.5
 
@@ -185,9 +186,23 @@ def feature_cache_expectation(args, dataset_manifest: dict) -> dict:
     return expect
 
 
-def repa_model_kwargs(args, z_dims: list) -> dict:
-    """Constructor kwargs the REPA flags add to the DiT/SiT (none without --repa, except --qk-norm)."""
+def repa_model_kwargs(args, targets: list) -> dict:
+    """Constructor kwargs the REPA flags add to the DiT/SiT (none without --repa, except --qk-norm): one projector
+    per target encoder, sized by its token width (read from the feature cache's manifest when there is one)."""
     kwargs = {"qk_norm": True} if args.qk_norm else {}
     if args.repa:
-        kwargs.update(encoder_depth=args.encoder_depth, z_dims=list(z_dims), projector_dim=args.projector_dim)
+        z_dims = [target.z_dim for target in targets] if targets else [read_feature_manifest(args.repa_feature_cache)["dim"]]
+        kwargs.update(encoder_depth=args.encoder_depth, z_dims=z_dims, projector_dim=args.projector_dim)
     return kwargs
+
+
+def check_token_grid(model, targets: list, features) -> None:
+    """The projected tokens and the targets' tokens must pair one to one (REPA: 16 x 16 each at 256 px)."""
+    tokens = model.x_embedder.num_patches
+    for target in targets:
+        if target.num_tokens != tokens:
+            raise UserError(f"{target.name} gives {target.num_tokens} tokens per image but the model has {tokens}; "
+                            "REPA needs the same grid (e.g. a /2 model at 256 px with DINOv2's 16 x 16).")
+    if features is not None and features.manifest["tokens"] != tokens:
+        raise UserError(f"the feature cache holds {features.manifest['tokens']} tokens per image but the model has "
+                        f"{tokens}; REPA needs the same grid.")

@@ -26,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from generation.engine import LoopState, TrainStep, train_loop
 from generation.eval_hooks import SampleGridHook, fid_eval_hook
 from generation.objectives import build_objective
+from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
+                             check_repa_args, check_token_grid, feature_cache_expectation, repa_model_kwargs)
 from generation.train_data import GenerationTrainSet
 from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, TRANSPORT_FLAGS, add_flags, build_model, build_vae,
                                     check_model_args, check_vae_args, none_or_str, vae_source)
@@ -37,9 +39,10 @@ from util.data import SeededDataset, build_image_folder, build_loader, generatio
 from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
+from util.feature_cache import FeatureCache
 from util.latent_cache import LatentCacheDataset
 from util.run_log import RunLogger
-from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
+from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
@@ -50,7 +53,8 @@ from util.sampler import ResumableDistributedSampler
 __all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "build_vae", "get_args_parser", "main",
            "none_or_str", "setup", "train"]
 RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
-                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps",
+                     "random_flip", *REPA_RESUME_MUST_MATCH)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,6 +103,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_precision_arg(parser, "--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     add_flags(parser, "--model-kwargs")
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="clip the gradient norm (REPA: 1.0; DiT/SiT: no clipping, the default)")
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
+    add_repa_flags(parser)
     return parser
 
 
@@ -124,6 +133,8 @@ def check_args(args) -> dict:
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
     check_vae_args(args)
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise UserError(f"--max-grad-norm must be positive (REPA uses 1.0), got {args.max_grad_norm}.")
     return model_kwargs
 
 
@@ -165,23 +176,31 @@ def broadcast_object(value, is_main: bool):
 # ----------------------------------------------------------------------------------------------
 
 def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTrainSet:
-    """Cached latents or images (ADM center crop + flip) wrapped with the objective's per-sample noise."""
+    """Cached latents or images (ADM center crop [+ flip]) wrapped with the objective's per-sample noise
+    [and the REPA feature cache's features of the same image and orientation]."""
     if args.cached_path is not None:
         # The cache must hold ADM-center-cropped latents of this VAE at this size, else training silently
         # learns another distribution than the one the EMA previews decode.
         expect = dict(image_size=args.image_size, vae_version=args.vae_version, crop="center",
                       vae_identity=vae_identity(args.vae_version, vae_source(args)))
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed)
+        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
+                                  random_flip=args.random_flip)
         classes, source = base.manifest["classes"], args.cached_path
     else:
         folder = build_image_folder(args.data_path)
-        base = SeededDataset(folder, generation_transform(args.image_size), seed=args.global_seed)
+        base = SeededDataset(folder, generation_transform(args.image_size, args.random_flip), seed=args.global_seed)
         classes, source = folder.classes, args.data_path
     if len(classes) != args.num_classes:
         raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
                         f"pass --num-classes {len(classes)}.")
+    features = None
+    if args.repa_feature_cache is not None:
+        features = FeatureCache(args.repa_feature_cache, expect=feature_cache_expectation(args, base.manifest))
+        if not features.manifest["encoder"].startswith(f"{args.enc_type}:"):
+            raise UserError(f"--repa-feature-cache {args.repa_feature_cache} holds {features.manifest['encoder']} "
+                            f"features, not {args.enc_type}; pass the matching --enc-type or cache.")
     return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
-                              online_vae=args.cached_path is None)
+                              online_vae=args.cached_path is None, features=features)
 
 
 def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list:
@@ -220,6 +239,7 @@ class Run:
 def setup(args) -> Run:
     """Validates, builds and (on --resume) restores everything, so user errors surface before training."""
     model_kwargs = check_args(args)
+    encoder_kwargs = check_repa_args(args)
     spec = get_latent_spec(args.vae_version)
     latent_size = spec.latent_size(args.image_size)
     latent_shape = (spec.channels, latent_size, latent_size)
@@ -239,8 +259,10 @@ def setup(args) -> Run:
     if device.type == "cuda":
         enable_tf32()
 
-    model = build_model(args, model_kwargs, latent_size, spec.channels)
+    targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
+    model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)
     dataset = build_dataset(args, latent_shape, model.y_embedder.dropout_prob)
+    check_token_grid(model, targets, dataset.features)
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=dist_env.world_size, rank=dist_env.rank,
                                           shuffle=True, seed=args.global_seed, drop_last=True)
     if len(sampler) < local_batch:
@@ -278,8 +300,12 @@ def setup(args) -> Run:
     model.train()
     if args.compile:
         network = torch.compile(network)
+    alignment = None
+    if args.repa:
+        alignment = Alignment(targets or None, args.proj_coeff, lambda: autocast(device, args.precision))
     step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
-                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None)
+                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None,
+                        alignment=alignment, max_grad_norm=args.max_grad_norm)
     loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
     experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,

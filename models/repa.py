@@ -132,6 +132,14 @@ class DinoV2Target(nn.Module):
     def z_dim(self) -> int:
         return self.encoder.embed_dim
 
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.patch_embed.num_patches
+
+    @property
+    def name(self) -> str:
+        return f"{self.enc_type} at {encoder_resolution(self.image_size)} px"
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return patch_tokens(self.encoder, preprocess_raw_image((images + 1) / 2, self.image_size))
@@ -170,9 +178,15 @@ class USPTarget(nn.Module):
                              f"unexpected {sorted(unexpected)[:3]}).")
         self.mae.eval().requires_grad_(False)
 
+    name = "the USP encoder"
+
     @property
     def z_dim(self) -> int:
         return self.mae.cls_token.shape[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mae.patch_embed.num_patches
 
     @torch.no_grad()
     def forward(self, latents: torch.Tensor) -> torch.Tensor:

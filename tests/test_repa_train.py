@@ -15,7 +15,8 @@ from generation.objectives import NoiseBundle, build_objective
 from generation.repa import Alignment, projection_loss
 from models.repa import DinoV2Target
 from models.sit import SiT_models
-from test_train_generation import MODELS, TINY, experiment_dirs, fail_main, run_main, step_losses, train_argv
+from test_train_generation import (MODELS, TINY, experiment_dirs, fail_main, run_main, step_losses,  # noqa: F401
+                                   tiny_usp_checkpoint, train_argv)
 from util.checkpoint import load_checkpoint
 
 
@@ -50,6 +51,22 @@ def test_repa_trains_and_keeps_projectors_in_the_training_checkpoint(family, tmp
         assert checkpoint[key]["projectors.0.4.weight"].shape == (32, 16)  # z_dim 32 (tiny DINOv2), 16 wide
         assert "blocks.0.attn.q_norm.weight" in checkpoint[key]
     assert checkpoint["args"]["repa"] and checkpoint["args"]["qk_norm"]
+
+
+@pytest.mark.slow
+def test_repa_from_a_usp_checkpoint_with_qk_norm(tmp_path, tiny_image_folder, tiny_vae_dir, encoder_weights,
+                                                 tiny_usp_checkpoint, capsys):
+    """USP init + REPA (the USP README's 6.26 row, at toy scale): the blocks come from USP, projectors and
+    QK-norm start fresh, and training runs."""
+    results = tmp_path / "results"
+    run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--max-steps", "3",
+                        "--finetune", tiny_usp_checkpoint, *repa_flags(encoder_weights, "--qk-norm")))
+    assert f"Initialised {MODELS['transport']} from {tiny_usp_checkpoint}" in capsys.readouterr().out
+    (experiment,) = experiment_dirs(results)
+    ema = load_checkpoint(experiment / "checkpoints" / "0000003.pt")["ema"]
+    mae = torch.load(tiny_usp_checkpoint, weights_only=True)["model"]
+    assert torch.allclose(ema["blocks.1.attn.qkv.weight"], mae["blocks.1.attn.qkv.weight"], atol=1e-3)
+    assert "projectors.0.0.weight" in ema and "blocks.1.attn.k_norm.bias" in ema
 
 
 def test_alignment_gradients_reach_projector_and_blocks_up_to_encoder_depth_only(encoder_weights):
@@ -172,6 +189,7 @@ def test_repa_flags_that_cannot_work_stop_with_one_sentence(tmp_path, tiny_image
     assert not results.exists() or not any(results.iterdir())
 
 
+@pytest.mark.slow
 def test_repa_under_torchrun_matches_one_process(tmp_path, tiny_image_folder, tiny_vae_dir, encoder_weights):
     model = MODELS["transport"]
     flags = repa_flags(encoder_weights)

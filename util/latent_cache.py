@@ -231,10 +231,18 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return (torch.from_numpy(np.ascontiguousarray(view.get_slice("mean")[row, flip])),
                 torch.from_numpy(np.ascontiguousarray(view.get_slice("logvar")[row, flip])))
 
+    def _draw_flip(self, generator: torch.Generator) -> int:
+        return int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
+
+    def flip_of(self, epoch: int, index: int) -> int:
+        """The orientation (0 = image, 1 = its flip) that `__getitem__((epoch, index))` reads: the first draw of
+        the sample's generator. A REPA feature cache uses it to pair features with the latent."""
+        return self._draw_flip(sample_generator(self.seed, epoch, index))
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         generator = sample_generator(self.seed, epoch, index)
-        flip = int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
+        flip = self._draw_flip(generator)
         mean, logvar = self.moments(index, flip)
         if self.use_mean:
             latents = mean
