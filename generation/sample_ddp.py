@@ -13,7 +13,9 @@ number of processes; see `generation/sampling.py`. Rerunning an interrupted comm
 batches are skipped, and the npz equals that of an uninterrupted run.
 
 Checkpoints: official DiT/SiT raw state dicts, or this project's training checkpoints, whose `ema`
-weights are used (the `model` weights only when there is no `ema`, with a warning).
+weights are used (the `model` weights only when there is no `ema`, with a warning). REPA-trained checkpoints
+sample as they are (the training-only `projectors.*` are dropped, QK-norm is read from the weights); REPA's
+own SiT files need `--repa-checkpoint` (its time runs the other way; see models/repa.py).
 Differences from the official scripts: --sample-dir is the PNG folder itself (DiT names a subfolder after
 the settings; here `sampling_config.json` in the folder records them and a resume with other settings is
 refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image.
@@ -39,6 +41,7 @@ from generation.transport import create_transport
 from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
+from models.repa import convert_time_convention, layout_from_state_dict, without_projectors
 from util.checkpoint import load_checkpoint
 from util.errors import UserError, run_cli
 from util.distributed import barrier, cleanup, init_distributed
@@ -92,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--vae-version", "--vae-path", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
     add_flags(parser, "--model-kwargs")
+    parser.add_argument("--repa-checkpoint", action="store_true",
+                        help="--ckpt is REPA's own SiT (t = 1 is noise): convert it to SiT's time convention")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return parser
@@ -183,6 +188,21 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict, path, checkpoi
     model.load_state_dict(state_dict, strict=True)
 
 
+def repa_weights(args, state_dict: dict, model_kwargs: dict) -> tuple[dict, dict]:
+    """REPA-trained weights for sampling: the training-only projectors dropped, QK-norm read from the weights,
+    and with --repa-checkpoint (REPA's own SiT files) its time convention folded into SiT's and no sigma
+    channels (`models.repa.convert_time_convention`). Returns (state dict, constructor kwargs)."""
+    state_dict = without_projectors(state_dict)
+    if layout_from_state_dict(state_dict)["qk_norm"]:
+        model_kwargs = {"qk_norm": True, **model_kwargs}
+    if args.repa_checkpoint:
+        if objective_family(args.model) != "transport":
+            raise UserError(f"--repa-checkpoint converts REPA's SiT weights; --model {args.model} is not a SiT.")
+        state_dict = convert_time_convention(state_dict)
+        model_kwargs = {"learn_sigma": False, **model_kwargs}
+    return state_dict, model_kwargs
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the generator
 # ----------------------------------------------------------------------------------------------
@@ -213,10 +233,10 @@ def setup(args, dist_env, log=print) -> ImageGenerator:
     model_kwargs = check_args(args)
     spec = get_latent_spec(args.vae_version)
     latent_size = spec.latent_size(args.image_size)
-    model = build_model(args, model_kwargs, latent_size, spec.channels)
     checkpoint = load_checkpoint(args.ckpt)
     warn = warnings.warn if dist_env.is_main else (lambda *a, **k: None)
-    state_dict = select_weights(checkpoint, args.ckpt, warn)
+    state_dict, model_kwargs = repa_weights(args, select_weights(checkpoint, args.ckpt, warn), model_kwargs)
+    model = build_model(args, model_kwargs, latent_size, spec.channels)
     load_weights_strict(model, state_dict, args.ckpt, checkpoint.get("args"))
     del checkpoint, state_dict
     model = model.to(dist_env.device).eval()

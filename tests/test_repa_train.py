@@ -203,3 +203,39 @@ def test_repa_under_torchrun_matches_one_process(tmp_path, tiny_image_folder, ti
         if "loss" in line:
             assert ddp_lines[line["step"]]["loss"] == pytest.approx(line["loss"], rel=1e-4, abs=1e-5)
             assert ddp_lines[line["step"]]["proj_loss"] == pytest.approx(line["proj_loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_repa_checkpoints_sample_with_the_normal_sample_ddp(tmp_path, tiny_image_folder, tiny_vae_dir, encoder_weights):
+    """Our REPA-trained checkpoint (projectors + QK-norm) samples without the encoder; REPA's own SiT layout
+    samples with --repa-checkpoint, which equals sampling its time-converted twin."""
+    from generation import sample_ddp
+    from models.repa import convert_time_convention
+    from test_repa_model import RefREPASiT
+
+    results = tmp_path / "results"
+    run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["transport"], "--max-steps", "2",
+                        *repa_flags(encoder_weights, "--qk-norm")))
+    (experiment,) = experiment_dirs(results)
+    common = ["--image-size", "32", "--num-classes", "4", "--vae-path", str(tiny_vae_dir), "--device", "cpu",
+              "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-sampling-steps", "2", "--no-progress"]
+    sample_ddp.main(["SDE", "--model", MODELS["transport"], "--ckpt", str(experiment / "checkpoints" / "0000002.pt"),
+                     "--model-kwargs", json.dumps(TINY), "--sample-dir", str(tmp_path / "ours"), *common])
+    assert (tmp_path / "ours.npz").is_file()
+
+    torch.manual_seed(0)
+    repa_sit = RefREPASiT(input_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=4,
+                          encoder_depth=1, z_dims=(8,), projector_dim=16, qk_norm=True)
+    torch.save({"ema": repa_sit.state_dict()}, tmp_path / "repa.pt")
+    converted = {k: v for k, v in convert_time_convention(repa_sit.state_dict()).items() if not k.startswith("proj")}
+    torch.save(converted, tmp_path / "converted.pt")
+    tiny = json.dumps(TINY)
+    sample_ddp.main(["ODE", "--model", "SiT-S/2", "--ckpt", str(tmp_path / "repa.pt"), "--repa-checkpoint",
+                     "--model-kwargs", tiny, "--sample-dir", str(tmp_path / "theirs"), "--sampling-method", "euler",
+                     *common])
+    sample_ddp.main(["ODE", "--model", "SiT-S/2", "--ckpt", str(tmp_path / "converted.pt"), "--model-kwargs",
+                     json.dumps({**TINY, "learn_sigma": False}), "--sample-dir", str(tmp_path / "twin"),
+                     "--sampling-method", "euler", *common])
+    import numpy as np
+    with np.load(tmp_path / "theirs.npz") as theirs, np.load(tmp_path / "twin.npz") as twin:
+        assert np.array_equal(theirs["arr_0"], twin["arr_0"])
