@@ -9,7 +9,9 @@
 #   REPA_ENCODER=/ckpt/dinov2_vitb14_pretrain.pth bash scripts/train_sit_repa.sh
 # N nodes: every node runs the same command with MASTER_ADDR/MASTER_PORT, NNODES (or WORLD_SIZE) = N,
 # NODE_RANK (or RANK) = its index and GPUS per node (scripts/launch.sh); the global batch stays 256.
-# From scratch (REPA's own row, FID 7.9): FINETUNE=none. With cached latents and features:
+# From scratch (REPA's own row, FID 7.9): FINETUNE=none, which also switches to REPA's data/precision settings
+# (sd-vae-ft-mse, no flips, fp16, no sigma outputs; see GENERATION.md "Differences from the official code").
+# With cached latents and features:
 #   ... bash scripts/train_sit_repa.sh --cached-path CACHE --repa-feature-cache FEATURES
 # Extra arguments are appended, e.g. `--resume results/000-SiT-XL-2-VAE-simple-usp-repa`.
 set -euo pipefail
@@ -22,16 +24,16 @@ INIT_FLAGS=(--finetune "$FINETUNE")
 EXP_NAME=usp-repa
 DEFAULT_MODEL=SiT-XL/2-VAE-simple  # USP's SiT: affine block norms that take the pretrained encoder's
 if [ "$FINETUNE" = "none" ]; then
-  INIT_FLAGS=()
+  # REPA's own setting: its SiT (no sigma outputs), sd-vae-ft-mse latents, no flips, fp16 autocast.
+  INIT_FLAGS=(--vae mse --no-random-flip --precision fp16 --model-kwargs '{"learn_sigma": false}')
   EXP_NAME=repa
-  DEFAULT_MODEL=SiT-XL/2  # REPA's SiT
+  DEFAULT_MODEL=SiT-XL/2
 fi
 MODEL=${MODEL:-$DEFAULT_MODEL}
 
 launch -m generation.train \
   --model "$MODEL" \
   --data-path "$DATA_PATH" \
-  "${INIT_FLAGS[@]}" \
   --image-size 256 \
   --num-classes 1000 \
   --vae ema \
@@ -54,4 +56,5 @@ launch -m generation.train \
   --max-grad-norm 1.0 \
   --results-dir results \
   --exp-name "$EXP_NAME" \
+  "${INIT_FLAGS[@]}" \
   "$@"
