@@ -68,6 +68,15 @@ def test_repa_from_a_usp_checkpoint_with_qk_norm(tmp_path, tiny_image_folder, ti
     assert torch.allclose(ema["blocks.1.attn.qkv.weight"], mae["blocks.1.attn.qkv.weight"], atol=1e-3)
     assert "projectors.0.0.weight" in ema and "blocks.1.attn.k_norm.bias" in ema
 
+    # The USP encoder itself as the target (--enc-type usp): its tokens on the clean latents, 32 wide.
+    run_main(train_argv(tmp_path / "usp_target", tiny_image_folder, tiny_vae_dir, MODELS["transport"],
+                        "--max-steps", "2", "--finetune", tiny_usp_checkpoint, "--repa", "--enc-type", "usp",
+                        "--repa-encoder-path", tiny_usp_checkpoint, "--encoder-depth", "1", "--projector-dim", "16"))
+    (usp_run,) = experiment_dirs(tmp_path / "usp_target")
+    assert [line["step"] for line in log_lines(usp_run) if "proj_loss" in line] == [1, 2]
+    usp_ema = load_checkpoint(usp_run / "checkpoints" / "0000002.pt")["ema"]
+    assert usp_ema["projectors.0.4.weight"].shape == (32, 16)
+
 
 def test_alignment_gradients_reach_projector_and_blocks_up_to_encoder_depth_only(encoder_weights):
     torch.manual_seed(0)
