@@ -273,6 +273,28 @@ def generation_model_name(family: str, size: str) -> str:
     return f"{prefix}-{'S' if size == 'tiny' else size}/2"
 
 
+def training_batches(args, codec: LatentCodec, latent_shape) -> tuple:
+    """(online, cached) host batches of `--batch-size` samples for the training steps: the online one holds images
+    in [-1, 1] and posterior noise; the cached one the same images encoded once by `codec` with that noise, so
+    both paths train on identical latents."""
+    generator = torch.Generator().manual_seed(args.seed)
+    n = args.batch_size
+    online = {
+        "x": torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1,
+        "posterior_noise": torch.randn(n, *latent_shape, generator=generator),
+        "y": torch.randint(0, args.num_classes, (n,), generator=generator),
+        "u": torch.rand(n, generator=generator),
+        "drop": (torch.rand(n, generator=generator) < 0.1).long(),
+        "noise": torch.randn(n, *latent_shape, generator=generator),
+    }
+    with torch.no_grad():
+        mean, logvar = codec.encode_moments(online["x"].to(codec.device))
+        latents = codec.latents_from_moments(mean, logvar, sample=True,
+                                             noise=online["posterior_noise"].to(codec.device)).cpu()
+    cached = {**{key: value for key, value in online.items() if key != "posterior_noise"}, "x": latents}
+    return online, cached
+
+
 def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], device: torch.device,
                          codec: LatentCodec, perturb: float = 0.0, ddp: bool = False) -> Workload:
     """DiT (diffusion) / SiT (transport) training step: TrainStep with each mode's settings.
@@ -292,21 +314,8 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
         perturb_(reference, perturb, args.seed)
     objective = build_objective(name, args.num_classes)
 
-    generator = torch.Generator().manual_seed(args.seed)
     n = args.batch_size
-    online = {
-        "x": torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1,  # images in [-1, 1]
-        "posterior_noise": torch.randn(n, *latent_shape, generator=generator),
-        "y": torch.randint(0, args.num_classes, (n,), generator=generator),
-        "u": torch.rand(n, generator=generator),
-        "drop": (torch.rand(n, generator=generator) < 0.1).long(),
-        "noise": torch.randn(n, *latent_shape, generator=generator),
-    }
-    with torch.no_grad():
-        mean, logvar = codec.encode_moments(online["x"])
-        latents = codec.latents_from_moments(mean, logvar, sample=True, noise=online["posterior_noise"]).cpu()
-    cached = {key: value for key, value in online.items() if key != "posterior_noise"}
-    cached["x"] = latents
+    online, cached = training_batches(args, codec, latent_shape)
 
     runners, steps = {}, {}
     for mode in modes:
@@ -364,22 +373,10 @@ def build_repa_workload(size: str, args, modes: List[ModeConfig], device: torch.
     with_projector = SiT_models[name](**common, z_dims=[target.z_dim], encoder_depth=encoder_depth)
     objective = build_objective(name, args.num_classes)
 
-    generator = torch.Generator().manual_seed(args.seed)
     n = args.batch_size
-    online = {
-        "x": torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1,
-        "posterior_noise": torch.randn(n, *latent_shape, generator=generator),
-        "y": torch.randint(0, args.num_classes, (n,), generator=generator),
-        "u": torch.rand(n, generator=generator),
-        "drop": (torch.rand(n, generator=generator) < 0.1).long(),
-        "noise": torch.randn(n, *latent_shape, generator=generator),
-    }
+    online, cached = training_batches(args, codec, latent_shape)
     with torch.no_grad():
-        mean, logvar = codec.encode_moments(online["x"].to(device))
-        latents = codec.latents_from_moments(mean, logvar, sample=True,
-                                             noise=online["posterior_noise"].to(device)).cpu()
         features = target(online["x"].to(device)).cpu()  # what the feature cache would hold for this batch
-    cached = {**{key: value for key, value in online.items() if key != "posterior_noise"}, "x": latents}
     variants = {"sit-cached": (plain, cached, False), "repa-cached": (with_projector, {**cached, "repa_features": features}, True),
                 "sit-online": (plain, online, False), "repa-online": (with_projector, online, True)}
 

@@ -21,7 +21,6 @@ CLI:
       --encoder_path dinov2_vitb14_pretrain.pth --input_size 256
 """
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -37,50 +36,19 @@ from util.checkpoint import atomic_open
 from util.data import build_image_folder
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
-from util.latent_cache import cache_transform, files_digest
+from util.latent_cache import (MANIFEST, CroppedImages, cache_transform, files_digest, manifest_differences,
+                               read_complete_manifest, shard_path, write_manifest)
+from util.latent_cache import read_manifest as read_cache_manifest
 from util.precision import add_precision_arg, autocast
 from util.run_log import progress
 
 FEATURE_CACHE_FORMAT = 1
-MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
 FeatureCacheError = UserError  # a feature cache that is missing, unfinished, or made for other settings
-
-def shard_path(cache_dir, shard: int) -> Path:
-    return Path(cache_dir) / f"shard-{shard:05d}.safetensors"
 
 
 def read_manifest(cache_dir) -> dict:
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        raise FeatureCacheError(f"no feature cache at {cache_dir} ({MANIFEST} is missing); create it with "
-                                "`python -m util.feature_cache --data_path ... --cached_path ...`.")
-    return json.loads(path.read_text())
-
-
-def _write_manifest(cache_dir, manifest: dict) -> None:
-    with atomic_open(Path(cache_dir) / MANIFEST) as handle:
-        handle.write(json.dumps(manifest, indent=1).encode())
-
-
-def _differences(found: dict, wanted: dict) -> list[str]:
-    return [f"{key}={found.get(key)!r} (needed {value!r})" for key, value in wanted.items() if found.get(key) != value]
-
-
-class _CroppedImages(torch.utils.data.Dataset):
-    def __init__(self, folder, transform, image_size: int):
-        self.folder, self.transform, self.image_size = folder, transform, image_size
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int):
-        image, _ = self.folder.try_load(index)
-        if image is None:
-            return torch.zeros(3, self.image_size, self.image_size), False
-        return self.transform(image), True
+    return read_cache_manifest(cache_dir, "feature cache", "util.feature_cache")
 
 
 @torch.no_grad()
@@ -102,13 +70,13 @@ def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str,
                 "dtype": dtype, "shard_size": shard_size, "num_images": len(folder), "classes": list(folder.classes),
                 "files_sha256": files_digest(folder)}
     if (cache_dir / MANIFEST).is_file():
-        differences = _differences(read_manifest(cache_dir), settings)
+        differences = manifest_differences(read_manifest(cache_dir), settings)
         if differences:
             raise FeatureCacheError(f"{cache_dir} already holds a feature cache made with other settings "
                                     f"({', '.join(differences)}); choose another --cached_path or delete it.")
     elif rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_manifest(cache_dir, {**settings, "complete": False})
+        write_manifest(cache_dir, {**settings, "complete": False})
     barrier()
 
     num_shards = math.ceil(len(folder) / shard_size)
@@ -117,10 +85,10 @@ def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str,
         indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(folder))))
         # Fixed batches inside the shard: its bytes depend on its images and the batch size only.
         batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-        shard_loader = torch.utils.data.DataLoader(_CroppedImages(folder, transform, image_size),
+        shard_loader = torch.utils.data.DataLoader(CroppedImages(folder, transform, image_size),
                                                    batch_sampler=batches, num_workers=num_workers)
         features, valid = [], []
-        for images, ok in shard_loader:
+        for images, _, ok in shard_loader:
             images = images.to(device)
             with autocast(device, precision):
                 both = [encoder(images), encoder(images.flip(-1))]  # each (B, T, D)
@@ -138,7 +106,7 @@ def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str,
         count = sum(int(FeatureCache._open(shard_path(cache_dir, k)).get_tensor("valid").sum())
                     for k in range(num_shards))
         manifest.update(tokens=int(tokens), dim=int(dim), count=count)
-        _write_manifest(cache_dir, manifest)
+        write_manifest(cache_dir, manifest)
         print(f"feature cache {cache_dir}: {count} images ({tokens} tokens x {dim}) for {encoder_identity}")
     barrier()
     return manifest
@@ -153,16 +121,8 @@ class FeatureCache:
 
     def __init__(self, cache_dir, expect: dict | None = None):
         self.cache_dir = Path(cache_dir)
-        manifest = read_manifest(self.cache_dir)
-        if not manifest.get("complete"):
-            raise FeatureCacheError(f"the feature cache at {cache_dir} is incomplete (its extraction was "
-                                    "interrupted); rerun the same `python -m util.feature_cache` command.")
-        differences = _differences(manifest, expect or {})
-        if differences:
-            raise FeatureCacheError(f"the feature cache at {cache_dir} was made with {', '.join(differences)}; "
-                                    "extract features for these settings or change the run's flags.")
-        self.manifest = manifest
-        self.shard_size = int(manifest["shard_size"])
+        self.manifest = read_complete_manifest(self.cache_dir, expect, "feature cache", "util.feature_cache")
+        self.shard_size = int(self.manifest["shard_size"])
         self._handles = {}  # per process: DataLoader workers open their own
 
     @staticmethod
