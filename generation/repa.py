@@ -105,7 +105,8 @@ class Alignment:
             return [target(latents if target.input_kind == "latents" else batch["x"]).float()
                     for target in self.targets]
 
-    def loss(self, objective_loss_fn, model_fn, batch: dict, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, objective_loss_fn, model_fn, batch: dict,
+             latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(diffusion/flow loss mean, alignment loss mean) of one batch; the step minimises
         first + proj_coeff * second. `objective_loss_fn(model_fn) -> (N,)` runs the objective on `latents`."""
         targets = self.target_tokens(batch, latents)
@@ -168,7 +169,6 @@ def build_targets(args, encoder_kwargs: dict, device: torch.device) -> list:
     Built inside `fork_rng`: timm initialises each network randomly before its weights load, and those draws
     must not move the run's generator (so --proj-coeff 0 trains exactly as plain training does).
     """
-
     if not args.repa or args.repa_feature_cache is not None:
         return []
     with torch.random.fork_rng(devices=[]):
@@ -191,7 +191,8 @@ def repa_model_kwargs(args, targets: list) -> dict:
     per target encoder, sized by its token width (read from the feature cache's manifest when there is one)."""
     kwargs = {"qk_norm": True} if args.qk_norm else {}
     if args.repa:
-        z_dims = [target.z_dim for target in targets] if targets else [read_feature_manifest(args.repa_feature_cache)["dim"]]
+        z_dims = ([target.z_dim for target in targets] if targets
+                  else [read_feature_manifest(args.repa_feature_cache)["dim"]])
         kwargs.update(encoder_depth=args.encoder_depth, z_dims=z_dims, projector_dim=args.projector_dim)
     return kwargs
 

@@ -5,7 +5,8 @@
 
 The model name's prefix picks the objective (DiT -> Gaussian diffusion, SiT -> transport); the loop in
 `generation/engine.py` is shared. `--repa` adds REPA's representation alignment (generation/repa.py): projector
-heads after block --encoder-depth pulled towards a frozen encoder's patch tokens (online, or from a feature cache). Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
+heads after block --encoder-depth pulled towards a frozen encoder's patch tokens (online, or from a feature cache).
+Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
 `checkpoints/0000100.pt` (model, ema, opt, args + exact-resume state), `log.txt` (JSON lines),
 TensorBoard events and `samples/` (EMA preview grids).
 """

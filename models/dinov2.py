@@ -64,7 +64,10 @@ def _read_state_dict(weights: Path) -> dict:
 
 
 def _hub_interpolated_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """The hub model's `interpolate_pos_encoding` for a square `grid`, applied once: (1, P + M*M, D) -> (1, P + grid^2, D)."""
+    """The hub model's `interpolate_pos_encoding` for a square `grid`, applied once.
+
+    pos_embed (1, P + M*M, D) -> (1, P + grid^2, D); P = 1 (cls, hub layout) or 0 (timm's register models).
+    """
     prefix = pos_embed.shape[1] - math.isqrt(pos_embed.shape[1]) ** 2  # 1 (cls) for the hub layout, 0 for timm-reg
     side = math.isqrt(pos_embed.shape[1] - prefix)
     if side == grid:
@@ -94,8 +97,8 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
     """A frozen timm DINOv2 (`model_name`, e.g. "vit_base_patch14_dinov2") for square inputs of `image_size` px.
 
     weights: local file (official .pth or timm .safetensors) or a timm hub tag ("<model_name>.lvd142m",
-    downloaded by timm: only for users who are online); None = random weights (for cost measurements). `model_kwargs` overrides timm's constructor (tests
-    build tiny random networks this way). Returns the model in eval mode without gradients.
+    downloaded by timm: only for users who are online); None = random weights (for cost measurements).
+    `model_kwargs` overrides timm's constructor (tests build tiny random networks this way). Returns the model in eval mode without gradients.
     """
     if pos_embed_mode not in ("repa", "hub"):
         raise ValueError(f"pos_embed_mode {pos_embed_mode!r} is neither 'repa' nor 'hub'.")

@@ -169,7 +169,8 @@ class USPTarget(nn.Module):
         saved_kwargs = args.get("model_kwargs") or {}
         saved_kwargs = json.loads(saved_kwargs) if isinstance(saved_kwargs, str) else dict(saved_kwargs)
         self.mae = create_mae(args["model"], image_size, vae_version=args.get("vae_version", vae_version),
-                              norm_image=bool(args.get("norm_image", False)), **{**saved_kwargs, **(model_kwargs or {})})
+                              norm_image=bool(args.get("norm_image", False)),
+                              **{**saved_kwargs, **(model_kwargs or {})})
         fixed = ("pos_embed", "decoder_pos_embed")
         weights = {name: value for name, value in state["model"].items() if name not in fixed}
         missing, unexpected = self.mae.load_state_dict(weights, strict=False)

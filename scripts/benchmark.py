@@ -377,7 +377,8 @@ def build_repa_workload(size: str, args, modes: List[ModeConfig], device: torch.
     online, cached = training_batches(args, codec, latent_shape)
     with torch.no_grad():
         features = target(online["x"].to(device)).cpu()  # what the feature cache would hold for this batch
-    variants = {"sit-cached": (plain, cached, False), "repa-cached": (with_projector, {**cached, "repa_features": features}, True),
+    variants = {"sit-cached": (plain, cached, False),
+                "repa-cached": (with_projector, {**cached, "repa_features": features}, True),
                 "sit-online": (plain, online, False), "repa-online": (with_projector, online, True)}
 
     runners, variant_modes = {}, []

@@ -20,7 +20,8 @@ HUB_GRID = 37  # the official 518-px table
 def independent_features(state, images_nhwc: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True) / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     table = state["pos_embed"]
     patches = table[:, 1:].reshape(1, HUB_GRID, HUB_GRID, -1).permute(0, 3, 1, 2)
     scale = (16 + 0.1) / HUB_GRID
