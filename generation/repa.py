@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.dinov2 import DINOV2_MODELS, EncoderWeightsError, weights_source
-from models.repa import USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
+from models.repa import DEFAULT_ENC_TYPE, USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
 from util.errors import UserError
 from util.feature_cache import read_manifest as read_feature_manifest
@@ -30,7 +30,7 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     """REPA's train.py flags (same names and defaults) plus the local-weights and feature-cache additions."""
     group = parser.add_argument_group("REPA (representation alignment, sihyun-yu/REPA)")
     group.add_argument("--repa", action="store_true", help="add REPA's alignment loss and projector heads")
-    group.add_argument("--enc-type", "--repa-encoder", dest="enc_type", type=str, default="dinov2-vit-b",
+    group.add_argument("--enc-type", "--repa-encoder", dest="enc_type", type=str, default=DEFAULT_ENC_TYPE,
                        help="target encoder(s), REPA's names, comma-separated (dinov2-vit-{s,b,l,g}, dinov2reg-vit-*), "
                             "or usp: the USP pretraining checkpoint's own encoder on the clean latents")
     group.add_argument("--repa-encoder-path", type=str, default=None,

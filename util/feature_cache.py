@@ -143,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Extract a REPA feature cache (target encoder tokens of each image and its flip)")
     parser.add_argument("--data_path", required=True, help="ImageFolder root (the latent cache's)")
     parser.add_argument("--cached_path", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--enc_type", default="dinov2-vit-b", help="REPA's encoder name (models.dinov2)")
+    parser.add_argument("--enc_type", default="dinov2-vit-b", help="REPA's encoder name (models.dinov2.DINOV2_MODELS)")
     parser.add_argument("--encoder_path", required=True, help="local encoder weights (or a timm hub tag when online)")
     parser.add_argument("--input_size", type=int, default=256, help="image size of the training run")
     parser.add_argument("--crop", default="center", choices=["center", "eval"], help="the latent cache's crop")
