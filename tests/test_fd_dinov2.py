@@ -79,3 +79,26 @@ def test_fd_dinov2_matches_an_independent_frechet_computation(setup):
 def test_missing_dinov2_weights_are_one_sentence(tmp_path):
     with pytest.raises(EncoderWeightsError, match="do not exist"):
         DinoV2FeatureExtractor(tmp_path / "nope.pth")
+
+
+@pytest.mark.slow
+def test_reference_batch_stores_dinov2_statistics_of_all_its_images(tiny_image_folder, tmp_path):
+    """make_reference_batch --fd-dinov2-weights: mu_dinov2/sigma_dinov2 over every image (not only arr_0)."""
+    from generation.inception import InceptionFeatureExtractor
+    from scripts.make_reference_batch import build_reference_batch
+    from test_evaluate import random_inception_state_dict
+    from util.data import CenterCropArr, build_image_folder
+
+    inception_path = tmp_path / "inception.pth"
+    torch.save(random_inception_state_dict(), inception_path)
+    weights = tmp_path / "dinov2.pth"
+    torch.save(hub_state_dict(seed=4, hub_grid=HUB_GRID), weights)
+    dinov2 = DinoV2FeatureExtractor(weights, model_kwargs=TINY_VIT)
+    arrays = build_reference_batch(tiny_image_folder / "val", 24, InceptionFeatureExtractor(inception_path),
+                                   arr_images=6, batch_size=5, num_workers=0, dinov2=dinov2)
+    folder = build_image_folder(tiny_image_folder / "val", transform=CenterCropArr(24))
+    images = np.stack([np.asarray(folder[i][0], dtype=np.uint8) for i in range(len(folder))])  # all 16
+    features = independent_features(hub_state_dict(seed=4, hub_grid=HUB_GRID), images)
+    assert len(arrays["arr_0"]) == 6
+    np.testing.assert_allclose(arrays["mu_dinov2"], features.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(arrays["sigma_dinov2"], np.cov(features, rowvar=False), rtol=1e-3, atol=1e-5)
