@@ -41,7 +41,8 @@ class EvalHook(Protocol):
 
 
 class TrainStep:
-    """One optimizer step: [online VAE encode] -> objective loss -> backward -> AdamW -> EMA update.
+    """One optimizer step: [online VAE encode] -> objective loss [+ REPA alignment] -> backward [-> clip] -> AdamW
+    -> EMA update.
 
     network: what runs forward (DDP- and/or torch.compile-wrapped `model`); model: the bare module whose
     weights the EMA tracks. Returns the batch's mean loss as a detached device scalar.
@@ -51,7 +52,7 @@ class TrainStep:
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                  precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None,
                  ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema,
-                 max_grad_norm: Optional[float] = None):
+                 alignment=None, max_grad_norm: Optional[float] = None):
         self.network = network
         self.model = model
         self.ema = ema
@@ -63,12 +64,23 @@ class TrainStep:
         self.ema_decay = ema_decay
         self.codec = codec
         self.ema_update = ema_update  # scripts/benchmark.py swaps in official DiT's per-parameter loop
-        self.max_grad_norm = max_grad_norm  # LightningDiT's optional `max_grad_norm` (None: no clipping, as DiT)
+        # REPA (generation.repa.Alignment): adds proj_coeff * alignment loss; None = plain DiT/SiT training.
+        self.alignment = alignment
+        # LightningDiT's optional `max_grad_norm` and REPA's 1.0 (None: no clipping, as DiT/SiT)
+        self.max_grad_norm = max_grad_norm
+        # Per-step values besides the loss, summed on the device and read by the loop at log steps.
+        self.window_metrics = {"proj_loss": torch.zeros((), device=device)} if alignment is not None else {}
 
-    def model_fn(self, *args, **kwargs) -> torch.Tensor:
-        """The network under autocast, returned in fp32 so the objective's loss math stays fp32."""
+    def model_fn(self, *args, **kwargs):
+        """The network under autocast, returned in fp32 so the objective's loss math stays fp32.
+
+        With `return_projections=True` the network returns (prediction, [projections]); both come back fp32.
+        """
         with autocast(self.device, self.precision):
             out = self.network(*args, **kwargs)
+        if isinstance(out, tuple):
+            prediction, projections = out
+            return prediction.float(), [projection.float() for projection in projections]
         return out.float()
 
     @torch.no_grad()
@@ -88,16 +100,31 @@ class TrainStep:
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         latents = self.latents(batch)
         bundle = NoiseBundle(u=batch["u"], noise=batch["noise"], drop=batch["drop"])
-        loss = self.objective.loss(self.model_fn, latents, batch["y"], bundle).mean()
+
+        def objective_loss(model_fn):
+            return self.objective.loss(model_fn, latents, batch["y"], bundle)
+
+        if self.alignment is None:
+            loss = total = objective_loss(self.model_fn).mean()
+        else:
+            loss, proj_loss = self.alignment.loss(objective_loss, self.model_fn, batch, latents)
+            total = loss + self.alignment.proj_coeff * proj_loss  # REPA: loss_mean + proj_loss_mean * proj_coeff
+            self.window_metrics["proj_loss"] += proj_loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(total).backward()
         if self.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            clip_gradients(self.optimizer, self.scaler, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema_update(self.ema, self.model, self.ema_decay)
         return loss.detach()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float) -> None:
+    """Clips the global gradient norm of the optimizer's parameters (unscaled first under fp16's grad scaler)."""
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: LoopState, *, epochs: int,
@@ -130,11 +157,15 @@ def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: 
                 # The only host sync of the interval: mean loss over its steps and over ranks.
                 mean_loss = check_finite(all_reduce_mean(running_loss / interval_steps), state.step)
                 images_per_sec = throughput.rate()
-                logger.log(state.step, {
+                metrics = {
                     "loss": mean_loss, "lr": lr, "epoch": state.epoch,
                     "steps_per_sec": images_per_sec / global_batch, "images_per_sec": images_per_sec,
                     "peak_mem_mb": peak_memory_mb(device),
-                })
+                }
+                for name, total in getattr(step_fn, "window_metrics", {}).items():
+                    metrics[name] = all_reduce_mean(total / interval_steps).item()
+                    total.zero_()
+                logger.log(state.step, metrics)
                 running_loss.zero_()
                 interval_steps = 0
             if eval_every > 0 and state.step % eval_every == 0:

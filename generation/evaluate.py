@@ -21,6 +21,9 @@ images for Precision/Recall). What follows ADM exactly, because it moves the num
 
 The output lines are ADM's (`Inception Score: ...`, `FID: ...`, `sFID: ...`, `Precision: ...`,
 `Recall: ...`), and the same numbers go to a JSON file next to the sample npz.
+
+`--fd-dinov2-weights dinov2_vitl14_pretrain.pth` adds `FD_DINOv2: ...` from the same npz files (EDM2's
+preprocessing, reference statistics stored in the npz or cached beside it; see generation/fd_dinov2.py).
 """
 import argparse
 import json
@@ -39,6 +42,7 @@ import torch
 from scipy import linalg
 from scipy.special import log_softmax, xlogy
 
+from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_reference
 from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, full_fp32)
 from util.errors import UserError, run_cli
 from util.progress import progress_bar as tqdm
@@ -333,9 +337,39 @@ def compute_npz_statistics(batch: NpzBatch, extractor: InceptionFeatureExtractor
             FIDStatistics.from_activations(activations.spatial))
 
 
-def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64, device="cpu", log=print) -> dict:
-    """Runs ADM's evaluation of SAMPLE against REF; returns the metrics (and logs ADM's lines)."""
+def streamed_statistics(batch: NpzBatch, features_fn, batch_size: int = 64, desc: str = "features") -> FIDStatistics:
+    """Mean and unbiased covariance of `features_fn(uint8 (B, H, W, 3)) -> (B, D)` over arr_0, in batches."""
+    moments = StatisticsAccumulator()
+    for images in tqdm(batch.batches(batch_size), total=-(-len(batch) // batch_size), desc=desc, file=sys.stderr,
+                       disable=None):
+        moments.update(features_fn(images))
+    return moments.statistics()
+
+
+def fd_dinov2(ref_batch: NpzBatch, sample_batch: NpzBatch, extractor: DinoV2FeatureExtractor, batch_size: int = 64,
+              log=print) -> dict:
+    """FD_DINOv2 of SAMPLE against REF; REF's statistics: stored in its npz > cached beside it > its arr_0."""
+    stored, source = stored_reference(ref_batch.path), "stored"
+    if stored is None:
+        cache = ReferenceCache(ref_batch.path, extractor.weights)
+        stored, source = cache.load(), "cached"
+        if stored is None:
+            log("computing DINOv2 reference statistics...")
+            ref_stats = streamed_statistics(ref_batch, extractor.features, batch_size, "reference (dinov2)")
+            stored, source = (ref_stats.mu, ref_stats.sigma), "arr_0"
+            log(f"cached them in {cache.save(*stored)}")
+    log("computing DINOv2 sample statistics...")
+    sample_stats = streamed_statistics(sample_batch, extractor.features, batch_size, "samples (dinov2)")
+    value = sample_stats.frechet_distance(FIDStatistics(*stored))
+    log("FD_DINOv2:", value)
+    return {"fd_dinov2": value, "fd_dinov2_reference": source, "dinov2_weights": str(extractor.weights)}
+
+
+def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64, device="cpu", log=print,
+                 fd_dinov2_weights=None) -> dict:
+    """Runs ADM's evaluation of SAMPLE against REF (+ FD_DINOv2 with its weights); returns the metrics."""
     ref_batch, sample_batch = NpzBatch(ref_path), NpzBatch(sample_path)  # refuse bad files before any work
+    dinov2 = DinoV2FeatureExtractor(fd_dinov2_weights, device) if fd_dinov2_weights is not None else None
     extractor = InceptionFeatureExtractor(inception_weights, device)
     log("computing reference batch activations...")
     ref_acts, ref_stats, ref_stats_spatial = compute_npz_statistics(ref_batch, extractor, batch_size, "reference")
@@ -355,6 +389,8 @@ def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64,
     metrics.update(num_samples=len(sample_batch), num_reference_images=len(ref_batch),
                    reference_statistics="stored" if ref_batch.stored_statistics is not None else "arr_0",
                    ref_batch=str(ref_path), sample_batch=str(sample_path), inception_weights=str(inception_weights))
+    if dinov2 is not None:
+        metrics.update(fd_dinov2(ref_batch, sample_batch, dinov2, batch_size, log))
     return metrics
 
 
@@ -379,6 +415,9 @@ def parse_args(argv=None):
     parser.add_argument("sample_batch", help="sample npz (arr_0 uint8 NHWC)")
     parser.add_argument("--inception-weights", required=True,
                         help="local weights-inception-2015-12-05-6726825d.pth (torch-fidelity / pytorch-fid layout)")
+    parser.add_argument("--fd-dinov2-weights", default=None,
+                        help="local DINOv2-L/14 weights (dinov2_vitl14_pretrain.pth or timm's model.safetensors): "
+                             "also report FD_DINOv2")
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-json", default=None, help="default: <sample stem>.metrics.json next to it")
@@ -394,7 +433,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     metrics = run_cli(evaluate_npz, args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
-                      args.device, prog="generation.evaluate")
+                      args.device, prog="generation.evaluate", fd_dinov2_weights=args.fd_dinov2_weights)
     json_path = write_json(metrics, args.output_json or default_json_path(args.sample_batch))
     print(f"wrote {json_path}")
     return metrics

@@ -13,7 +13,9 @@ number of processes; see `generation/sampling.py`. Rerunning an interrupted comm
 batches are skipped, and the npz equals that of an uninterrupted run.
 
 Checkpoints: official DiT/SiT raw state dicts, or this project's training checkpoints, whose `ema`
-weights are used (the `model` weights only when there is no `ema`, with a warning).
+weights are used (the `model` weights only when there is no `ema`, with a warning). REPA-trained checkpoints
+sample as they are (the training-only `projectors.*` are dropped, QK-norm is read from the weights); REPA's
+own SiT files need `--repa-checkpoint` (its time runs the other way; see models/repa.py).
 Differences from the official scripts: --sample-dir is the PNG folder itself (DiT names a subfolder after
 the settings; here `sampling_config.json` in the folder records them and a resume with other settings is
 refused), no checkpoint is downloaded (--ckpt is required), and labels are drawn per image. The sampler flags

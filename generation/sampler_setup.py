@@ -19,6 +19,7 @@ from generation.transport import create_transport
 from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
+from models.repa import convert_time_convention, layout_from_state_dict, without_projectors
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 
@@ -55,6 +56,8 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
                         help="guide the first 3 latent channels (official DiT/SiT, reproduces their numbers) or all")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only where LO <= t <= HI, in the model's t units (DiT 0..999, SiT 0..1, 1 = data)")
+    parser.add_argument("--repa-checkpoint", action="store_true",
+                        help="--ckpt is REPA's own SiT (t = 1 is noise): convert it to SiT's time convention")
 
 
 def parse_with_mode(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -159,13 +162,29 @@ def build_sample_fn(args, model):
     return sample_fn, mode == "SDE"
 
 
+def repa_weights(args, state_dict: dict, model_kwargs: dict) -> tuple[dict, dict]:
+    """REPA-trained weights for sampling: the training-only projectors dropped, QK-norm read from the weights,
+    and with --repa-checkpoint (REPA's own SiT files) its time convention folded into SiT's and no sigma
+    channels (`models.repa.convert_time_convention`). Returns (state dict, constructor kwargs)."""
+    state_dict = without_projectors(state_dict)
+    if layout_from_state_dict(state_dict)["qk_norm"]:
+        model_kwargs = {"qk_norm": True, **model_kwargs}
+    if args.repa_checkpoint:
+        if objective_family(args.model) != "transport":
+            raise UserError(f"--repa-checkpoint converts REPA's SiT weights; --model {args.model} is not a SiT.")
+        state_dict = convert_time_convention(state_dict)
+        model_kwargs = {"learn_sigma": False, **model_kwargs}
+    return state_dict, model_kwargs
+
+
 def load_model(args, model_kwargs: dict, device, warn=warnings.warn) -> torch.nn.Module:
-    """The --model preset with --ckpt's weights (strict), in eval mode on `device`."""
+    """The --model preset with --ckpt's weights (strict; REPA projectors dropped), in eval mode on `device`."""
     spec = get_latent_spec(args.vae_version)
-    model = build_model(args, model_kwargs, spec.latent_size(args.image_size), spec.channels)
     checkpoint = load_checkpoint(args.ckpt)
-    state_dict = select_weights(checkpoint, args.ckpt, warn)
+    state_dict, model_kwargs = repa_weights(args, select_weights(checkpoint, args.ckpt, warn), model_kwargs)
+    model = build_model(args, model_kwargs, spec.latent_size(args.image_size), spec.channels)
     load_weights_strict(model, state_dict, args.ckpt, checkpoint.get("args"))
+    del checkpoint, state_dict
     return model.to(device).eval()
 
 

@@ -4,7 +4,9 @@
         --finetune usp_pretrain.pth --image-size 256 --global-batch-size 256 --max-steps 400000
 
 The model name's prefix picks the objective (DiT -> Gaussian diffusion, SiT -> transport); the loop in
-`generation/engine.py` is shared. Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
+`generation/engine.py` is shared. `--repa` adds REPA's representation alignment (generation/repa.py): projector
+heads after block --encoder-depth pulled towards a frozen encoder's patch tokens (online, or from a feature cache).
+Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
 `checkpoints/0000100.pt` (model, ema, opt, args + exact-resume state), `log.txt` (JSON lines),
 TensorBoard events and `samples/` (EMA preview grids).
 """
@@ -26,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from generation.engine import LoopState, TrainStep, train_loop
 from generation.eval_hooks import SampleGridHook, fid_eval_hook
 from generation.objectives import build_objective
+from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
+                             check_repa_args, check_token_grid, feature_cache_expectation, repa_model_kwargs)
 from generation.train_data import GenerationTrainSet
 from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT_MODEL_FLAGS, TRANSPORT_FLAGS, add_flags,
                                     build_latent_norm, build_model, build_vae, check_model_args, check_vae_args,
@@ -38,9 +42,10 @@ from util.data import SeededDataset, build_image_folder, build_loader, generatio
 from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
+from util.feature_cache import FeatureCache
 from util.latent_cache import LatentCacheDataset
 from util.run_log import RunLogger, require_wandb
-from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
+from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
@@ -53,7 +58,8 @@ __all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "buil
 RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
                      "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps",
                      "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_lognorm",
-                     "use_cosine_loss", "latent_stats", "fixed_posterior_sample")
+                     "use_cosine_loss", "latent_stats", "fixed_posterior_sample",
+                     "random_flip", *REPA_RESUME_MUST_MATCH)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -105,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--timestep-shift")
     parser.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (DiT/SiT: 0.999; LightningDiT: 0.95)")
     parser.add_argument("--max-grad-norm", type=float, default=None,
-                        help="clip the gradient norm to this value (default: no clipping, as DiT/SiT)")
+                        help="clip the gradient norm to this value (REPA: 1.0; default: no clipping, as DiT/SiT and "
+                             "LightningDiT's 64-epoch config)")
     parser.add_argument("--cached-path", type=str, default=None, help="latent cache from util/latent_cache.py")
     parser.add_argument("--fixed-posterior-sample", action="store_true",
                         help="with --cached-path: one posterior sample per image and flip for the whole run, as "
@@ -121,6 +128,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_precision_arg(parser, "--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     add_flags(parser, "--model-kwargs")
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
+    add_repa_flags(parser)
     return parser
 
 
@@ -196,7 +206,8 @@ def broadcast_object(value, is_main: bool):
 # ----------------------------------------------------------------------------------------------
 
 def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTrainSet:
-    """Cached latents or images (ADM center crop + flip) wrapped with the objective's per-sample noise."""
+    """Cached latents or images (ADM center crop [+ flip]) wrapped with the objective's per-sample noise
+    [and the REPA feature cache's features of the same image and orientation]."""
     if args.cached_path is not None:
         # The cache must hold ADM-center-cropped latents of this VAE at this size, else training silently
         # learns another distribution than the one the EMA previews decode.
@@ -205,17 +216,24 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
         latent_norm = build_latent_norm(args)
         base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
                                   normalize=latent_norm.normalize if latent_norm is not None else None,
-                                  fixed_posterior=args.fixed_posterior_sample)
+                                  fixed_posterior=args.fixed_posterior_sample,
+                                  random_flip=args.random_flip)
         classes, source = base.manifest["classes"], args.cached_path
     else:
         folder = build_image_folder(args.data_path)
-        base = SeededDataset(folder, generation_transform(args.image_size), seed=args.global_seed)
+        base = SeededDataset(folder, generation_transform(args.image_size, args.random_flip), seed=args.global_seed)
         classes, source = folder.classes, args.data_path
     if len(classes) != args.num_classes:
         raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
                         f"pass --num-classes {len(classes)}.")
+    features = None
+    if args.repa_feature_cache is not None:
+        features = FeatureCache(args.repa_feature_cache, expect=feature_cache_expectation(args, base.manifest))
+        if not features.manifest["encoder"].startswith(f"{args.enc_type}:"):
+            raise UserError(f"--repa-feature-cache {args.repa_feature_cache} holds {features.manifest['encoder']} "
+                            f"features, not {args.enc_type}; pass the matching --enc-type or cache.")
     return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
-                              online_vae=args.cached_path is None)
+                              online_vae=args.cached_path is None, features=features)
 
 
 def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list:
@@ -254,6 +272,7 @@ class Run:
 def setup(args) -> Run:
     """Validates, builds and (on --resume) restores everything, so user errors surface before training."""
     model_kwargs = check_args(args)
+    encoder_kwargs = check_repa_args(args)
     spec = get_latent_spec(args.vae_version)
     latent_size = spec.latent_size(args.image_size)
     latent_shape = (spec.channels, latent_size, latent_size)
@@ -273,8 +292,10 @@ def setup(args) -> Run:
     if device.type == "cuda":
         enable_tf32()
 
-    model = build_model(args, model_kwargs, latent_size, spec.channels)
+    targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
+    model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)
     dataset = build_dataset(args, latent_shape, model.y_embedder.dropout_prob)
+    check_token_grid(model, targets, dataset.features)
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=dist_env.world_size, rank=dist_env.rank,
                                           shuffle=True, seed=args.global_seed, drop_last=True)
     if len(sampler) < local_batch:
@@ -314,9 +335,12 @@ def setup(args) -> Run:
     model.train()
     if args.compile:
         network = torch.compile(network)
+    alignment = None
+    if args.repa:
+        alignment = Alignment(targets or None, args.proj_coeff, lambda: autocast(device, args.precision))
     step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
                         ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None,
-                        max_grad_norm=args.max_grad_norm)
+                        alignment=alignment, max_grad_norm=args.max_grad_norm)
     loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
     experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,

@@ -26,17 +26,20 @@ class GenerationTrainSet(Dataset):
     latent_shape: (C, h, w) of the latents the network sees.
     class_dropout_prob: probability that the label is replaced by the null class (CFG training).
     online_vae: also draw `posterior_noise` (C, h, w) for sampling the VAE posterior in the loop.
+    features: a REPA feature cache (`util.feature_cache.FeatureCache`) paired with a latent-cache `base`: each
+    sample also gets the target features of the same image in the same orientation as its latent.
     Returns {"x", "y" (int64), "u" (float32 scalar), "noise" (C, h, w), "drop" (int64 0/1)
-    [, "posterior_noise" (C, h, w)]}.
+    [, "posterior_noise" (C, h, w)] [, "repa_features" (T, D) float32]}.
     """
 
     def __init__(self, base: Dataset, latent_shape: Sequence[int], seed: int, class_dropout_prob: float,
-                 online_vae: bool):
+                 online_vae: bool, features=None):
         self.base = base
         self.latent_shape = tuple(latent_shape)
         self.noise_seed = int(seed) + NOISE_STREAM_OFFSET
         self.class_dropout_prob = float(class_dropout_prob)
         self.online_vae = online_vae
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.base)
@@ -54,4 +57,8 @@ class GenerationTrainSet(Dataset):
         }
         if self.online_vae:
             sample["posterior_noise"] = torch.randn(self.latent_shape, generator=generator)
+        if self.features is not None:
+            # The latent cache's own choice of orientation for this draw, so latent and features agree.
+            image_index = int(self.base.image_index[index])
+            sample["repa_features"] = self.features.features(image_index, self.base.flip_of(epoch, index))
         return sample

@@ -11,6 +11,13 @@ DiT-XL-2-256x256.pt loads with `strict=True`:
     blocks.i.attn.{qkv,proj}.*, blocks.i.mlp.{fc1,fc2}.*, blocks.i.adaLN_modulation.1.*
     final_layer.{linear,adaLN_modulation.1}.*
 
+REPA layout (Yu et al., 2025, sihyun-yu/REPA `models/sit.py`): `z_dims` non-empty adds one projector MLP
+per alignment target (`projectors.{i}.{0,2,4}.*`, see `models/repa.py`) applied to the hidden tokens after
+block `encoder_depth`; `qk_norm=True` adds REPA's per-head LayerNorm on queries and keys
+(`blocks.i.attn.{q,k}_norm.{weight,bias}`). With `learn_sigma=False` these are exactly the keys and shapes of
+REPA's SiT, so its checkpoints load with `strict=True`. `forward(..., return_projections=True)` also returns
+the projected tokens; the default forward (sampling, EMA) never touches the projectors.
+
 "-VAE-simple" (USP): the same network whose block LayerNorms carry an affine weight and bias
 (`blocks.i.norm1.{weight,bias}`, `blocks.i.norm2.{weight,bias}`), exactly the tensors an MAE/USP
 encoder block has, so a pretrained encoder transfers block-for-block. The LayerNorms are
@@ -22,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from models.repa import build_mlp
 from models.sizes import TRANSFORMER_SIZES
 from util.errors import UserError
 
@@ -42,6 +50,17 @@ def check_sizes(input_size: int, patch_size: int, hidden_size: int, num_heads: i
         raise UserError(f"hidden size {hidden_size} is not divisible by {num_heads} heads; change one of them.")
 
 
+def _xavier_linear(module: nn.Module) -> None:
+    """DiT's `_basic_init`: xavier-uniform Linear weights, zero biases; affine LayerNorms start as the identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)  # -VAE-simple: identity until pretrained weights arrive
+        nn.init.zeros_(module.bias)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: x (N, T, D), c (N, D) -> (N, T, D).
 
@@ -49,10 +68,12 @@ class DiTBlock(nn.Module):
     gates start at zero so each block starts as the identity.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, affine_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, affine_norm: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=affine_norm, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        # REPA's qk_norm: timm's per-head LayerNorm (its default norm_layer when REPA was written).
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=nn.LayerNorm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=affine_norm, eps=1e-6)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=_tanh_gelu, drop=0)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -83,7 +104,8 @@ class DiT(nn.Module):
 
     forward(x (N, C, H, W), t (N,), y (N,)) -> (N, out_channels, H, W), out_channels = 2C with
     learn_sigma (noise prediction + variance interpolation), else C.
-    `affine_norm=True` builds the "-VAE-simple" family (see the module docstring).
+    `affine_norm=True` builds the "-VAE-simple" family; `encoder_depth`, `z_dims`, `projector_dim`, `qk_norm`
+    are REPA's (see the module docstring; `z_dims=()` = no projectors, the plain DiT/SiT state dict).
     """
 
     def __init__(
@@ -99,15 +121,25 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         affine_norm: bool = False,
+        encoder_depth: int = 8,
+        z_dims=(),
+        projector_dim: int = 2048,
+        qk_norm: bool = False,
     ):
         super().__init__()
         check_sizes(input_size, patch_size, hidden_size, num_heads)
+        z_dims = [int(z_dim) for z_dim in z_dims]
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise UserError(f"encoder_depth {encoder_depth} is outside 1..{depth} (the model's depth); the REPA "
+                            f"projectors read the tokens after one of its blocks.")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.affine_norm = affine_norm
+        self.encoder_depth = encoder_depth
+        self.z_dims = z_dims
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -116,24 +148,21 @@ class DiT(nn.Module):
         # Fixed sin-cos table; a Parameter (not a buffer) because it is in the official state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, affine_norm=affine_norm) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, affine_norm=affine_norm, qk_norm=qk_norm)
+             for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        # Training-only REPA heads (empty without z_dims, so plain checkpoints keep their keys). Built after
+        # everything else so the rest of the network draws the same initial weights with or without them:
+        # REPA with --proj-coeff 0 then trains bit-identically to plain training.
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z_dim) for z_dim in z_dims])
+        self.projectors.apply(_xavier_linear)
 
     def initialize_weights(self):
         """Official DiT init: xavier linears, sin-cos positions, N(0, 0.02) embedders, adaLN-Zero."""
 
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-                nn.init.ones_(module.weight)  # -VAE-simple: identity until pretrained weights arrive
-                nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        self.apply(_xavier_linear)
 
         grid_size = int(self.x_embedder.num_patches ** 0.5)
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)
@@ -166,20 +195,33 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(shape=(x.shape[0], c, h * p, w * p))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor = None,
+                return_projections: bool = False):
         """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
 
         force_drop_ids (N,) with 1 where the label must be replaced by the null class (CFG training
         or explicit unconditional evaluation); otherwise labels drop at random only in train mode.
+        return_projections: also return REPA's projected tokens, a list with one (N, T, z_dim) per
+        projector, taken after block `encoder_depth` -> (prediction, projections).
         """
+        if return_projections and not self.projectors:
+            raise ValueError("return_projections=True needs REPA projectors; build the model with z_dims=[...].")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y
-        for block in self.blocks:
+        projections = None
+        for depth, block in enumerate(self.blocks, start=1):
             x = block(x, c)
+            if return_projections and depth == self.encoder_depth:
+                projections = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
         x = self.final_layer(x, c)  # (N, T, p*p*out_channels)
-        return self.unpatchify(x)
+        prediction = self.select_prediction(self.unpatchify(x))
+        return (prediction, projections) if return_projections else prediction
+
+    def select_prediction(self, out: torch.Tensor) -> torch.Tensor:
+        """What forward returns of the final layer's (N, out_channels, H, W): DiT keeps everything."""
+        return out
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=3, guidance_interval=None):
         """Classifier-free guidance over a batch whose second half carries the null label.

@@ -18,10 +18,13 @@ from models.dit import DiT, build_registry
 
 
 class SiT(DiT):
-    """forward(x (N, C, H, W), t (N,) in [0, 1], y (N,)) -> (N, C, H, W)."""
+    """forward(x (N, C, H, W), t (N,) in [0, 1], y (N,)) -> (N, C, H, W).
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor = None) -> torch.Tensor:
-        out = super().forward(x, t, y, force_drop_ids)  # (N, out_channels, H, W)
+    REPA's SiT is this class with `learn_sigma=False` and `z_dims` set (see `models.dit`); its forward
+    returns (prediction, projections) with `return_projections=True`.
+    """
+
+    def select_prediction(self, out: torch.Tensor) -> torch.Tensor:
         if self.learn_sigma:
             out, _ = out.chunk(2, dim=1)  # the sigma half is unused by the transport objective
         return out

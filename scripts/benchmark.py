@@ -38,12 +38,14 @@ import torch.nn as nn
 
 from generation.engine import TrainStep
 from generation.objectives import NoiseBundle, build_objective
+from generation.repa import Alignment
 from generation.sampling import diffusion_sampler, transport_sampler
 from generation.transport import create_transport
 from models.dit import DiT_models
 from models.lightningdit import LightningDiT_models
 from models.latent_spec import get_latent_spec
 from models.mae import create_mae
+from models.repa import DinoV2Target
 from models.sit import SiT_models
 from models.sizes import size_kwargs
 from models.vae import LatentCodec
@@ -55,13 +57,15 @@ from util.ema import update_ema
 from util.errors import UserError
 from util.precision import autocast, make_grad_scaler
 
-WORKLOADS = ("mae", "dit", "sit", "lightningdit", "sample-ddpm", "sample-ode", "vae", "inception")
+WORKLOADS = ("mae", "dit", "sit", "lightningdit", "repa", "sample-ddpm", "sample-ode", "vae", "inception")
 # LightningDiT trains on VA-VAE latents (32 channels, factor 16) with patch 1, so LightningDiT-B/1 at a given
 # image size sees as many tokens as DiT-B/2 on SD-VAE latents; its released block switches and recipe are on.
 LIGHTNINGDIT_BLOCKS = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True)
 SIZES = ("tiny", "S", "B", "L", "XL")
 # Tiny transformer used by tests and the quick CPU preset (a DiT/MAE override, not a paper size).
 TINY_DIT = dict(hidden_size=64, depth=2, num_heads=4)
+TINY_VIT = dict(embed_dim=64, depth=2, num_heads=4)  # tiny DINOv2 target of the repa workload
+REPA_ENCODER_DEPTH = {"tiny": 1, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA: 8 for L/XL, 4 in its B ablations
 TINY_MAE = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 MAE_PRESETS = {"tiny": ("vit_base_patch_vae", TINY_MAE),
                "S": ("vit_base_patch_vae", size_kwargs("S")),
@@ -274,6 +278,7 @@ class Workload:
     runners: Dict[str, Callable[[], torch.Tensor]]
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    modes: Optional[List[ModeConfig]] = None  # a workload's own columns (repa: its four variants); None = the modes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +290,28 @@ def generation_model_name(family: str, size: str) -> str:
         return f"LightningDiT-{'B' if size in ('tiny', 'S') else size}/1"  # LightningDiT has no S preset
     prefix = "DiT" if family in ("dit", "sample-ddpm") else "SiT"
     return f"{prefix}-{'S' if size == 'tiny' else size}/2"
+
+
+def training_batches(args, codec: LatentCodec, latent_shape) -> tuple:
+    """(online, cached) host batches of `--batch-size` samples for the training steps: the online one holds images
+    in [-1, 1] and posterior noise; the cached one the same images encoded once by `codec` with that noise, so
+    both paths train on identical latents."""
+    generator = torch.Generator().manual_seed(args.seed)
+    n = args.batch_size
+    online = {
+        "x": torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1,
+        "posterior_noise": torch.randn(n, *latent_shape, generator=generator),
+        "y": torch.randint(0, args.num_classes, (n,), generator=generator),
+        "u": torch.rand(n, generator=generator),
+        "drop": (torch.rand(n, generator=generator) < 0.1).long(),
+        "noise": torch.randn(n, *latent_shape, generator=generator),
+    }
+    with torch.no_grad():
+        mean, logvar = codec.encode_moments(online["x"].to(codec.device))
+        latents = codec.latents_from_moments(mean, logvar, sample=True,
+                                             noise=online["posterior_noise"].to(codec.device)).cpu()
+    cached = {**{key: value for key, value in online.items() if key != "posterior_noise"}, "x": latents}
+    return online, cached
 
 
 def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], device: torch.device,
@@ -309,21 +336,8 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
         perturb_(reference, perturb, args.seed)
     objective = build_objective(name, args.num_classes, use_lognorm=lightning, use_cosine_loss=lightning)
 
-    generator = torch.Generator().manual_seed(args.seed)
     n = args.batch_size
-    online = {
-        "x": torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1,  # images in [-1, 1]
-        "posterior_noise": torch.randn(n, *latent_shape, generator=generator),
-        "y": torch.randint(0, args.num_classes, (n,), generator=generator),
-        "u": torch.rand(n, generator=generator),
-        "drop": (torch.rand(n, generator=generator) < 0.1).long(),
-        "noise": torch.randn(n, *latent_shape, generator=generator),
-    }
-    with torch.no_grad():
-        mean, logvar = codec.encode_moments(online["x"])
-        latents = codec.latents_from_moments(mean, logvar, sample=True, noise=online["posterior_noise"]).cpu()
-    cached = {key: value for key, value in online.items() if key != "posterior_noise"}
-    cached["x"] = latents
+    online, cached = training_batches(args, codec, latent_shape)
 
     runners, steps = {}, {}
     for mode in modes:
@@ -353,6 +367,70 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
                     f"latent {'x'.join(map(str, latent_shape))} batch {n}", n, flops / n, runners,
                     notes="FLOPs = transformer fwd+bwd; baseline also encodes with the VAE",
                     extra={"vae_encode_gflops_per_image": vae_flops / 1e9})
+
+
+def build_repa_workload(size: str, args, modes: List[ModeConfig], device: torch.device, codec: LatentCodec) -> Workload:
+    """SiT training step with REPA (DINOv2-B/14 target, random weights, proj-coeff 0.5), in the optimised mode:
+
+    sit-cached   cached latents, no REPA (the reference column)
+    repa-cached  cached latents + cached target features (--repa-feature-cache): projector, loss, feature copy
+    sit-online   VAE encoding in the step, no REPA
+    repa-online  VAE + DINOv2-B forward in the step (REPA's own setting)
+    so repa-cached vs sit-cached is REPA's cost with the feature cache, repa-online vs sit-online without it.
+    """
+    optimised = modes[1] if len(modes) > 1 else modes[0]
+    name = generation_model_name("sit", size)
+    spec = codec.spec
+    latent_size = spec.latent_size(args.image_size)
+    latent_shape = (spec.channels, latent_size, latent_size)
+    overrides = TINY_DIT if size == "tiny" else {}
+    with torch.random.fork_rng(devices=[]):
+        target = DinoV2Target("dinov2-vit-b", None, args.image_size,
+                              model_kwargs=TINY_VIT if size == "tiny" else None).to(device)
+    common = dict(input_size=latent_size, num_classes=args.num_classes, in_channels=spec.channels, **overrides)
+    torch.manual_seed(args.seed)
+    plain = SiT_models[name](**common)
+    encoder_depth = min(REPA_ENCODER_DEPTH[size], len(plain.blocks))
+    torch.manual_seed(args.seed)
+    with_projector = SiT_models[name](**common, z_dims=[target.z_dim], encoder_depth=encoder_depth)
+    objective = build_objective(name, args.num_classes)
+
+    n = args.batch_size
+    online, cached = training_batches(args, codec, latent_shape)
+    with torch.no_grad():
+        features = target(online["x"].to(device)).cpu()  # what the feature cache would hold for this batch
+    variants = {"sit-cached": (plain, cached, False),
+                "repa-cached": (with_projector, {**cached, "repa_features": features}, True),
+                "sit-online": (plain, online, False), "repa-online": (with_projector, online, True)}
+
+    runners, variant_modes = {}, []
+    for variant, (reference, batch, repa) in variants.items():
+        mode = optimised.with_(name=variant, latent_cache=variant.endswith("cached"))
+        variant_modes.append(mode)
+        model = deepcopy(reference)
+        network = prepare_network(model, mode, device)
+        ema = deepcopy(model).requires_grad_(False).eval()
+        alignment = None
+        if repa:
+            online_targets = [target] if not mode.latent_cache else None
+            alignment = Alignment(online_targets, 0.5, lambda mode=mode: autocast(device, mode.precision))
+        step = TrainStep(network, model, ema, objective,
+                         build_adamw(model.parameters(), 1e-4, mode.optimizer, device, weight_decay=0),
+                         make_grad_scaler(device, mode.precision), device, mode.precision,
+                         codec=None if mode.latent_cache else codec, alignment=alignment,
+                         ema_update=update_ema if mode.ema == "foreach" else update_ema_loop)
+        runners[variant] = in_mode(mode, lambda step=step, batch=host_batch(batch, mode, device): step(batch))
+
+    device_batch = {key: value.to(device) for key, value in cached.items()}
+    bundle = NoiseBundle(device_batch["u"], device_batch["noise"], device_batch["drop"])
+    plain.to(device)
+    flops = count_flops(lambda: objective.loss(plain, device_batch["x"], device_batch["y"], bundle).mean().backward())
+    plain.cpu()
+    encoder_flops = count_flops(lambda: target(online["x"][:1].to(device)))
+    return Workload("repa-train", f"{name}{' tiny' if size == 'tiny' else ''} {args.image_size}px, DINOv2-B/14 target "
+                    f"({target.num_tokens} tokens x {target.z_dim}), encoder-depth {encoder_depth}, batch {n}", n,
+                    flops / n, runners, notes="FLOPs = SiT fwd+bwd without REPA",
+                    extra={"dinov2_gflops_per_image": encoder_flops / 1e9}, modes=variant_modes)
 
 
 def build_mae_workload(size: str, args, modes: List[ModeConfig], device: torch.device, codec: LatentCodec,
@@ -523,6 +601,8 @@ def build_workloads(args, modes: List[ModeConfig], device: torch.device, codec: 
                 elif workload == "lightningdit":
                     yield build_train_workload(workload, size, args, modes, device, vavae_codec(args, device),
                                                perturb, ddp)
+                elif workload == "repa":
+                    yield build_repa_workload(size, args, modes, device, codec)
                 elif workload == "mae":
                     yield build_mae_workload(size, args, modes, device, codec, perturb, ddp)
                 else:
@@ -534,6 +614,7 @@ def build_workloads(args, modes: List[ModeConfig], device: torch.device, codec: 
 # ----------------------------------------------------------------------------------------------
 
 def measure(workload: Workload, modes: List[ModeConfig], args, device: torch.device, peak_tflops: float) -> List[dict]:
+    modes = workload.modes or modes
     timings = interleaved_timings(workload.runners, device, repeats=args.repeats, iters=args.iters,
                                   warmup=args.warmup)
     baseline = timings[modes[0].name]

@@ -5,8 +5,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Folder -> its layer; a module may import its own folder or a lower layer, never a higher one.
 LAYERS = {"util": 0, "models": 1, "generation": 2, "pretrain": 2, "demo": 3, "scripts": 3}
-# The documented exception: `python -m util.latent_cache` is a command, whose main() loads the VAE codec.
-ALLOWED_UPWARD = {("util.latent_cache", "models.latent_spec"), ("util.latent_cache", "models.vae")}
+# The documented exceptions: `python -m util.latent_cache` and `python -m util.feature_cache` are commands, whose
+# main() loads the VAE codec / the REPA target encoder.
+ALLOWED_UPWARD = {("util.latent_cache", "models.latent_spec"), ("util.latent_cache", "models.vae"),
+                  ("util.feature_cache", "models.repa")}
 
 
 def project_modules() -> dict:

@@ -85,14 +85,18 @@ def test_benchmark_end_to_end_tiny(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["peak"]["tflops"] > 0
     names = {row["workload"] for row in saved["rows"]}
-    assert names == {"dit-train", "sit-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode", "inception"}
+    assert names == {"dit-train", "sit-train", "repa-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode",
+                     "inception"}
+    assert [row["mode"] for row in saved["rows"] if row["workload"] == "repa-train"] == [
+        "sit-cached", "repa-cached", "sit-online", "repa-online"]  # REPA's cost with and without the feature cache
     for row in saved["rows"]:
         for key in ("images_per_sec", "images_per_cpu_sec", "gflops_per_image", "tflops", "mfu", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["workload"], row["mode"], key, row[key])
-    baseline_ratios = [row["ratio"] for row in saved["rows"] if row["mode"] == "baseline"]
+    baseline_ratios = [row["ratio"] for row in saved["rows"] if row["mode"] in ("baseline", "sit-cached")]
     assert baseline_ratios == [1.0] * len(baseline_ratios)
     # The derived columns follow their definitions (BENCHMARKS.md) from the measured ones.
-    baseline_speed = {row["workload"]: row["images_per_sec"] for row in saved["rows"] if row["mode"] == "baseline"}
+    baseline_speed = {row["workload"]: row["images_per_sec"] for row in saved["rows"]
+                      if row["mode"] in ("baseline", "sit-cached")}
     for row in saved["rows"]:
         assert row["ratio"] == pytest.approx(row["images_per_sec"] / baseline_speed[row["workload"]], rel=1e-9)
         assert row["tflops"] == pytest.approx(row["gflops_per_image"] * row["images_per_sec"] / 1e3, rel=1e-9)

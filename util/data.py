@@ -70,14 +70,10 @@ def pretrain_transform(input_size: int, pixel: bool = False) -> transforms.Compo
     ])
 
 
-def generation_transform(image_size: int) -> transforms.Compose:
-    """DiT/SiT training: ADM center crop + horizontal flip, to [-1, 1]."""
-    return transforms.Compose([
-        CenterCropArr(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        _to_unit_range(),
-    ])
+def generation_transform(image_size: int, random_flip: bool = True) -> transforms.Compose:
+    """DiT/SiT training: ADM center crop + horizontal flip (REPA: none, `random_flip=False`), to [-1, 1]."""
+    flip = [transforms.RandomHorizontalFlip()] if random_flip else []
+    return transforms.Compose([CenterCropArr(image_size), *flip, transforms.ToTensor(), _to_unit_range()])
 
 
 def eval_crop(input_size: int) -> transforms.Compose:

@@ -64,7 +64,7 @@ def cache_transform(image_size: int, crop: str = "center") -> transforms.Compose
     ])
 
 
-def _files_digest(dataset) -> str:
+def files_digest(dataset) -> str:
     """Hash of the (relative path, label) list: a cache never silently mixes two datasets."""
     digest = hashlib.sha256()
     for path, label in dataset.samples:
@@ -72,24 +72,40 @@ def _files_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_manifest(cache_dir) -> dict:
+def read_manifest(cache_dir, what: str = "latent cache", command: str = "util.latent_cache") -> dict:
+    """The manifest of a cache folder (this latent cache, or another cache of the same layout, e.g. REPA's
+    feature cache); a missing one is a one-sentence error naming the command that makes it."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise LatentCacheError(f"no latent cache at {cache_dir} ({MANIFEST} is missing); create it with "
-                               "`python -m util.latent_cache --data_path ... --cached_path ...`.")
+        raise LatentCacheError(f"no {what} at {cache_dir} ({MANIFEST} is missing); create it with "
+                               f"`python -m {command} --data_path ... --cached_path ...`.")
     return json.loads(path.read_text())
 
 
-def _write_manifest(cache_dir, manifest: dict) -> None:
+def read_complete_manifest(cache_dir, expect: dict | None = None, what: str = "latent cache",
+                           command: str = "util.latent_cache") -> dict:
+    """The manifest of a finished cache whose settings include `expect`; otherwise one sentence saying why not."""
+    manifest = read_manifest(cache_dir, what, command)
+    if not manifest.get("complete"):
+        raise LatentCacheError(f"the {what} at {cache_dir} is incomplete (its extraction was interrupted); "
+                               f"rerun the same `python -m {command}` command to finish it.")
+    differences = manifest_differences(manifest, expect or {})
+    if differences:
+        raise LatentCacheError(f"the {what} at {cache_dir} was made with {', '.join(differences)}; "
+                               "extract a cache for these settings or change the run's flags.")
+    return manifest
+
+
+def write_manifest(cache_dir, manifest: dict) -> None:
     with atomic_open(Path(cache_dir) / MANIFEST) as handle:
         handle.write(json.dumps(manifest, indent=1).encode())
 
 
-def _differences(found: dict, wanted: dict) -> list[str]:
+def manifest_differences(found: dict, wanted: dict) -> list[str]:
     return [f"{key}={found.get(key)!r} (needed {value!r})" for key, value in wanted.items() if found.get(key) != value]
 
 
-class _CroppedImages(torch.utils.data.Dataset):
+class CroppedImages(torch.utils.data.Dataset):
     """index -> (image (3, H, W) in [-1, 1] or zeros if unreadable, label, valid)."""
 
     def __init__(self, folder, transform, image_size: int):
@@ -130,15 +146,15 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         "format": CACHE_FORMAT, "vae_identity": vae_identity, "vae_version": vae_version, "scale": spec.scale,
         "channels": spec.channels, "factor": spec.factor, "image_size": image_size, "latent_size": latent_size,
         "crop": crop, "batch_size": batch_size, "shard_size": shard_size, "num_images": len(folder),
-        "classes": list(folder.classes), "files_sha256": _files_digest(folder),
+        "classes": list(folder.classes), "files_sha256": files_digest(folder),
     }
     if (cache_dir / MANIFEST).is_file():
-        differences = _differences(read_manifest(cache_dir), settings)
+        differences = manifest_differences(read_manifest(cache_dir), settings)
         if differences:
             raise LatentCacheError(f"{cache_dir} already holds a latent cache made with other settings "
                                    f"({', '.join(differences)}); choose another --cached_path or delete it.")
     elif is_main:
-        _write_manifest(cache_dir, {**settings, "complete": False})
+        write_manifest(cache_dir, {**settings, "complete": False})
     barrier()
 
     num_shards = math.ceil(len(folder) / shard_size)
@@ -146,7 +162,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     # Batches never straddle shards, so each shard's batches (hence bytes) are fixed by the data alone.
     batches = [list(range(start, min(start + batch_size, (k + 1) * shard_size, len(folder))))
                for k in pending for start in range(k * shard_size, min((k + 1) * shard_size, len(folder)), batch_size)]
-    loader = torch.utils.data.DataLoader(_CroppedImages(folder, transform, image_size), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(CroppedImages(folder, transform, image_size), batch_sampler=batches,
                                          num_workers=num_workers, pin_memory=codec.device.type == "cuda")
     parts = {}
     for batch_indices, (images, labels, valid) in zip(batches, progress(loader, is_main and show_progress,
@@ -171,7 +187,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         valid = np.concatenate([_read_whole(shard_path(cache_dir, k), "valid") for k in range(num_shards)])
         skipped = [folder.samples[i][0] for i in np.flatnonzero(valid == 0)]
         manifest.update(count=int(valid.sum()), skipped=len(skipped), skipped_files=skipped[:100])
-        _write_manifest(cache_dir, manifest)
+        write_manifest(cache_dir, manifest)
         print(f"latent cache {cache_dir}: {manifest['count']} images encoded, {len(skipped)} unreadable skipped")
     barrier()
     return manifest
@@ -199,14 +215,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def __init__(self, cache_dir, expect: dict | None = None, use_mean: bool = False, seed: int = 0,
                  random_flip: bool = True, normalize=None, fixed_posterior: bool = False):
         self.cache_dir = Path(cache_dir)
-        manifest = read_manifest(self.cache_dir)
-        if not manifest.get("complete"):
-            raise LatentCacheError(f"the latent cache at {cache_dir} is incomplete (its extraction was interrupted); "
-                                   "rerun the same `python -m util.latent_cache` command to finish it.")
-        differences = _differences(manifest, expect or {})
-        if differences:
-            raise LatentCacheError(f"the latent cache at {cache_dir} was made with {', '.join(differences)}; "
-                                   "extract a cache for these settings or change the run's flags.")
+        manifest = read_complete_manifest(self.cache_dir, expect)
         self.manifest = manifest
         self.scale = float(manifest["scale"])
         self.normalize = normalize
@@ -240,10 +249,18 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return (torch.from_numpy(np.ascontiguousarray(view.get_slice("mean")[row, flip])),
                 torch.from_numpy(np.ascontiguousarray(view.get_slice("logvar")[row, flip])))
 
+    def _draw_flip(self, generator: torch.Generator) -> int:
+        return int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
+
+    def flip_of(self, epoch: int, index: int) -> int:
+        """The orientation (0 = image, 1 = its flip) that `__getitem__((epoch, index))` reads: the first draw of
+        the sample's generator. A REPA feature cache uses it to pair features with the latent."""
+        return self._draw_flip(sample_generator(self.seed, epoch, index))
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         generator = sample_generator(self.seed, epoch, index)
-        flip = int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
+        flip = self._draw_flip(generator)
         mean, logvar = self.moments(index, flip)
         if self.use_mean:
             latents = mean
