@@ -26,6 +26,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from util.checkpoint import CheckpointError, load_checkpoint
 from util.errors import UserError
+from util.precision import tf32_enabled
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_HINT = (f"download {WEIGHTS_FILENAME} from {URL_INCEPTION_V3} (or use pytorch-fid's "
@@ -152,12 +153,8 @@ def full_fp32(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32_enabled(False):
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def spatial_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:
