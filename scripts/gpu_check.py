@@ -151,7 +151,7 @@ def make_assets(scale, work: Path) -> dict:
     from diffusers import AutoencoderKL
 
     from generation.inception import save_random_inception_weights
-    from util.toy_dataset import write_toy_dataset
+    from demo.toy_dataset import write_toy_dataset
 
     data = write_toy_dataset(work / "data", num_classes=scale.classes, train_per_class=scale.images_per_class,
                              val_per_class=1, image_size=scale.image_size, seed=0)

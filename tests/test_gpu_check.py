@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 from scripts import gpu_check_steps as steps
 from scripts.gpu_check_runner import Step, run_steps
+from util.errors import UserError
 
 
 def test_runner_records_each_step_and_skips_what_a_failure_blocks(tmp_path):
@@ -70,6 +71,7 @@ def test_compare_samples_counts_pixel_differences(tmp_path):
 DRY_RUN_STEPS = ["environment", "sdpa", "latent-cache-fp16", "mae-resume"]
 
 
+@pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
     """`gpu_check.sh --dry-run` on CPU/gloo: the environment, SDPA and fp16-cache probes and one SIGTERM +
     resume under torchrun (bit-exact on CPU). The full dry run (every step) is
@@ -89,3 +91,19 @@ def test_dry_run_end_to_end(tmp_path):
     assert ran["sdpa"]["result"]["backend_by_precision"]["fp32"] != ["none found"]
     assert (out / "gpu_check.txt").read_text().startswith("gpu_check (dry-run")
     assert (out / "gpu_check_logs.tar.gz").is_file()
+
+
+@pytest.mark.slow
+def test_evaluator_smoke_test_runs_offline_and_labels_its_numbers_not_fid(tmp_path):
+    """scripts/evaluator_smoke_test.py: random Inception weights, random npz files, the whole evaluator; the
+    JSON says NOT FID, and the features are those of the seeded builder (two runs give the same numbers)."""
+    from scripts import evaluator_smoke_test
+
+    argv = ["--device", "cpu", "--num-images", "8", "--image-size", "32", "--batch-size", "8"]
+    first = evaluator_smoke_test.main(argv + ["--output-json", str(tmp_path / "smoke.json")])
+    written = json.loads((tmp_path / "smoke.json").read_text())
+    assert written["NOT_FID"].startswith("NOT FID") and written["ref_batch"] == "random"
+    assert set(written["metrics_with_random_weights"]) >= {"fid", "sfid", "inception_score", "precision", "recall"}
+    assert evaluator_smoke_test.main(argv)["metrics_with_random_weights"] == first["metrics_with_random_weights"]
+    with pytest.raises(UserError, match="give both REF and SAMPLE"):
+        evaluator_smoke_test.main([str(tmp_path / "smoke.json")])
