@@ -40,8 +40,9 @@ from torchvision import transforms
 
 from util.checkpoint import atomic_open
 from util.data import CenterCropArr, build_image_folder, eval_crop
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
+from util.precision import configure_cuda
 from util.run_log import progress
 from util.rng import sample_generator
 
@@ -268,6 +269,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
+    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
                         help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk; see README for the "
                              "measured difference)")
@@ -281,7 +283,9 @@ def main(args) -> dict:
     # Cheap checks first: a bad size or folder costs seconds, not a VAE load.
     get_latent_spec(args.vae_version).latent_size(args.input_size)
     build_image_folder(args.data_path)
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout_minutes)
+    if env.device.type == "cuda":
+        configure_cuda()  # TF32 as the trainers' online encoding; fixed-shape convs: cuDNN autotuning
     try:
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device)
         return extract_latent_cache(
