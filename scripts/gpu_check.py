@@ -6,8 +6,9 @@
 Steps (independent ones run in parallel, `--jobs`; the benchmark runs alone so its timings are clean):
   environment      GPU, driver, CUDA/cuDNN/NCCL, torch and our dependencies' versions
   assets           a toy ImageFolder, a random-weight VAE (SD-VAE's layout on GPU), random Inception weights
-  benchmark        scripts/benchmark.py: DiT-XL/2 and SiT-XL/2 training images/s and MFU, batch 32 and 256,
-                   with and without torch.compile (its own JSON lands next to ours)
+  benchmark        scripts/benchmark.py --preset gpu-check: DiT-XL/2 and SiT-XL/2 training images/s, MFU and
+                   peak memory at batch 32 (baseline and optimised) and 256 (optimised), with and without
+                   torch.compile, and the SD-VAE encode with channels_last vs NCHW (rows in benchmark.json)
   sdpa             which scaled_dot_product_attention kernel (flash / memory-efficient / cudnn / math) runs
                    in bf16, fp16 and fp32
   {mae,dit,sit}-{fp32,bf16,fp16}  a few steps of USP pretraining, then DiT and SiT finetuning from the USP
@@ -95,10 +96,13 @@ class Scale:
 
 def gpu_scale(args) -> Scale:
     mae, dit, sit = TRAIN_SIZES[args.train_size]
-    xl = ["--workloads", "dit", "sit", "--sizes", "XL", "--image-size", "256", "--device", "cuda", "--vae", "sd",
-          "--repeats", "3", "--iters", "3", "--warmup", "2"]
-    bench = [xl + ["--batch-size", str(batch)] + (["--compile"] if compiled else [])
-             for batch in (32, 256) for compiled in (False, True)]
+    # Batch 32: baseline (fp32, the official recipe) vs optimised; with --compile and at batch 256 (where the fp32
+    # baseline cannot fit) the optimised mode alone. The VAE encode (channels_last vs NCHW) runs in the first call.
+    bench = [["--preset", "gpu-check", "--batch-size", "32"],
+             ["--preset", "gpu-check", "--workloads", "dit", "sit", "--batch-size", "32", "--compile", "--modes", "optimised"],
+             ["--preset", "gpu-check", "--workloads", "dit", "sit", "--batch-size", "256", "--modes", "optimised"],
+             ["--preset", "gpu-check", "--workloads", "dit", "sit", "--batch-size", "256", "--compile", "--modes",
+              "optimised"]]
     return Scale(device="cuda", image_size=256, classes=4, images_per_class=16, batch=16, workers=4, steps=22,
                  mae_model=mae, mae_kwargs={}, gen_models={"dit": dit, "sit": sit}, gen_kwargs={},
                  vae_layout_name="sd", sdpa_model="DiT-XL/2", sdpa_kwargs={},
@@ -107,8 +111,9 @@ def gpu_scale(args) -> Scale:
 
 
 def dry_scale(args) -> Scale:
-    tiny = ["--workloads", "dit", "sit", "--sizes", "tiny", "--image-size", "32", "--device", "cpu", "--vae", "tiny",
-            "--repeats", "1", "--iters", "1", "--warmup", "1", "--threads", "1", "--batch-size", "4"]
+    tiny = ["--workloads", "dit", "sit", "vae", "--sizes", "tiny", "--image-size", "32", "--device", "cpu", "--vae",
+            "tiny", "--repeats", "1", "--iters", "1", "--warmup", "1", "--threads", "1", "--batch-size", "4",
+            "--sample-batch-size", "2", "--opt-precision", "fp32"]
     return Scale(device="cpu", image_size=32, classes=2, images_per_class=8, batch=4, workers=0, steps=12,
                  mae_model="vit_base_patch_vae", mae_kwargs=TINY_MAE,
                  gen_models={"dit": "DiT-S/2-VAE-simple", "sit": "SiT-S/2-VAE-simple"}, gen_kwargs=TINY_GEN,
