@@ -15,8 +15,8 @@ Steps (independent ones run in parallel, `--jobs`; the benchmark runs alone so i
                    checkpoint the fp32 pretraining run wrote, under `torchrun --nproc_per_node=1` (NCCL on
                    CUDA, gloo on CPU); every loss finite, peak memory read from the run's log
   {dit,sit}-compile  the bf16 run again with --compile (pretraining has no --compile flag)
-  {mae,dit,sit}-agreement  step-1 loss (same weights, batch and noise) of bf16 / fp16 / compiled bf16 against
-                   fp32 (TF32 on, as training runs it): relative difference <= --loss-tolerance
+  {mae,dit,sit}-agreement  losses of steps 1-3 (same initial weights, batches and noise) of bf16 / fp16 / compiled
+                   bf16 against fp32 (TF32 on, as training runs it): relative difference <= --loss-tolerance
   {mae,dit,sit}-resume  SIGTERM to the torchrun process group mid-run, then --resume from the run directory;
                    the resumed losses against the uninterrupted bf16 run (bit-exact required on CPU)
   latent-cache-fp16  the same images cached with fp32 and fp16 moments: stored and training-latent error
@@ -287,7 +287,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="steps not started by then are skipped and subprocesses are stopped 90 s after it "
                              "(default: 7 on GPU, so the whole check ends within about 8.5 minutes; none dry)")
     parser.add_argument("--loss-tolerance", type=float, default=0.05,
-                        help="largest relative step-1 loss difference of bf16/fp16/compile from fp32")
+                        help="largest relative loss difference (steps 1-3) of bf16/fp16/compile from fp32")
     parser.add_argument("--eval-tolerance", type=float, default=1e-3,
                         help="largest relative difference of the GPU's Inception statistics from the CPU's")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the subprocesses")
