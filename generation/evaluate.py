@@ -46,6 +46,7 @@ from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_
 from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, full_fp32)
 from util.errors import UserError, run_cli
 from util.progress import progress_bar as tqdm
+from util.precision import configure_cuda
 
 IS_SPLIT_SIZE = 5000
 NEAREST_K = 3
@@ -432,6 +433,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if torch.device(args.device).type == "cuda":
+        configure_cuda(tf32=False)  # Inception runs in exact fp32 (ADM parity); its convs are fixed-shape
     metrics = run_cli(evaluate_npz, args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
                       args.device, prog="generation.evaluate", fd_dinov2_weights=args.fd_dinov2_weights)
     json_path = write_json(metrics, args.output_json or default_json_path(args.sample_batch))

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from util.checkpoint import CheckpointError, load_checkpoint
 from util.errors import UserError
+from util.precision import tf32_enabled
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_HINT = (f"download {WEIGHTS_FILENAME} from {URL_INCEPTION_V3} (or use pytorch-fid's "
@@ -86,18 +89,72 @@ def _build_network(state: dict, path: Path) -> FeatureExtractorInceptionV3:
                                     f"Inception layout ({detail}); {WEIGHTS_HINT}.") from error
 
 
+class _InceptionLayout(nn.Module):
+    """torch-fidelity's inception-v3-compat layers (same names, shapes and default initialisation), built
+    without its weight loading, so a random state dict of exactly that layout can be made offline."""
+
+    def __init__(self):
+        super().__init__()
+        blocks = fidelity_inception
+        self.Conv2d_1a_3x3 = blocks.BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = blocks.BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = blocks.BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = blocks.BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = blocks.BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = blocks.InceptionA(192, pool_features=32)
+        self.Mixed_5c = blocks.InceptionA(256, pool_features=64)
+        self.Mixed_5d = blocks.InceptionA(288, pool_features=64)
+        self.Mixed_6a = blocks.InceptionB(288)
+        self.Mixed_6b = blocks.InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = blocks.InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = blocks.InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = blocks.InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = blocks.InceptionD(768)
+        self.Mixed_7b = blocks.InceptionE_1(1280)
+        self.Mixed_7c = blocks.InceptionE_2(2048)
+        self.fc = nn.Linear(POOL_DIM, NUM_LOGITS)
+
+
+def random_inception_state_dict(seed: int = 0) -> dict:
+    """A state dict of the FID Inception's exact layout (pytorch-fid's keys) with seeded random weights.
+
+    He-initialised convs keep activations O(1) through the 94 layers and BN statistics are perturbed so
+    every layer does something. For offline checks of the evaluation pipeline only (tests,
+    `evaluate.py --random-inception`, scripts/gpu_check.py): the features are deterministic but
+    meaningless, so numbers computed with them are NOT FID/IS/sFID and must never be reported as such.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    network = _InceptionLayout()
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+        network.fc.weight.copy_(torch.randn(network.fc.weight.shape, generator=generator) * 0.05)
+        network.fc.bias.copy_(torch.randn(network.fc.bias.shape, generator=generator) * 0.05)
+    return {name: value for name, value in network.state_dict().items() if not name.endswith("num_batches_tracked")}
+
+
+def save_random_inception_weights(path, seed: int = 0) -> Path:
+    """Writes `random_inception_state_dict(seed)` to `path` (loadable by `InceptionFeatureExtractor`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(random_inception_state_dict(seed), path)
+    return path
+
+
 @contextlib.contextmanager
 def full_fp32(device: torch.device):
     """TF32 off for the Inception pass: ADM's features are fp32, and TF32 convolutions move FID."""
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32_enabled(False):
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def spatial_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from generation.train_utils import add_flags
 from generation.transport import Sampler, create_transport
 from generation.transport.likelihood import bits_per_dim
 from util.errors import UserError, run_cli
-from util.precision import add_precision_arg, enable_tf32
+from util.precision import add_precision_arg, configure_cuda
 
 DIT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's and SiT's sample.py
 
@@ -70,8 +70,8 @@ def sample(argv=None) -> dict:
     args = parse_with_mode(get_args_parser(), argv)
     model_kwargs = check_args(args)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and args.tf32:
-        enable_tf32()
+    if device.type == "cuda":
+        configure_cuda(tf32=args.tf32)
     torch.manual_seed(args.seed)
     model = load_model(args, model_kwargs, device)
     generator = build_generator(args, model, device)

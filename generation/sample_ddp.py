@@ -37,8 +37,8 @@ from generation.sampler_setup import (add_sampler_flags, build_generator, check_
 from generation.sampling import ImageGenerator, check_sample_folder, create_npz_from_sample_folder, sample_to_folder
 from generation.train_utils import add_flags
 from util.errors import UserError, run_cli
-from util.distributed import barrier, cleanup, init_distributed
-from util.precision import add_precision_arg, enable_tf32
+from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
+from util.precision import add_precision_arg, configure_cuda
 
 # Arguments that do not change any image: a resume may alter them.
 NOT_IN_CONFIG = ("num_fid_samples", "sample_dir", "npz_workers", "progress")
@@ -64,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # This re-implementation's additions.
     add_flags(parser, "--vae-version", "--vae-path", "--latent-stats", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
+    add_dist_timeout_arg(parser)
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
@@ -114,9 +115,9 @@ def main(argv=None) -> None:
 
 def sample(argv=None) -> None:
     args = parse_args(argv)
-    dist_env = init_distributed(args.device)
-    if dist_env.device.type == "cuda" and args.tf32:
-        enable_tf32()
+    dist_env = init_distributed(args.device, args.dist_timeout_minutes)
+    if dist_env.device.type == "cuda":
+        configure_cuda(tf32=args.tf32)
     generator = setup(args, dist_env)
     try:
         result = sample_to_folder(generator, args.sample_dir, args.num_fid_samples, args.per_proc_batch_size,

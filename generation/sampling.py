@@ -215,8 +215,9 @@ class ImageGenerator:
     def generate(self, global_seed: int, indices: Sequence[int], labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (N, H, W, 3) uint8 CPU, labels (N,) int64 CPU) for `indices` (one VAE decode per batch)."""
         latents, y = self.latents(global_seed, indices, labels)
-        with autocast(self.device, self.precision):
-            images = self.codec.decode(latents.float())
+        # The VAE decodes in fp32 whatever the sampling precision: bf16 would move FID away from sample_ddp's
+        # fp32 reference, and SD-VAE's decoder can overflow in fp16 (diffusers upcasts it for that reason).
+        images = self.codec.decode(latents.float())
         return to_uint8(images.float()), y
 
 

@@ -39,13 +39,13 @@ from models.transfer import transfer_pretrained
 from models.vae import vae_identity
 from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
-from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
+from util.distributed import add_dist_timeout_arg, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
 from util.feature_cache import FeatureCache
 from util.latent_cache import LatentCacheDataset
 from util.run_log import RunLogger, require_wandb
-from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
+from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
@@ -127,6 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--device")
     add_precision_arg(parser, "--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_determinism_arg(parser)
+    add_dist_timeout_arg(parser)
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
@@ -282,7 +284,7 @@ def setup(args) -> Run:
         resume_path, checkpoint = resolve_resume(args.resume, pattern=CHECKPOINT_PATTERN)
         check_resume(args, checkpoint, resume_path)
 
-    dist_env = init_distributed(args.device)
+    dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     if args.global_batch_size % dist_env.world_size != 0:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {dist_env.world_size} "
                         f"processes; use a multiple of {dist_env.world_size}.")
@@ -290,7 +292,7 @@ def setup(args) -> Run:
     seed_everything(rank_seed(args.global_seed, dist_env.rank))
     device = dist_env.device
     if device.type == "cuda":
-        enable_tf32()
+        configure_cuda(deterministic=args.deterministic)
 
     targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
     model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)

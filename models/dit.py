@@ -242,7 +242,9 @@ class DiT(nn.Module):
         n_guided = self._num_guided_channels(guidance_channels)
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
+        # fp32 before mixing: under bf16/fp16 autocast the network's output is half precision, and
+        # uncond + s * (cond - uncond) amplifies its rounding by the guidance scale.
+        model_out = self.forward(combined, t, y).float()
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

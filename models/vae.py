@@ -298,6 +298,11 @@ def _load_d8_autoencoder(vae_path):
                               f"stabilityai/sd-vae-ft-ema repo) with --vae_path / --vae-path.") from None
 
 
+def channels_last_vae() -> bool:
+    """Whether the VAE runs in channels_last on CUDA (default yes; USP_VAE_CHANNELS_LAST=0 for NCHW)."""
+    return os.environ.get("USP_VAE_CHANNELS_LAST", "1") != "0"
+
+
 class LatentCodec(nn.Module):
     """A frozen VAE seen as a codec between images in [-1, 1] and normalised latents.
 
@@ -357,8 +362,9 @@ class LatentCodec(nn.Module):
 
     def to(self, *args, **kwargs):
         module = super().to(*args, **kwargs)
-        # cuDNN convolutions are fastest in NHWC; on CPU the default layout is the faster one.
-        if next(self.autoencoder.parameters()).is_cuda:
+        # cuDNN convolutions are fastest in NHWC, but GroupNorm needs NCHW and may copy twice per layer:
+        # USP_VAE_CHANNELS_LAST=0 keeps NCHW (benchmark.py's vae-encode rows measure both). CPU keeps NCHW.
+        if next(self.autoencoder.parameters()).is_cuda and channels_last_vae():
             self.autoencoder.to(memory_format=torch.channels_last)
         return module
 
@@ -380,7 +386,7 @@ class LatentCodec(nn.Module):
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and channels_last_vae() else x
 
     def encode_moments(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, H, W) in [-1, 1] -> (mean, logvar), each (N, C, H/f, W/f) float32, UNscaled.

@@ -23,12 +23,12 @@ from pretrain.robustness import GaussianNoise, ddpm_alpha_bar, diffuse_latents
 from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
-from util.distributed import (cleanup, get_world_size, init_distributed, is_dist, rank_seed,
+from util.distributed import (add_dist_timeout_arg, cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
 from util.run_log import RunLogger, require_wandb
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
-from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
+from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
@@ -105,6 +105,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
                         help="diffuse the latents to DDPM step --t before the classifier, in training and evaluation")
     parser.add_argument("--t", type=int, default=100, help="DDPM step (1..1000) of --add_t_noise")
     add_precision_arg(parser, "--precision", default="bf16")
+    add_determinism_arg(parser)
+    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
     # Distributed flags of MAE's scripts; torchrun's environment is what is actually used.
     parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
@@ -147,11 +149,10 @@ def start(args):
     """Checks the flags, joins the process group (torchrun or a single process), prints on rank 0 only
     and turns on the CUDA speed flags. Returns the DistEnv."""
     validate_args(args)
-    dist_env = init_distributed(args.device)
+    dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     setup_for_distributed_printing(dist_env.is_main)
     if dist_env.device.type == "cuda":
-        enable_tf32()
-        torch.backends.cudnn.benchmark = True
+        configure_cuda(deterministic=args.deterministic)
     return dist_env
 
 

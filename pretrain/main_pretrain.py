@@ -30,7 +30,7 @@ from pretrain.engine_pretrain import train_one_epoch
 from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.cli import parse_json_object
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
-from util.distributed import (barrier, cleanup, init_distributed, rank_seed, seed_everything,
+from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
 from util.latent_cache import LatentCacheDataset
 from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
@@ -38,7 +38,7 @@ from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr
-from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
+from util.precision import add_determinism_arg, add_precision_arg, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
@@ -85,6 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="vavae_f16d32: per-channel latent statistics (latents_stats.pt; default: beside the "
                              "VA-VAE weights)")
     add_precision_arg(parser, "--precision")
+    add_determinism_arg(parser)
+    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the frozen VAE encoder (fp32 keeps latents identical to "
                              "the latent cache's)")
@@ -312,11 +314,11 @@ def save_state(run, model, optimizer, scaler, position: LoopPosition, epoch_done
 
 def setup(args) -> SimpleNamespace:
     """Everything before the loop, in the order that fails fastest on bad input."""
-    dist_env = init_distributed(args.device)
+    dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     setup_for_distributed_printing(dist_env.is_main)
     device = dist_env.device
     if device.type == "cuda":
-        enable_tf32()
+        configure_cuda(deterministic=args.deterministic)
     if args.wandb:
         require_wandb()
     if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:

@@ -51,12 +51,15 @@ from models.sizes import size_kwargs
 from models.vae import LatentCodec
 from pretrain.engine_pretrain import prepare_batch
 from scripts.benchmark_lib import (ModeConfig, build_adamw, count_flops, enable_gradient_checkpointing, host_load,
-                            interleaved_timings, measure_matmul_peak, set_attention, tf32_enabled,
+                            interleaved_timings, measure_matmul_peak, set_attention,
                             update_ema_loop)
 from util.ema import update_ema
 from util.errors import UserError
-from util.precision import autocast, make_grad_scaler
+from util.precision import autocast, make_grad_scaler, tf32_enabled
 
+# FLOPs are counted on this many images and scaled: a full-batch fp32 forward+backward at DiT-XL batch 256 needs
+# ~186 GiB of saved activations, more than any GPU has, and the count is linear in the batch anyway.
+FLOPS_IMAGES = 2
 WORKLOADS = ("mae", "dit", "sit", "lightningdit", "repa", "sample-ddpm", "sample-ode", "vae", "inception")
 # LightningDiT trains on VA-VAE latents (32 channels, factor 16) with patch 1, so LightningDiT-B/1 at a given
 # image size sees as many tokens as DiT-B/2 on SD-VAE latents; its released block switches and recipe are on.
@@ -79,9 +82,14 @@ PRESETS = {
     # the online baseline affordable; `--vae sd` measures SD-VAE's real encoder cost (one 64 px image ~ 1 s).
     "cpu-quick": dict(device="cpu", workloads=list(WORKLOADS), sizes=["tiny", "S"], image_size=64, batch_size=8,
                       sample_batch_size=4, sample_steps=10, vae="tiny", repeats=3, iters=1, warmup=1, threads=1),
-    # One GPU: the B and XL sizes at 256 px, DiT's batch 256 for the training steps.
-    "gpu": dict(device="cuda", workloads=list(WORKLOADS), sizes=["B", "XL"], image_size=256, batch_size=256,
+    # One GPU: the B and XL sizes at 256 px, the official per-GPU batch 32 for the training steps (the fp32 baseline
+    # fits there; at batch 256 it needs ~186 GiB: measure 256 with `--batch-size 256 --modes optimised`).
+    "gpu": dict(device="cuda", workloads=list(WORKLOADS), sizes=["B", "XL"], image_size=256, batch_size=32,
                 sample_batch_size=64, sample_steps=50, vae="sd", repeats=5, iters=5, warmup=3),
+    # scripts/gpu_check.py's short run (about a minute per call): DiT-XL/2 and SiT-XL/2 training and the VAE encode
+    # (channels_last vs NCHW); it adds --batch-size, --compile and --modes per call.
+    "gpu-check": dict(device="cuda", workloads=["dit", "sit", "vae"], sizes=["XL"], image_size=256, batch_size=32,
+                      sample_batch_size=32, vae="sd", repeats=3, iters=3, warmup=2),
 }
 
 
@@ -108,7 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--peak-size", type=int, default=None, help="matrix side of the peak measurement")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file (after every workload)")
+    parser.add_argument("--modes", nargs="+", default=None, choices=["baseline", "optimised", "optimised-bf16"],
+                        help="measure only these modes (e.g. optimised alone at a batch the fp32 baseline cannot fit)")
     parser.add_argument("--seed", type=int, default=0)
     # The optimised mode; every optimisation can be switched off or changed.
     parser.add_argument("--opt-precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -176,6 +186,10 @@ def build_modes(args, device: torch.device, cpu_bf16: bool = True) -> List[ModeC
     modes = [ModeConfig(), optimised]
     if args.opt_precision == "auto" and not cuda and cpu_bf16:
         modes.append(optimised.with_(name="optimised-bf16", precision="bf16"))
+    if args.modes:
+        modes = [mode for mode in modes if mode.name in args.modes]
+    if not modes:
+        raise UserError(f"--modes {' '.join(args.modes)} selects no mode on this device; use baseline and/or optimised.")
     return modes
 
 
@@ -277,6 +291,7 @@ class Workload:
     flops_per_image: Optional[float]
     runners: Dict[str, Callable[[], torch.Tensor]]
     notes: str = ""
+    extra_modes: List[ModeConfig] = field(default_factory=list)  # this workload's own extra columns
     extra: dict = field(default_factory=dict)
     modes: Optional[List[ModeConfig]] = None  # a workload's own columns (repa: its four variants); None = the modes
 
@@ -355,12 +370,13 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
 
     # Model FLOPs (forward + backward of the transformer; the VAE encode is not model work).
     baseline = steps[modes[0].name]
-    device_batch = {key: value.to(device) for key, value in cached.items()}
+    k = min(FLOPS_IMAGES, n)
+    device_batch = {key: value[:k].to(device) for key, value in cached.items()}
     bundle = NoiseBundle(device_batch["u"], device_batch["noise"], device_batch["drop"])
     reference_step = TrainStep(reference.to(device), reference, reference, objective, baseline.optimizer,
                                baseline.scaler, device, "fp32")
     flops = count_flops(lambda: objective.loss(reference_step.model_fn, device_batch["x"], device_batch["y"],
-                                               bundle).mean().backward())
+                                               bundle).mean().backward()) * n / k
     reference.cpu()
     vae_flops = count_flops(lambda: codec.encode_moments(online["x"][:1]))
     return Workload(f"{family}-train", f"{name}{' tiny' if size == 'tiny' else ''} {args.image_size}px "
@@ -421,10 +437,12 @@ def build_repa_workload(size: str, args, modes: List[ModeConfig], device: torch.
                          ema_update=update_ema if mode.ema == "foreach" else update_ema_loop)
         runners[variant] = in_mode(mode, lambda step=step, batch=host_batch(batch, mode, device): step(batch))
 
-    device_batch = {key: value.to(device) for key, value in cached.items()}
+    k = min(FLOPS_IMAGES, n)  # counted on k images and scaled (see FLOPS_IMAGES)
+    device_batch = {key: value[:k].to(device) for key, value in cached.items()}
     bundle = NoiseBundle(device_batch["u"], device_batch["noise"], device_batch["drop"])
     plain.to(device)
     flops = count_flops(lambda: objective.loss(plain, device_batch["x"], device_batch["y"], bundle).mean().backward())
+    flops = flops * n / k
     plain.cpu()
     encoder_flops = count_flops(lambda: target(online["x"][:1].to(device)))
     return Workload("repa-train", f"{name}{' tiny' if size == 'tiny' else ''} {args.image_size}px, DINOv2-B/14 target "
@@ -475,8 +493,9 @@ def build_mae_workload(size: str, args, modes: List[ModeConfig], device: torch.d
         runners[mode.name] = in_mode(mode, step)
 
     reference.to(device)
-    device_latents, device_noise = latents.to(device), mask_noise.to(device)
-    flops = count_flops(lambda: reference(device_latents, mask_ratio=0.75, noise=device_noise)[0].backward())
+    k = min(FLOPS_IMAGES, n)
+    device_latents, device_noise = latents[:k].to(device), mask_noise[:k].to(device)
+    flops = count_flops(lambda: reference(device_latents, mask_ratio=0.75, noise=device_noise)[0].backward()) * n / k
     reference.cpu()
     return Workload("mae-train", f"{preset}{' tiny' if size == 'tiny' else ''} {args.image_size}px batch {n}", n,
                     flops / n, runners, notes="FLOPs = MAE fwd+bwd on 25% visible tokens")
@@ -504,21 +523,22 @@ def build_sampling_workload(kind: str, size: str, args, modes: List[ModeConfig],
     z = torch.randn(n, spec.channels, latent_size, latent_size, generator=generator)
     y = torch.randint(0, args.num_classes, (n,), generator=generator)
 
-    def make_runner(network, mode):
+    def make_runner(network, mode, count=n):
         def model_fn(x, t, **kwargs):
             with autocast(device, mode.precision):
                 return network(x, t, **kwargs).float()
 
         @torch.no_grad()
         def run():
-            return sample(model_fn, z.to(device), dict(y=y.to(device)), None)
+            return sample(model_fn, z[:count].to(device), dict(y=y[:count].to(device)), None)
         return run
 
     runners = {}
     for mode in modes:
         network = prepare_network(deepcopy(reference), mode, device)
         runners[mode.name] = in_mode(mode, make_runner(network, mode))
-    flops = count_flops(make_runner(reference.to(device), ModeConfig()))
+    k = min(FLOPS_IMAGES, n)
+    flops = count_flops(make_runner(reference.to(device), ModeConfig(), k)) * n / k
     reference.cpu()
     return Workload(kind, f"{name}{' tiny' if size == 'tiny' else ''} {args.image_size}px {label} batch {n}", n,
                     flops / n, runners, notes="FLOPs = all network evaluations of the run")
@@ -529,8 +549,12 @@ def build_vae_workload(args, modes: List[ModeConfig], device: torch.device, code
     generator = torch.Generator().manual_seed(args.seed)
     n = args.sample_batch_size
     images = torch.rand(n, 3, args.image_size, args.image_size, generator=generator) * 2 - 1
+    # channels_last vs NCHW is measured, not assumed: GroupNorm needs NCHW, so on CUDA every GroupNorm of a
+    # channels_last VAE may copy its input twice. The optimised mode's other layout is an extra column.
+    extra_modes = [mode.with_(name=f"{mode.name}-{'nchw' if mode.channels_last else 'nhwc'}",
+                              channels_last=not mode.channels_last) for mode in modes if mode.name == "optimised"]
     runners = {}
-    for mode in modes:
+    for mode in modes + extra_modes:
         autoencoder = deepcopy(codec.autoencoder)
         memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
         autoencoder.to(device, memory_format=memory_format)
@@ -545,19 +569,20 @@ def build_vae_workload(args, modes: List[ModeConfig], device: torch.device, code
         runners[mode.name] = in_mode(mode, run)
     with torch.no_grad():
         flops = count_flops(lambda: codec.autoencoder.encode(images[:1].to(device)))
-    return Workload("vae-encode", f"{args.vae} VAE {args.image_size}px batch {n}", n, flops, runners)
+    return Workload("vae-encode", f"{args.vae} VAE {args.image_size}px batch {n}", n, flops, runners,
+                    extra_modes=extra_modes)
 
 
 def build_inception_workload(args, modes: List[ModeConfig], device: torch.device) -> Workload:
     """ADM's Inception features (pool, spatial, logits) of uint8 images; always fp32 (FID parity)."""
-    from generation.inception import InceptionFeatureExtractor
+    from generation.inception import InceptionFeatureExtractor, save_random_inception_weights
 
     weights = args.inception_weights
     tmp = None
     if weights is None:
         tmp = tempfile.TemporaryDirectory()
         weights = Path(tmp.name) / "inception-random.pth"
-        torch.save(random_inception_network().state_dict(), weights)
+        save_random_inception_weights(weights, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     n = args.sample_batch_size
     images = torch.randint(0, 256, (n, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=generator)
@@ -575,38 +600,30 @@ def build_inception_workload(args, modes: List[ModeConfig], device: torch.device
                     notes="fp32 by design (ADM parity); optimised = channels_last only")
 
 
-def random_inception_network() -> nn.Module:
-    """torch-fidelity's inception-v3-compat with its default random initialisation (same FLOPs, no download)."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *args, **kwargs: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        return fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-
-
 def build_workloads(args, modes: List[ModeConfig], device: torch.device, codec: LatentCodec, ddp: bool = False,
                     perturb: float = 0.0):
-    """Yields the workloads named by --workloads x --sizes (VAE and Inception have no size)."""
+    """Yields (label, build) for the workloads named by --workloads x --sizes (VAE and Inception have no
+    size); `build()` makes the Workload, so a caller can catch an out-of-memory error of one of them."""
     for workload in args.workloads:
         if workload == "vae":
-            yield build_vae_workload(args, modes, device, codec)
+            yield workload, lambda: build_vae_workload(args, modes, device, codec)
         elif workload == "inception":
-            yield build_inception_workload(args, modes, device)
+            yield workload, lambda: build_inception_workload(args, modes, device)
         else:
             for size in args.sizes:
                 if workload in ("dit", "sit"):
-                    yield build_train_workload(workload, size, args, modes, device, codec, perturb, ddp)
+                    build = lambda w=workload, s=size: build_train_workload(w, s, args, modes, device, codec, perturb,
+                                                                            ddp)
                 elif workload == "lightningdit":
-                    yield build_train_workload(workload, size, args, modes, device, vavae_codec(args, device),
-                                               perturb, ddp)
+                    build = lambda s=size: build_train_workload("lightningdit", s, args, modes, device,
+                                                                vavae_codec(args, device), perturb, ddp)
                 elif workload == "repa":
-                    yield build_repa_workload(size, args, modes, device, codec)
+                    build = lambda s=size: build_repa_workload(s, args, modes, device, codec)
                 elif workload == "mae":
-                    yield build_mae_workload(size, args, modes, device, codec, perturb, ddp)
+                    build = lambda s=size: build_mae_workload(s, args, modes, device, codec, perturb, ddp)
                 else:
-                    yield build_sampling_workload(workload, size, args, modes, device, codec)
+                    build = lambda w=workload, s=size: build_sampling_workload(w, s, args, modes, device, codec)
+                yield f"{workload} {size} batch {args.batch_size}", build
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,7 +636,7 @@ def measure(workload: Workload, modes: List[ModeConfig], args, device: torch.dev
                                   warmup=args.warmup)
     baseline = timings[modes[0].name]
     rows = []
-    for mode in modes:
+    for mode in modes + workload.extra_modes:
         timing = timings[mode.name]
         seconds = timing.median_wall
         row = {"workload": workload.name, "config": workload.config, "mode": mode.name, "settings": mode.describe(),
@@ -635,10 +652,41 @@ def measure(workload: Workload, modes: List[ModeConfig], args, device: torch.dev
             row["tflops"] = achieved
             row["mfu"] = achieved / peak_tflops
         if device.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            row.update(mode_peak_memory(workload.runners[mode.name], device))
         row.update(workload.extra)
         rows.append(row)
     return rows
+
+
+def mode_peak_memory(runner: Callable[[], torch.Tensor], device: torch.device) -> dict:
+    """Peak CUDA memory of one more call of `runner`, the peak counter reset just before it.
+
+    `peak_mem_mb` includes whatever else is resident (the other modes' weights and optimizer states, which
+    the benchmark keeps on the device to interleave them); `call_peak_extra_mb` is the part this call adds
+    (activations, gradients, temporaries).
+    """
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    runner()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mem_mb": peak / 2**20, "call_peak_extra_mb": (peak - before) / 2**20}
+
+
+def out_of_memory_errors() -> tuple:
+    """The exception types a CUDA (or other accelerator) allocation failure raises on this torch."""
+    found = [getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)]
+    return tuple({error for error in found if error is not None})
+
+
+def write_json(path, result: dict) -> None:
+    """Rewrites the JSON summary (tmp file + rename), after every workload: a crash keeps the rows so far."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def format_table(rows: List[dict]) -> str:
@@ -648,6 +696,9 @@ def format_table(rows: List[dict]) -> str:
         header += f" {'ratio(cpu-t)':>12}"
     lines, last = [], None
     for row in rows:
+        if "error" in row:
+            lines.append(f"# {row['workload']}: {row['error']}")
+            continue
         if (row["workload"], row["config"]) != last:
             last = (row["workload"], row["config"])
             lines.append(f"# {row['workload']}: {row['config']}")
@@ -688,7 +739,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        # Under torchrun each rank drives GPU LOCAL_RANK; current_device() is still 0 before anything set it.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
     ddp = setup_process_group(args, device)
     peak = measure_matmul_peak(device, size=args.peak_size)
     cpu_bf16 = True
@@ -707,20 +760,31 @@ def run(args) -> dict:
         print(f"mode {mode.name}: {mode.describe()}", flush=True)
     codec = load_codec(args, device)
     rows = []
-    for workload in build_workloads(args, modes, device, codec, ddp=ddp):
+    result = {"device": device_name, "torch": torch.__version__, "peak": peak, "load_average": host_load(),
+              "modes": [asdict(mode) for mode in modes], "args": vars(args), "rows": rows}
+    for label, build in build_workloads(args, modes, device, codec, ddp=ddp):
         # On a shared host the neighbours' load moves the peak too: re-measure it around every workload and
         # keep the best, which is what the hardware can do.
         peak = max(peak, measure_matmul_peak(device, size=args.peak_size), key=lambda value: value["tflops"])
-        workload_rows = measure(workload, modes, args, device, peak["tflops"])
+        result["peak"] = peak
+        workload = None
+        try:
+            workload = build()
+            workload_rows = measure(workload, modes, args, device, peak["tflops"])
+        except out_of_memory_errors() as error:
+            workload_rows = [{"workload": label, "error": f"out of memory ({str(error).splitlines()[0][:160]})"}]
+        del workload
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.extend(workload_rows)
         print(format_table(workload_rows), flush=True)
-        del workload
+        if args.json:
+            write_json(args.json, result)
     peak = max(peak, measure_matmul_peak(device, size=args.peak_size), key=lambda value: value["tflops"])
+    result.update(peak=peak, load_average=host_load())
     for row in rows:
         if "tflops" in row:
             row["mfu"] = row["tflops"] / peak["tflops"]
-    result = {"device": device_name, "torch": torch.__version__, "peak": peak, "load_average": host_load(),
-              "modes": [asdict(mode) for mode in modes], "args": vars(args), "rows": rows}
     return result
 
 
@@ -732,8 +796,7 @@ def main(argv=None) -> dict:
     print(format_table(result["rows"]))
     print(f"load average at the end: {host_load()}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -81,17 +81,6 @@ class ModeConfig:
         return ", ".join(parts) or "plain fp32 eager"
 
 
-@contextlib.contextmanager
-def tf32_enabled(enabled: bool):
-    """Sets the global TF32 flags for the duration of one mode's steps (modes are interleaved)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def set_attention(model: nn.Module, attention: str) -> int:
     """Switches every timm attention module of `model` to SDPA ("sdpa") or explicit math ("math").
 

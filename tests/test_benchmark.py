@@ -130,3 +130,42 @@ def test_gradient_checkpointing_changes_memory_not_results():
     for _ in range(2):
         losses = {name: runner().item() for name, runner in built.runners.items()}
         assert losses["checkpointed"] == pytest.approx(losses["baseline"], rel=1e-4), losses
+
+
+def test_flops_are_counted_on_two_images_and_scale_with_the_batch():
+    """FLOPs per image do not depend on the batch (the count runs on 2 images and is scaled): a batch of 2
+    and a batch of 6 report the same GFLOPs per image."""
+    per_image = []
+    for batch in ("2", "6"):
+        args = bench.parse_args(TINY + ["--workloads", "dit", "--batch-size", batch])
+        modes = bench.build_modes(args, torch.device("cpu"), cpu_bf16=False)
+        codec = bench.load_codec(args, torch.device("cpu"))
+        per_image.append(bench.build_train_workload("dit", "tiny", args, modes, torch.device("cpu"), codec).flops_per_image)
+    assert per_image[0] == pytest.approx(per_image[1], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_recorded_per_workload_and_json_is_written_as_it_goes(tmp_path, monkeypatch):
+    """A workload that runs out of memory becomes an error row; the next workload still runs; the JSON on
+    disk already holds the rows of the finished workloads while later ones are measured."""
+    out = tmp_path / "bench.json"
+    oom = bench.out_of_memory_errors()[0]
+    real_sampling = bench.build_sampling_workload
+    seen = []
+
+    def failing_train(*args, **kwargs):
+        raise oom("CUDA out of memory. Tried to allocate 186.00 GiB")
+
+    def sampling_after_json(*args, **kwargs):
+        seen.append(json.loads(out.read_text())["rows"])
+        return real_sampling(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_train_workload", failing_train)
+    monkeypatch.setattr(bench, "build_sampling_workload", sampling_after_json)
+    bench.main(TINY + ["--workloads", "dit", "sample-ddpm", "--repeats", "1", "--iters", "1", "--warmup", "0",
+                       "--peak-size", "64", "--modes", "optimised", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0] == {"workload": "dit tiny batch 4", "error": "out of memory (CUDA out of memory. Tried to "
+                                                                "allocate 186.00 GiB)"}
+    assert [row["mode"] for row in rows[1:]] == ["optimised"] and rows[1]["workload"] == "sample-ddpm"
+    assert seen == [rows[:1]]

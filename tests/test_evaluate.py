@@ -13,34 +13,10 @@ from scipy.spatial.distance import cdist
 from conftest import run_python
 from generation import evaluate as ev
 from generation.inception import (SPATIAL_DIM, InceptionFeatureExtractor, InceptionWeightsError,
-                                  load_inception_state_dict, spatial_features)
+                                  load_inception_state_dict, random_inception_state_dict, spatial_features)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def random_inception_state_dict(seed: int = 0) -> dict:
-    """torch-fidelity's inception-v3-compat with random weights, keyed like pytorch-fid's file.
-
-    He-initialised convs keep activations O(1) through the 94 layers; BN statistics are perturbed
-    so every layer does something. num_batches_tracked is dropped, as in pytorch-fid's file.
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *args, **kwargs: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        network = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    generator = torch.Generator().manual_seed(seed)
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            fan_in = module.weight[0].numel()
-            module.weight.data = torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_in)
-        elif isinstance(module, torch.nn.BatchNorm2d):
-            module.bias.data = torch.randn(module.bias.shape, generator=generator) * 0.1
-            module.running_mean.data = torch.randn(module.running_mean.shape, generator=generator) * 0.1
-            module.running_var.data = torch.rand(module.running_var.shape, generator=generator) + 0.5
-    network.fc.weight.data = torch.randn(network.fc.weight.shape, generator=generator) * 0.05
-    return {name: value for name, value in network.state_dict().items() if not name.endswith("num_batches_tracked")}
-
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):

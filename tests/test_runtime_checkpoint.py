@@ -73,3 +73,22 @@ def test_rotation_keeps_last_k_plus_milestones_and_no_temp_files(tmp_path):
     assert path.name == "0000009.pt" and state["step"] == 9
     assert CheckpointManager(tmp_path / "other", is_main=False).save({"x": 1}, 1) is None
     assert not (tmp_path / "other").exists()
+
+
+def test_load_checkpoint_maps_the_file_and_still_reads_legacy_files(tmp_path):
+    """mmap=True (the default): tensors are backed by the file itself, not a private copy in RAM, so
+    reading only `ema` never pages in the optimizer state; pre-1.6 (non-zip) files still load."""
+    state = {"ema": {"w": torch.arange(6.0)}, "opt": {"m": torch.ones(4)}}
+    mapped = tmp_path / "mapped.pt"
+    torch.save(state, mapped)
+    loaded = load_checkpoint(mapped)
+    assert torch.equal(loaded["ema"]["w"], state["ema"]["w"])
+    assert str(mapped) in Path("/proc/self/maps").read_text()  # the kernel lists the file as mapped
+    copied = tmp_path / "copied.pt"
+    torch.save(state, copied)
+    kept = load_checkpoint(copied, mmap=False)
+    assert torch.equal(kept["opt"]["m"], torch.ones(4)) and str(copied) not in Path("/proc/self/maps").read_text()
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(legacy)["opt"]["m"], torch.ones(4))

@@ -4,8 +4,14 @@ Layout of `<cache_dir>`:
   manifest.json             settings (VAE identity/version/scale, image size, crop, classes, file
                             list hash, shard size) + `complete`, `count`, `skipped` once finished
   shard-00000.safetensors   for images [k*S, (k+1)*S) of the ImageFolder, in its sorted order:
-                            mean, logvar (n, 2, C, h, w) float32 UNscaled, [:, 0] = image, [:, 1] =
-                            its horizontal flip; label (n,) int64; valid (n,) uint8 (0 = unreadable)
+                            mean, logvar (n, 2, C, h, w) UNscaled, [:, 0] = image, [:, 1] = its
+                            horizontal flip, float32 or (--moments_dtype fp16) float16; label (n,)
+                            int64; valid (n,) uint8 (0 = unreadable)
+
+fp16 moments halve the cache (ImageNet-1k at 256 px with flips: 1.28M x 2 x 2 x 4x32x32 values, about
+84 GB in fp32, 42 GB in fp16). Training reads them back as float32; the rounding (relative 2^-11 at
+most, on values far inside fp16's range since logvar is clamped to [-30, 20]) is measured in
+README.md's latent-cache section.
 
 Extraction is one DDP pass (shard k belongs to rank k % world_size). Each shard is written
 atomically when complete and skipped if already present, so an interrupted extraction resumes
@@ -35,15 +41,17 @@ from torchvision import transforms
 
 from util.checkpoint import atomic_open
 from util.data import CenterCropArr, build_image_folder, eval_crop
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
 from util.latent_stats import LATENT_STATS_FILENAME, OFFICIAL_MAX_SAMPLES, compute_latent_stats, save_latent_stats
+from util.precision import configure_cuda
 from util.run_log import progress
 from util.rng import sample_generator
 
 CACHE_FORMAT = 1
 FIXED_POSTERIOR_STREAM = 0xF1C5ED  # seed offset of the epoch-independent posterior noise (fixed_posterior)
 MANIFEST = "manifest.json"
+MOMENTS_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # How an image becomes a square of `image_size` pixels before encoding.
 CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
 
@@ -126,15 +134,19 @@ class CroppedImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: str = "center", batch_size: int = 64,
                          dist=None, num_workers: int = 0, shard_size: int = 1024, vae_identity: str = "",
-                         vae_version: str | None = None, strict: bool = False, show_progress: bool = True) -> dict:
+                         vae_version: str | None = None, strict: bool = False, show_progress: bool = True,
+                         moments_dtype: str = "fp32") -> dict:
     """Encodes every image of `image_root` (an ImageFolder) and its flip into `cache_dir`; returns the manifest.
 
     codec: a `models.vae.LatentCodec` (uses `encode_moments` and `spec`) already on `dist.device`.
     dist:  the `DistEnv` of this process (None = single process). All ranks must call this.
     vae_identity / vae_version: recorded in the manifest and checked when training reads the cache.
     Unreadable images are stored as invalid (skipped by training, counted in the manifest);
-    `strict=True` raises instead.
+    `strict=True` raises instead. `moments_dtype` "fp16" stores mean/logvar in half precision.
     """
+    if moments_dtype not in MOMENTS_DTYPES:
+        raise LatentCacheError(f"unknown moments dtype {moments_dtype!r}; choose one of {sorted(MOMENTS_DTYPES)}.")
+    store_dtype = MOMENTS_DTYPES[moments_dtype]
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     is_main = rank == 0
     spec = codec.spec
@@ -146,10 +158,10 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         "format": CACHE_FORMAT, "vae_identity": vae_identity, "vae_version": vae_version, "scale": spec.scale,
         "channels": spec.channels, "factor": spec.factor, "image_size": image_size, "latent_size": latent_size,
         "crop": crop, "batch_size": batch_size, "shard_size": shard_size, "num_images": len(folder),
-        "classes": list(folder.classes), "files_sha256": files_digest(folder),
+        "classes": list(folder.classes), "files_sha256": files_digest(folder), "moments_dtype": moments_dtype,
     }
     if (cache_dir / MANIFEST).is_file():
-        differences = manifest_differences(read_manifest(cache_dir), settings)
+        differences = manifest_differences({"moments_dtype": "fp32", **read_manifest(cache_dir)}, settings)
         if differences:
             raise LatentCacheError(f"{cache_dir} already holds a latent cache made with other settings "
                                    f"({', '.join(differences)}); choose another --cached_path or delete it.")
@@ -171,7 +183,8 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         flip_mean, flip_logvar = codec.encode_moments(images.flip(-1))
         shard = batch_indices[0] // shard_size
         parts.setdefault(shard, []).append({
-            "mean": torch.stack([mean, flip_mean], dim=1).cpu(), "logvar": torch.stack([logvar, flip_logvar], dim=1).cpu(),
+            "mean": torch.stack([mean, flip_mean], dim=1).to(store_dtype).cpu(),
+            "logvar": torch.stack([logvar, flip_logvar], dim=1).to(store_dtype).cpu(),
             "label": labels.to(torch.int64), "valid": valid.to(torch.uint8),
         })
         if batch_indices[-1] == min((shard + 1) * shard_size, len(folder)) - 1:
@@ -243,11 +256,11 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return self._views[shard]
 
     def moments(self, index: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """UNscaled (mean, logvar), each (C, h, w), of dataset item `index` (flip 0 or 1)."""
+        """UNscaled float32 (mean, logvar), each (C, h, w), of dataset item `index` (flip 0 or 1)."""
         shard, row = divmod(int(self.image_index[index]), self.shard_size)
         view = self._view(shard)
-        return (torch.from_numpy(np.ascontiguousarray(view.get_slice("mean")[row, flip])),
-                torch.from_numpy(np.ascontiguousarray(view.get_slice("logvar")[row, flip])))
+        return (torch.from_numpy(np.asarray(view.get_slice("mean")[row, flip], dtype=np.float32)),
+                torch.from_numpy(np.asarray(view.get_slice("logvar")[row, flip], dtype=np.float32)))
 
     def _draw_flip(self, generator: torch.Generator) -> int:
         return int(torch.randint(0, 2, (1,), generator=generator)) if self.random_flip else 0
@@ -292,6 +305,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"(LightningDiT's latent_norm, for VA-VAE users without the released file)")
     parser.add_argument("--stats_max_samples", type=int, default=OFFICIAL_MAX_SAMPLES,
                         help="images the statistics use (a seeded random choice, as LightningDiT); 0 = all")
+    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
+    parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
+                        help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk; see README for the "
+                             "measured difference)")
     return parser
 
 
@@ -302,7 +319,9 @@ def main(args) -> dict:
     # Cheap checks first: a bad size or folder costs seconds, not a VAE load.
     get_latent_spec(args.vae_version).latent_size(args.input_size)
     build_image_folder(args.data_path)
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout_minutes)
+    if env.device.type == "cuda":
+        configure_cuda()  # TF32 as the trainers' online encoding; fixed-shape convs: cuDNN autotuning
     try:
         # The cache stores raw posterior moments, so VA-VAE's statistics are not needed to extract it.
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device, require_stats=False)
@@ -310,7 +329,7 @@ def main(args) -> dict:
             args.data_path, args.cached_path, codec, args.input_size, crop=args.crop, batch_size=args.batch_size,
             dist=env, num_workers=args.num_workers, shard_size=args.shard_size,
             vae_identity=vae_identity(args.vae_version, args.vae_path), vae_version=args.vae_version,
-            strict=args.strict_data,
+            strict=args.strict_data, moments_dtype=args.moments_dtype,
         )
         if args.latent_stats:
             mean, std = compute_latent_stats(LatentCacheDataset(args.cached_path), args.stats_max_samples or None,
