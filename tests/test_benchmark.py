@@ -85,7 +85,7 @@ def test_benchmark_end_to_end_tiny(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["peak"]["tflops"] > 0
     names = {row["workload"] for row in saved["rows"]}
-    assert names == {"dit-train", "sit-train", "repa-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode",
+    assert names == {"dit-train", "sit-train", "lightningdit-train", "repa-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode",
                      "inception"}
     assert [row["mode"] for row in saved["rows"] if row["workload"] == "repa-train"] == [
         "sit-cached", "repa-cached", "sit-online", "repa-online"]  # REPA's cost with and without the feature cache
