@@ -69,12 +69,19 @@ def _files_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+REBUILD = ("delete the cache folder and rebuild it with `python -m util.latent_cache --data_path ... "
+           "--cached_path ...`.")
+
+
 def read_manifest(cache_dir) -> dict:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise LatentCacheError(f"no latent cache at {cache_dir} ({MANIFEST} is missing); create it with "
                                "`python -m util.latent_cache --data_path ... --cached_path ...`.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LatentCacheError(f"the latent cache manifest {path} is corrupt ({error}); {REBUILD}") from None
 
 
 def _write_manifest(cache_dir, manifest: dict) -> None:
