@@ -184,3 +184,25 @@ def test_item6_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(OutputPathError, match=r"is not writable \(Read-only file system\); choose a folder"):
         ensure_writable_dir(tmp_path / "out", flag="--results-dir")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the probe file is not left behind
+
+
+# ------------------------------------------------------------------------------------------- item 10 (log)
+
+def test_item10_resumed_log_drops_the_lines_of_lost_steps(tmp_path):
+    """The interrupted run logged steps 1-5 but its checkpoint is at step 3: the resumed run redoes 4-5."""
+    from util.logging import RunLogger
+
+    first = RunLogger(tmp_path, is_main=True, tensorboard=False)
+    for step in range(1, 6):
+        first.log(step, {"loss": 1.0 / step})
+    first.close()
+    with open(tmp_path / "log.txt", "a") as handle:
+        handle.write('{"step": 6, "lo')  # the torn last line of a kill -9
+    resumed = RunLogger(tmp_path, is_main=True, tensorboard=False, resume_step=3)
+    for step in range(4, 7):
+        resumed.log(step, {"loss": 0.5})
+    resumed.close()
+    import json
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
