@@ -213,7 +213,7 @@ def test_item9_eval_sh_activates_the_venv_and_keeps_relative_paths(tmp_path):
     assert "No module named" not in result.stderr
     # The npz files were found where the user named them; the next problem is the missing Inception weights,
     # looked for (by default) under the user's folder too.
-    assert result.stderr.strip().splitlines()[-1].startswith("error: Inception weights file"), result.stderr
+    assert "error: Inception weights file" in result.stderr.strip().splitlines()[-1], result.stderr
     assert str(tmp_path / "pretrained") in result.stderr or "pretrained/weights-inception" in result.stderr
 
 

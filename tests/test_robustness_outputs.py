@@ -190,7 +190,7 @@ def test_item6_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
 
 def test_item10_resumed_log_drops_the_lines_of_lost_steps(tmp_path):
     """The interrupted run logged steps 1-5 but its checkpoint is at step 3: the resumed run redoes 4-5."""
-    from util.logging import RunLogger
+    from util.run_log import RunLogger
 
     first = RunLogger(tmp_path, is_main=True, tensorboard=False)
     for step in range(1, 6):

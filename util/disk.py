@@ -13,11 +13,13 @@ import shutil
 import uuid
 from pathlib import Path
 
+from util.errors import UserError
+
 # ENOSPC: the device is full; EDQUOT: the user's quota is (same remedy for the user).
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserError):
     """An output path that cannot be written: a file where a folder should be, no permission, a full disk."""
 
 

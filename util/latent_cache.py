@@ -181,9 +181,19 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     return manifest
 
 
+def _open_shard(path: Path):
+    """safe_open of a shard; a missing, truncated or garbled one is a LatentCacheError naming the file."""
+    try:
+        return safe_open(str(path), framework="np")
+    except FileNotFoundError:
+        raise LatentCacheError(f"latent cache shard {path} is missing; {REBUILD}") from None
+    except Exception as error:  # safetensors' own SafetensorError: truncated file, bad header
+        raise LatentCacheError(f"latent cache shard {path} is truncated or corrupt ({error}); {REBUILD}") from None
+
+
 def _read_whole(path: Path, name: str) -> np.ndarray:
     """Tensor `name` of a safetensors shard as a numpy array."""
-    with safe_open(str(path), framework="np") as shard:
+    with _open_shard(path) as shard:
         return shard.get_tensor(name)
 
 
@@ -228,7 +238,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def _view(self, shard: int):
         if shard not in self._views:
-            self._views[shard] = safe_open(str(shard_path(self.cache_dir, shard)), framework="np")
+            self._views[shard] = _open_shard(shard_path(self.cache_dir, shard))
         return self._views[shard]
 
     def moments(self, index: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
