@@ -110,9 +110,9 @@ def test_item5_mask_ratio_outside_0_1_is_refused_before_the_model(tiny_image_fol
 
 @pytest.mark.parametrize("entry, kwargs, fragment", [
     ("pretrain", {**TINY_MAE, "bogus": 1}, "bogus"),
-    ("pretrain", {**TINY_MAE, "num_heads": 5}, "num_heads 5"),
+    ("pretrain", {**TINY_MAE, "num_heads": 5}, "\"num_heads\": 5"),
     ("finetune", {**TINY_VIT, "bogus": 1}, "bogus"),
-    ("finetune", {**TINY_VIT, "num_heads": 5}, "num_heads 5"),
+    ("finetune", {**TINY_VIT, "num_heads": 5}, "\"num_heads\": 5"),
 ])
 def test_item5_bad_model_kwargs_are_one_sentence(tiny_image_folder, tiny_vae_dir, tmp_path, entry, kwargs, fragment):
     build = pretrain_argv if entry == "pretrain" else finetune_argv

@@ -146,6 +146,20 @@ def _code_running_global(path: Path):
     return None
 
 
+def require_training_state(checkpoint, path, keys=("model",), hint: str = "") -> dict:
+    """`checkpoint` if it is a dict holding `keys`; else one sentence saying it is not a training checkpoint.
+
+    A bare state dict (parameter name -> tensor) passed to --resume used to fail as `KeyError: 'model'`.
+    """
+    missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        bare = isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values())
+        kind = "a bare state dict" if bare else f"a file without {', '.join(repr(k) for k in missing)}"
+        raise CheckpointError(f"--resume {path} is not a training checkpoint (it is {kind}); "
+                              f"{hint or 'resume from a checkpoint this script wrote.'}")
+    return checkpoint
+
+
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
     # torch's weights-only errors wrap the useful line in boilerplate; keep the specific one.
     lines = [line.strip() for line in str(error).splitlines()

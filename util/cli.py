@@ -44,3 +44,18 @@ def default_num_workers(preferred: int = 10) -> int:
     except AttributeError:  # macOS has no sched_getaffinity
         available = os.cpu_count() or 1
     return max(1, min(preferred, available))
+
+
+def check_model_builds(build, flag: str, model: str, overrides: dict) -> None:
+    """Builds the model on the meta device (no memory, no weights, about a second) so that a --model_kwargs
+    the constructor rejects (an unknown argument, heads that do not divide the width) is one sentence before
+    any data or VAE is loaded, not a traceback after."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build()
+    except (TypeError, AssertionError) as error:
+        raise UserError(f"{flag} {json.dumps(overrides)} does not fit --model {model} "
+                        f"({error or type(error).__name__}); check the constructor argument names and that "
+                        "every width is divisible by its number of heads.") from None

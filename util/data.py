@@ -140,12 +140,14 @@ class SafeImageFolder(datasets.ImageFolder):
         """None if every image read so far decoded; else {"skipped_images", "too_large_images", "message"}.
 
         message: one line naming the count and the first `shown` paths, for the console and log.txt.
+        Under torch.distributed the ranks' records are merged (a collective: call it on every rank).
         """
-        count = self.num_skipped
+        bad = _merged_over_ranks(self.bad)
+        count = int((bad > 0).sum())
         if not count:
             return None
-        too_large = int((self.bad == SKIP_TOO_LARGE).sum())
-        files = self.skipped_files()
+        too_large = int((bad == SKIP_TOO_LARGE).sum())
+        files = [self.samples[i][0] for i in torch.nonzero(bad).flatten().tolist()]
         more = f" and {count - shown} more" if count > shown else ""
         large = (f"; {too_large} of them exceed PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
                  "pixels (raise PIL.Image.MAX_IMAGE_PIXELS if they are genuine)") if too_large else ""
@@ -183,6 +185,18 @@ class SafeImageFolder(datasets.ImageFolder):
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def _merged_over_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of `flags` over all ranks (each rank only sees the files its own shard read)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    merged = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    return merged.cpu().to(torch.uint8)
 
 
 def build_image_folder(path, split: str | None = None, transform=None, strict: bool = False) -> SafeImageFolder:

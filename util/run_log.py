@@ -59,6 +59,13 @@ class RunLogger:
         text = " ".join(f"{name}={value:.6g}" for name, value in values.items())
         tqdm.write(f"[{prefix} step {step}] {text}", file=sys.stdout)
 
+    def report_skips(self, report, step: int) -> None:
+        """Prints a data skip report (`SafeImageFolder.skip_report()`) and logs its counts at `step`; no-op for None."""
+        if report is None:
+            return
+        self.info(f"warning: {report['message']}")
+        self.log(step, {key: report[key] for key in ("skipped_images", "too_large_images")}, prefix="data")
+
     def info(self, message: str) -> None:
         """A plain message on the main rank's console."""
         if self.is_main:
