@@ -26,6 +26,7 @@ from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
                                       image_mean_std, run_main, start, train)
+from util.cli import show_defaults
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
 
@@ -38,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     warmup_epochs=10, global_pool=False)
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (util.latent_cache)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
-    return parser
+    return show_defaults(parser)
 
 
 def build_train_dataset(args, pixel: bool):
@@ -64,7 +65,7 @@ def build_train_dataset(args, pixel: bool):
     mean, std = image_mean_std(pixel)
     transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=None,
                                  auto_augment=None, interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
-    base = build_image_folder(args.data_path, "train")
+    base = build_image_folder(args.data_path, "train", strict=args.strict_data)
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
     return SeededDataset(base, transform, seed=args.seed)
 

@@ -29,6 +29,7 @@ LOCK_NAME = ".run.lock"
 # DiT/SiT "checkpoints/{step:07d}.pt".
 CHECKPOINT_NAMES = (r"^checkpoint-(\d+|last|best)\.pth$", r"^\d+\.pt$")
 CHECKPOINT_SUBFOLDERS = (".", "checkpoints")
+_HELD: dict = {}  # folder -> the RunLock this process holds on it
 
 
 class RunLock:
@@ -120,6 +121,7 @@ def claim_output_dir(folder, resume: Optional[str] = None, overwrite: bool = Fal
             aside = _move_aside(folder, previous)
             log(f"--overwrite: moved {len(previous)} checkpoints of the previous run to {aside}")
         removed = remove_orphaned_tmp_files(folder)
+        _HELD[str(folder.resolve())] = lock  # held for the life of the process, whoever keeps the return value
         if removed:
             log(f"removed {len(removed)} unfinished checkpoint files left by an interrupted save "
                 f"(first: {removed[0].name})")
