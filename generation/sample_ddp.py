@@ -40,6 +40,8 @@ from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
 from util.checkpoint import load_checkpoint
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
 from util.distributed import barrier, cleanup, init_distributed
 from util.precision import add_precision_arg, enable_tf32
@@ -94,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
-    return parser
+    return show_defaults(parser)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -211,6 +213,7 @@ def sampling_config(args, dist_env) -> dict:
 
 def setup(args, dist_env, log=print) -> ImageGenerator:
     model_kwargs = check_args(args)
+    ensure_writable_dir(args.sample_dir, flag="--sample-dir")  # before the model and the VAE, not after
     spec = get_latent_spec(args.vae_version)
     latent_size = spec.latent_size(args.image_size)
     model = build_model(args, model_kwargs, latent_size, spec.channels)

@@ -32,7 +32,9 @@ from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, TRANSPORT_FL
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from models.vae import vae_identity
-from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
+from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
 from util.distributed import cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
@@ -42,6 +44,7 @@ from util.run_log import RunLogger
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
+from util.run_dir import claim_output_dir
 from util.sampler import ResumableDistributedSampler
 
 # Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
@@ -65,6 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--global-batch-size", type=int, default=256)
     add_flags(parser, "--global-seed", "--vae")
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--strict-data", "--strict_data", dest="strict_data", action="store_true",
+                        help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     # USP's additions.
@@ -99,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_precision_arg(parser, "--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     add_flags(parser, "--model-kwargs")
-    return parser
+    return show_defaults(parser)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,18 +142,34 @@ def check_resume(args, checkpoint: dict, path: Path) -> None:
         if key in saved and saved[key] != current[key]:
             raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
                             f"command says {current[key]!r}; use the original value to continue that run.")
-    if "step" not in checkpoint or "ema" not in checkpoint:
-        raise UserError(f"--resume {path} has no training state (step/ema); to start from weights use --finetune.")
+    require_training_state(checkpoint, path, keys=("model", "ema", "opt", "step"),
+                           hint="to start from these weights use --finetune.")
 
 
 def experiment_dir_for(args, resume_path) -> Path:
-    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them)."""
+    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them),
+    claimed for this run (`util.run_dir`: locked while it runs). Main rank only.
+
+    A fresh folder is created with mkdir(exist_ok=False), taking the next number if another run started at
+    the same moment took this one: two runs never share (and interleave) one experiment folder.
+    """
     if resume_path is not None:
         parent = Path(resume_path).resolve().parent
-        return parent.parent if parent.name == "checkpoints" else parent
-    index = len(glob(f"{args.results_dir}/*"))
+        folder = parent.parent if parent.name == "checkpoints" else parent
+        claim_output_dir(folder, resume=str(resume_path), flag="--resume")
+        return folder
+    results = ensure_writable_dir(args.results_dir, flag="--results-dir")
+    index = len(glob(f"{results}/*"))
     name = args.model.replace("/", "-") + (f"-{args.exp_name}" if args.exp_name else "")
-    return Path(args.results_dir) / f"{index:03d}-{name}"
+    while True:
+        folder = results / f"{index:03d}-{name}"
+        try:
+            folder.mkdir(exist_ok=False)
+            break
+        except FileExistsError:
+            index += 1
+    claim_output_dir(folder, flag="--results-dir")
+    return folder
 
 
 def broadcast_object(value, is_main: bool):
@@ -174,7 +195,7 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
         base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed)
         classes, source = base.manifest["classes"], args.cached_path
     else:
-        folder = build_image_folder(args.data_path)
+        folder = build_image_folder(args.data_path, strict=args.strict_data)
         base = SeededDataset(folder, generation_transform(args.image_size), seed=args.global_seed)
         classes, source = folder.classes, args.data_path
     if len(classes) != args.num_classes:
@@ -234,6 +255,9 @@ def setup(args) -> Run:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {dist_env.world_size} "
                         f"processes; use a multiple of {dist_env.world_size}.")
     local_batch = args.global_batch_size // dist_env.world_size
+    # Before any data or weights: an unwritable --results-dir, or a resumed folder in use, stops here.
+    experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,
+                                      dist_env.is_main)
     seed_everything(rank_seed(args.global_seed, dist_env.rank))
     device = dist_env.device
     if device.type == "cuda":
@@ -282,12 +306,12 @@ def setup(args) -> Run:
                         ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None)
     loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
-    experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,
-                                      dist_env.is_main)
     eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
 
     # Everything a user can get wrong has been checked: only now does the run leave files behind.
-    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt")
+    # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
+    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
+                       resume_step=state.step if resume_path is not None else None)
     say = logger.info
     if report is not None:
         say(f"Initialised {args.model} from {args.finetune}:\n{report}")
@@ -329,6 +353,13 @@ def make_save_fn(run: Run):
     return save
 
 
+def report_skipped_images(run: Run, step: int) -> None:
+    """The epoch's skipped-image line and log entry (every rank calls it: the report merges their records)."""
+    images = getattr(run.loader.dataset.base, "base", None)  # SafeImageFolder; None for a latent cache
+    if hasattr(images, "skip_report"):
+        run.logger.report_skips(images.skip_report(), step)
+
+
 def train(run: Run) -> LoopState:
     args = run.args
     preemption = PreemptionHandler()
@@ -337,7 +368,8 @@ def train(run: Run) -> LoopState:
         local_batch=run.local_batch, global_batch=args.global_batch_size, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, save_fn=make_save_fn(run),
         eval_hooks=run.eval_hooks, ema=run.step_fn.ema, logger=run.logger, lr=args.lr,
-        device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info)
+        device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info,
+        on_epoch_end=lambda state: report_skipped_images(run, state.step))
     if preemption.requested:
         run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
     run.logger.close()

@@ -169,7 +169,7 @@ def test_item6_file_where_the_output_folder_should_be(tiny_image_folder, tiny_va
         "linprobe": lambda: finetune_argv(tiny_image_folder, tiny_vae_dir, out, module="pretrain.main_linprobe"),
         "generation": lambda: train_argv(tiny_image_folder / "train", tiny_vae_dir, out),
         "latent_cache": lambda: ["-m", "util.latent_cache", "--data_path", tiny_image_folder / "train",
-                                 "--cached_path", out, "--vae_path", tiny_vae_dir, "--image_size", "32",
+                                 "--cached_path", out, "--vae_path", tiny_vae_dir, "--input_size", "32",
                                  "--device", "cpu"],
     }[entry]()
     refused(argv, f"{blocker} is a file, not a folder")
@@ -189,11 +189,11 @@ def test_item7_generation_data_root_with_splits(tiny_image_folder, tiny_vae_dir,
     ("pretrain.main_finetune", ["(default: cuda)"]),
     ("pretrain.main_linprobe", ["(default: cuda)"]),
     ("generation.train", ["(default: cuda)", "(default: 1400)", "--cfg-scale"]),
-    ("generation.sample_ddp", ["--cfg-scale", "(default: 250)"]),
+    ("generation.sample_ddp", ["--cfg-scale", "(default: 8)"]),
 ])
 def test_item10_help_shows_defaults(module, shown):
     result = run_python(["-m", module, "--help"], timeout=120)
-    text = " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split()).split(" options: ", 1)[-1]  # the option list, not the usage line
     for fragment in shown:
         assert fragment in text, (fragment, result.stdout[:3000])
     if "--cfg-scale" in text:  # whatever the default is (issue 13 sets the official one), --help says it

@@ -33,6 +33,8 @@ from safetensors import safe_open
 from torchvision import transforms
 
 from util.checkpoint import atomic_open
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
@@ -273,7 +275,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
-    return parser
+    return show_defaults(parser)
 
 
 def main(args) -> dict:
@@ -283,6 +285,7 @@ def main(args) -> dict:
     # Cheap checks first: a bad size or folder costs seconds, not a VAE load.
     get_latent_spec(args.vae_version).latent_size(args.input_size)
     build_image_folder(args.data_path)
+    ensure_writable_dir(args.cached_path, flag="--cached_path")
     env = init_distributed(args.device)
     try:
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=env.device)
