@@ -19,6 +19,7 @@ from conftest import REPO_ROOT, run_python
 from util.checkpoint import save_checkpoint
 
 EXIT_USER_ERROR = 2  # README "Exit codes": one code for every mistake a user can fix
+pytestmark = pytest.mark.slow  # every test here starts a fresh interpreter (and some a short training run)
 TINY_MAE = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
             "decoder_num_heads": 2, "patch_size": 1}
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
