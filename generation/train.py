@@ -44,7 +44,7 @@ from util.run_log import RunLogger
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
-from util.run_dir import claim_output_dir
+from util.run_dir import claim_output_dir, release_output_dir
 from util.sampler import ResumableDistributedSampler
 
 # Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
@@ -373,6 +373,7 @@ def train(run: Run) -> LoopState:
     if preemption.requested:
         run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
     run.logger.close()
+    release_output_dir(run.experiment_dir)
     return state
 
 

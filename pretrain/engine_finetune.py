@@ -29,7 +29,7 @@ from util.lr_sched import adjust_learning_rate
 from util.precision import add_precision_arg, autocast, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
-from util.run_dir import claim_output_dir
+from util.run_dir import claim_output_dir, release_output_dir
 from util.sampler import ResumableDistributedSampler
 from util.errors import CommandLineExit, UserError, run_cli
 
@@ -661,6 +661,7 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     finally:
         logger.close()
         run.preemption.restore()
+        release_output_dir(args.output_dir)
     cleanup()
     return metrics
 

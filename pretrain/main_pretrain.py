@@ -38,7 +38,7 @@ from util.loop import LoopPosition
 from util.lr_sched import effective_lr
 from util.precision import add_precision_arg, enable_tf32, make_grad_scaler
 from util.preemption import PreemptionHandler
-from util.run_dir import claim_output_dir
+from util.run_dir import claim_output_dir, release_output_dir
 from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
 
@@ -387,6 +387,7 @@ def main(args) -> None:
     finally:
         run.preemption.restore()
         run.logger.close()
+        release_output_dir(args.output_dir)
         cleanup()
 
 

@@ -98,6 +98,14 @@ def _move_aside(folder: Path, checkpoints: list[Path]) -> Path:
     return target
 
 
+def release_output_dir(folder) -> None:
+    """Releases this process's lock on `folder` at the end of a run (a later run in the same process, e.g. a
+    test or the demo, can then claim it); a process that dies releases it anyway."""
+    lock = _HELD.pop(str(Path(folder).resolve()), None)
+    if lock is not None:
+        lock.release()
+
+
 def claim_output_dir(folder, resume: Optional[str] = None, overwrite: bool = False, is_main: bool = True,
                      flag: str = "--output_dir", names: Iterable[str] = CHECKPOINT_NAMES,
                      log=print) -> Optional[RunLock]:
