@@ -132,17 +132,21 @@ def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: 
                eval_every: int, save_fn: Callable[[LoopState], None], eval_hooks: Sequence[EvalHook],
                ema: nn.Module, logger, lr: float, device: torch.device,
                should_stop: Callable[[int], bool] = lambda step: False,
-               log_fn: Callable[[str], None] = print) -> LoopState:
+               log_fn: Callable[[str], None] = print,
+               on_epoch_end: Callable[[LoopState], None] = lambda state: None) -> LoopState:
     """Runs optimizer steps until `epochs` or `max_steps`; checkpoints every `ckpt_every` steps and at the end.
 
     state.batch_in_epoch lets a resumed run skip the batches its epoch already consumed (the sampler skips
     them without loading). `should_stop(step)` is the preemption check (a collective every rank calls).
     A non-finite loss raises before the next log line or checkpoint, so a diverged model is never saved.
+    The first step is always logged, so a run shorter than `log_every` still shows its loss.
+    `on_epoch_end(state)` runs on every rank after each full epoch (e.g. the skipped-image report).
     """
     running_loss = torch.zeros((), device=device)  # summed since the last log step, never read in between
     interval_steps = 0
     throughput = Throughput()
     last_saved = state.step
+    logged_once = False
     stop = max_steps is not None and state.step >= max_steps
     while not stop and state.epoch < epochs:
         sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch, batch_size=local_batch)
@@ -153,7 +157,8 @@ def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: 
             throughput.update(global_batch)
             state.step += 1
             state.batch_in_epoch += 1
-            if state.step % log_every == 0:
+            if state.step % log_every == 0 or not logged_once:
+                logged_once = True
                 # The only host sync of the interval: mean loss over its steps and over ranks.
                 mean_loss = check_finite(all_reduce_mean(running_loss / interval_steps), state.step)
                 images_per_sec = throughput.rate()
@@ -183,6 +188,7 @@ def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: 
             if stop:
                 break
         else:
+            on_epoch_end(state)
             state.epoch += 1
             state.batch_in_epoch = 0
     if state.step != last_saved:

@@ -44,6 +44,8 @@ from scipy.special import log_softmax, xlogy
 
 from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_reference
 from generation.inception import (POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, full_fp32)
+from util.checkpoint import atomic_open
+from util.disk import ensure_writable_file
 from util.errors import UserError, run_cli
 from util.progress import progress_bar as tqdm
 from util.precision import configure_cuda
@@ -366,10 +368,51 @@ def fd_dinov2(ref_batch: NpzBatch, sample_batch: NpzBatch, extractor: DinoV2Feat
     return {"fd_dinov2": value, "fd_dinov2_reference": source, "dinov2_weights": str(extractor.weights)}
 
 
+# Below this many samples the 2048 x 2048 sample covariance is singular and FID mostly measures the bias of
+# estimating it; the published numbers (FID-50K) are not comparable then.
+MIN_SAMPLES_FOR_FID = POOL_DIM
+STANDARD_NUM_SAMPLES = 50_000
+
+
+def comparison_warnings(ref_batch: NpzBatch, sample_batch: NpzBatch, allow_resolution_mismatch: bool = False) -> list:
+    """Sentences saying what the metrics of this comparison mean when it is not the standard one.
+
+    A resolution mismatch is refused (NpzError) unless `allow_resolution_mismatch`: ADM's evaluator resizes
+    both to 299 px, so the scores would measure the resizing as much as the model.
+    """
+    notes = []
+    sample_size, ref_size = sample_batch.shape[1:3], ref_batch.shape[1:3]
+    if sample_size != ref_size:
+        message = (f"the samples are {sample_size[0]}x{sample_size[1]} px but the reference images are "
+                   f"{ref_size[0]}x{ref_size[1]} px, so the scores would measure the resizing as much as the model")
+        if not allow_resolution_mismatch:
+            raise NpzError(f"{message}; sample at the reference's resolution, or pass --allow-resolution-mismatch "
+                           "to score them anyway (ADM's evaluator does not check).")
+        notes.append(message + ".")
+    num_samples, num_ref = len(sample_batch), len(ref_batch)
+    if num_samples < MIN_SAMPLES_FOR_FID:
+        notes.append(f"only {num_samples} samples (fewer than the {MIN_SAMPLES_FOR_FID} Inception features), so the "
+                     "sample covariance is singular: FID, sFID and Inception Score are dominated by the small "
+                     f"sample and are not comparable to published FID-{STANDARD_NUM_SAMPLES // 1000}K numbers.")
+    elif num_samples < num_ref:
+        notes.append(f"{num_samples} samples against {num_ref} reference images: FID is biased upward with fewer "
+                     f"samples, so compare it only with FID computed from {num_samples} samples (published numbers "
+                     f"use {STANDARD_NUM_SAMPLES}).")
+    return notes
+
+
 def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64, device="cpu", log=print,
-                 fd_dinov2_weights=None) -> dict:
-    """Runs ADM's evaluation of SAMPLE against REF (+ FD_DINOv2 with its weights); returns the metrics."""
+                 fd_dinov2_weights=None, allow_resolution_mismatch: bool = False) -> dict:
+    """Runs ADM's evaluation of SAMPLE against REF (+ FD_DINOv2 with its weights); returns the metrics (and logs
+    ADM's lines).
+
+    Non-standard comparisons (few samples, another resolution) are warned about on stderr and listed under
+    "warnings" in the metrics; see `comparison_warnings`.
+    """
     ref_batch, sample_batch = NpzBatch(ref_path), NpzBatch(sample_path)  # refuse bad files before any work
+    notes = comparison_warnings(ref_batch, sample_batch, allow_resolution_mismatch)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     dinov2 = DinoV2FeatureExtractor(fd_dinov2_weights, device) if fd_dinov2_weights is not None else None
     extractor = InceptionFeatureExtractor(inception_weights, device)
     log("computing reference batch activations...")
@@ -389,7 +432,8 @@ def evaluate_npz(ref_path, sample_path, inception_weights, batch_size: int = 64,
     log("Recall:", metrics["recall"])
     metrics.update(num_samples=len(sample_batch), num_reference_images=len(ref_batch),
                    reference_statistics="stored" if ref_batch.stored_statistics is not None else "arr_0",
-                   ref_batch=str(ref_path), sample_batch=str(sample_path), inception_weights=str(inception_weights))
+                   ref_batch=str(ref_path), sample_batch=str(sample_path), inception_weights=str(inception_weights),
+                   warnings=notes)
     if dinov2 is not None:
         metrics.update(fd_dinov2(ref_batch, sample_batch, dinov2, batch_size, log))
     return metrics
@@ -404,9 +448,8 @@ def default_json_path(sample_path) -> Path:
 def write_json(metrics: dict, path) -> Path:
     """Writes via a temporary file and a rename, so a crash never leaves half a JSON."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_open(path) as handle:
+        handle.write((json.dumps(metrics, indent=2) + "\n").encode())
     return path
 
 
@@ -422,6 +465,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-json", default=None, help="default: <sample stem>.metrics.json next to it")
+    parser.add_argument("--allow-resolution-mismatch", action="store_true",
+                        help="score samples whose resolution differs from the reference's (refused by default)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}.")
@@ -431,13 +476,20 @@ def parse_args(argv=None):
     return args
 
 
+def evaluate_to_json(args) -> tuple:
+    """(metrics, JSON path): the output path is checked writable before the minutes of Inception work."""
+    json_path = ensure_writable_file(args.output_json or default_json_path(args.sample_batch), "--output-json")
+    metrics = evaluate_npz(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
+                           args.device, fd_dinov2_weights=args.fd_dinov2_weights,
+                           allow_resolution_mismatch=args.allow_resolution_mismatch)
+    return metrics, write_json(metrics, json_path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if torch.device(args.device).type == "cuda":
         configure_cuda(tf32=False)  # Inception runs in exact fp32 (ADM parity); its convs are fixed-shape
-    metrics = run_cli(evaluate_npz, args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
-                      args.device, prog="generation.evaluate", fd_dinov2_weights=args.fd_dinov2_weights)
-    json_path = write_json(metrics, args.output_json or default_json_path(args.sample_batch))
+    metrics, json_path = run_cli(evaluate_to_json, args, prog="generation.evaluate")
     print(f"wrote {json_path}")
     return metrics
 

@@ -36,6 +36,8 @@ from generation.sampler_setup import (add_sampler_flags, build_generator, check_
                                       parse_with_mode)
 from generation.sampling import ImageGenerator, check_sample_folder, create_npz_from_sample_folder, sample_to_folder
 from generation.train_utils import add_flags
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
 from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
 from util.precision import add_precision_arg, configure_cuda
@@ -68,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
-    return parser
+    return show_defaults(parser)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,6 +100,7 @@ def sampling_config(args, dist_env) -> dict:
 
 def setup(args, dist_env, log=print) -> ImageGenerator:
     model_kwargs = check_args(args)
+    ensure_writable_dir(args.sample_dir, flag="--sample-dir")  # before the model and the VAE, not after
     model = load_model(args, model_kwargs, dist_env.device,
                        warn=warnings.warn if dist_env.is_main else (lambda *a, **k: None))
     generator = build_generator(args, model, dist_env.device)

@@ -38,6 +38,7 @@ from PIL import Image, PngImagePlugin
 
 from generation.diffusion import create_diffusion
 from generation.transport import Sampler
+from util.disk import reporting_disk_full
 from util.precision import autocast
 from util.rng import sample_seed
 from util.errors import UserError
@@ -235,8 +236,12 @@ def write_png(path: Path, image: np.ndarray, label: int) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(LABEL_KEY, str(int(label)))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        with reporting_disk_full(path):
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no 0-byte or partial PNG behind
 
 
 def read_png(path: Path) -> tuple[np.ndarray, int]:
@@ -264,26 +269,39 @@ def global_batches(num_samples: int, batch_size: int, rank: int, world_size: int
 
 
 def check_sample_folder(sample_dir, config: dict, is_main: bool) -> None:
-    """Refuses to resume into a folder sampled with other settings; the main rank records `config`.
+    """Refuses to sample into a folder sampled with other settings; the main rank records `config`.
 
-    Every rank reads the recorded config (written atomically), so all of them stop on a mismatch.
+    The record is created atomically (written to a temporary file, then hard-linked to its name, which
+    fails if the name exists), so of two runs started together into one folder exactly one records its
+    settings and the other compares against them and is refused if they differ. Every rank reads an
+    existing record, so all of them stop on a mismatch.
     """
     sample_dir = Path(sample_dir)
     record = sample_dir / SAMPLING_CONFIG_NAME
     if record.is_file():
-        saved = json.loads(record.read_text())
-        changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
-        if changed:
-            key = changed[0]
-            raise SamplingError(
-                f"{sample_dir} holds samples made with {key}={saved.get(key)!r} but this run has "
-                f"{key}={config.get(key)!r}{f' (and {len(changed) - 1} more differences)' if len(changed) > 1 else ''}; "
-                "use another --sample-dir or the original settings to resume it.")
-    if is_main:
-        sample_dir.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+        _compare_sampling_config(sample_dir, json.loads(record.read_text()), config)
+    if not is_main:
+        return
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    with reporting_disk_full(record):
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, record)
+    try:
+        os.link(tmp, record)
+    except FileExistsError:  # recorded before us (an earlier run, or one started at the same moment)
+        _compare_sampling_config(sample_dir, json.loads(record.read_text()), config)
+    finally:
+        tmp.unlink()
+
+
+def _compare_sampling_config(sample_dir: Path, saved: dict, config: dict) -> None:
+    changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
+    if changed:
+        key = changed[0]
+        raise SamplingError(
+            f"{sample_dir} holds samples made with {key}={saved.get(key)!r} but this run has "
+            f"{key}={config.get(key)!r}{f' (and {len(changed) - 1} more differences)' if len(changed) > 1 else ''}; "
+            "use another --sample-dir or the original settings to resume it.")
 
 
 def sample_to_folder(generator: ImageGenerator, sample_dir, num_samples: int, batch_size: int, global_seed: int,
@@ -348,6 +366,10 @@ def create_npz_from_sample_folder(sample_dir, num_samples: int, workers: int = 8
         list(pool.map(load, range(num_samples)))
     out = npz_path_for(sample_dir)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels)
-    os.replace(tmp, out)
+    try:
+        with reporting_disk_full(out):
+            np.savez(tmp, arr_0=images, arr_1=labels)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

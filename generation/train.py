@@ -37,7 +37,9 @@ from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from models.vae import vae_identity
-from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
+from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
 from util.distributed import add_dist_timeout_arg, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
@@ -48,6 +50,7 @@ from util.run_log import RunLogger, require_wandb
 from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
+from util.run_dir import claim_output_dir, discard_on_failure, release_output_dir
 from util.sampler import ResumableDistributedSampler
 
 # Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
@@ -74,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--global-batch-size", type=int, default=256)
     add_flags(parser, "--global-seed", "--vae")
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--strict-data", "--strict_data", dest="strict_data", action="store_true",
+                        help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
     # USP's additions.
@@ -133,7 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
     add_repa_flags(parser)
-    return parser
+    return show_defaults(parser)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,18 +185,34 @@ def check_resume(args, checkpoint: dict, path: Path) -> None:
         if key in saved and saved[key] != current[key]:
             raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
                             f"command says {current[key]!r}; use the original value to continue that run.")
-    if "step" not in checkpoint or "ema" not in checkpoint:
-        raise UserError(f"--resume {path} has no training state (step/ema); to start from weights use --finetune.")
+    require_training_state(checkpoint, path, keys=("model", "ema", "opt", "step"),
+                           hint="to start from these weights use --finetune.")
 
 
 def experiment_dir_for(args, resume_path) -> Path:
-    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them)."""
+    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them),
+    claimed for this run (`util.run_dir`: locked while it runs). Main rank only.
+
+    A fresh folder is created with mkdir(exist_ok=False), taking the next number if another run started at
+    the same moment took this one: two runs never share (and interleave) one experiment folder.
+    """
     if resume_path is not None:
         parent = Path(resume_path).resolve().parent
-        return parent.parent if parent.name == "checkpoints" else parent
-    index = len(glob(f"{args.results_dir}/*"))
+        folder = parent.parent if parent.name == "checkpoints" else parent
+        claim_output_dir(folder, resume=str(resume_path), flag="--resume")
+        return folder
+    results = ensure_writable_dir(args.results_dir, flag="--results-dir")
+    index = len(glob(f"{results}/*"))
     name = args.model.replace("/", "-") + (f"-{args.exp_name}" if args.exp_name else "")
-    return Path(args.results_dir) / f"{index:03d}-{name}"
+    while True:
+        folder = results / f"{index:03d}-{name}"
+        try:
+            folder.mkdir(exist_ok=False)
+            break
+        except FileExistsError:
+            index += 1
+    claim_output_dir(folder, flag="--results-dir")
+    return folder
 
 
 def broadcast_object(value, is_main: bool):
@@ -222,7 +243,7 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
                                   random_flip=args.random_flip)
         classes, source = base.manifest["classes"], args.cached_path
     else:
-        folder = build_image_folder(args.data_path)
+        folder = build_image_folder(args.data_path, strict=args.strict_data)
         base = SeededDataset(folder, generation_transform(args.image_size, args.random_flip), seed=args.global_seed)
         classes, source = folder.classes, args.data_path
     if len(classes) != args.num_classes:
@@ -289,86 +310,91 @@ def setup(args) -> Run:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {dist_env.world_size} "
                         f"processes; use a multiple of {dist_env.world_size}.")
     local_batch = args.global_batch_size // dist_env.world_size
-    seed_everything(rank_seed(args.global_seed, dist_env.rank))
-    device = dist_env.device
-    if device.type == "cuda":
-        configure_cuda(deterministic=args.deterministic)
-
-    targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
-    model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)
-    dataset = build_dataset(args, latent_shape, model.y_embedder.dropout_prob)
-    check_token_grid(model, targets, dataset.features)
-    sampler = ResumableDistributedSampler(len(dataset), num_replicas=dist_env.world_size, rank=dist_env.rank,
-                                          shuffle=True, seed=args.global_seed, drop_last=True)
-    if len(sampler) < local_batch:
-        raise UserError(f"each of the {dist_env.world_size} processes gets {len(sampler)} samples per epoch, fewer "
-                        f"than its batch of {local_batch}; lower --global-batch-size or add data.")
-
-    report = None
-    if checkpoint is None and args.finetune is not None:
-        report = transfer_pretrained(model, args.finetune, use_pretrain_layer=args.use_pretrain_layer)
-    model = model.to(device)
-    objective = build_objective(args.model, args.num_classes, args.path_type, args.prediction, args.loss_weight,
-                                args.train_eps, args.sample_eps, use_lognorm=args.use_lognorm,
-                                use_cosine_loss=args.use_cosine_loss, timestep_shift=args.timestep_shift)
-    needs_vae = args.cached_path is None or args.eval_every > 0
-    codec = build_vae(args, device) if needs_vae else None
-
-    # DDP broadcasts rank 0's weights (fresh init + --finetune) when it is built, so the EMA copy is taken
-    # afterwards: every rank's EMA then starts from the same weights, as DiT's update_ema(decay=0).
-    network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_env.distributed else model
-    ema = deepcopy(model)
-    requires_grad(ema, False)
-    ema.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, betas=(0.9, args.beta2),
-                                  fused=device.type == "cuda")
-    scaler = make_grad_scaler(device, args.precision)
-    state = LoopState()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["opt"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        state = LoopState(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
-                          batch_in_epoch=int(checkpoint["batch_in_epoch"]))
-        restore_rank_rng(checkpoint["rng"])
-        del checkpoint
-    model.train()
-    if args.compile:
-        network = torch.compile(network)
-    alignment = None
-    if args.repa:
-        alignment = Alignment(targets or None, args.proj_coeff, lambda: autocast(device, args.precision))
-    step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
-                        ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None,
-                        alignment=alignment, max_grad_norm=args.max_grad_norm)
-    loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
-                          pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
+    # Before any data or weights: an unwritable --results-dir, or a resumed folder in use, stops here.
     experiment_dir = broadcast_object(experiment_dir_for(args, resume_path) if dist_env.is_main else None,
                                       dist_env.is_main)
-    eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
+    # A fresh experiment folder that is still empty when a later check refuses the run is removed again.
+    with discard_on_failure(experiment_dir, enabled=dist_env.is_main and resume_path is None):
+        seed_everything(rank_seed(args.global_seed, dist_env.rank))
+        device = dist_env.device
+        if device.type == "cuda":
+            configure_cuda(deterministic=args.deterministic)
 
-    # Everything a user can get wrong has been checked: only now does the run leave files behind.
-    wandb_run = {"project": "usp-generation", "name": experiment_dir.name, "config": args_to_dict(args)}
-    logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
-                       wandb_run=wandb_run if args.wandb else None)
-    say = logger.info
-    if report is not None:
-        say(f"Initialised {args.model} from {args.finetune}:\n{report}")
-    if resume_path is not None:
-        say(f"Resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}).")
-    keep_last = args.keep_last if args.keep_last > 0 else None
-    manager = CheckpointManager(experiment_dir / "checkpoints", filename_fn=lambda step: f"{step:07d}.pt",
-                                keep_last=keep_last, is_main=dist_env.is_main,
-                                is_milestone=lambda step: args.milestone_every > 0 and step % args.milestone_every == 0)
-    if dist_env.is_main:
-        say(f"Experiment directory: {experiment_dir}")
-        say(f"{args.model} ({objective.name}) parameters: {sum(p.numel() for p in model.parameters()):,}; "
-            f"dataset {len(dataset):,} samples; {dist_env.world_size} process(es) x batch {local_batch}")
-        (experiment_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2))
-    return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, state, eval_hooks, logger, manager,
-               local_batch)
+        targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
+        model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)
+        dataset = build_dataset(args, latent_shape, model.y_embedder.dropout_prob)
+        check_token_grid(model, targets, dataset.features)
+        sampler = ResumableDistributedSampler(len(dataset), num_replicas=dist_env.world_size, rank=dist_env.rank,
+                                              shuffle=True, seed=args.global_seed, drop_last=True)
+        if len(sampler) < local_batch:
+            raise UserError(f"each of the {dist_env.world_size} processes gets {len(sampler)} samples per epoch, fewer "
+                            f"than its batch of {local_batch}; lower --global-batch-size or add data.")
+
+        report = None
+        if checkpoint is None and args.finetune is not None:
+            report = transfer_pretrained(model, args.finetune, use_pretrain_layer=args.use_pretrain_layer)
+        model = model.to(device)
+        objective = build_objective(args.model, args.num_classes, args.path_type, args.prediction, args.loss_weight,
+                                    args.train_eps, args.sample_eps, use_lognorm=args.use_lognorm,
+                                    use_cosine_loss=args.use_cosine_loss, timestep_shift=args.timestep_shift)
+        needs_vae = args.cached_path is None or args.eval_every > 0
+        codec = build_vae(args, device) if needs_vae else None
+
+        # DDP broadcasts rank 0's weights (fresh init + --finetune) when it is built, so the EMA copy is taken
+        # afterwards: every rank's EMA then starts from the same weights, as DiT's update_ema(decay=0).
+        network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_env.distributed else model
+        ema = deepcopy(model)
+        requires_grad(ema, False)
+        ema.eval()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, betas=(0.9, args.beta2),
+                                      fused=device.type == "cuda")
+        scaler = make_grad_scaler(device, args.precision)
+        state = LoopState()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            ema.load_state_dict(checkpoint["ema"])
+            optimizer.load_state_dict(checkpoint["opt"])
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            state = LoopState(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
+                              batch_in_epoch=int(checkpoint["batch_in_epoch"]))
+            restore_rank_rng(checkpoint["rng"])
+            del checkpoint
+        model.train()
+        if args.compile:
+            network = torch.compile(network)
+        alignment = None
+        if args.repa:
+            alignment = Alignment(targets or None, args.proj_coeff, lambda: autocast(device, args.precision))
+        step_fn = TrainStep(network, model, ema, objective, optimizer, scaler, device, args.precision,
+                            ema_decay=args.ema_decay, codec=codec if args.cached_path is None else None,
+                            alignment=alignment, max_grad_norm=args.max_grad_norm)
+        loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
+                              pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
+        eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
+
+        # Everything a user can get wrong has been checked: only now does the run leave files behind.
+        wandb_run = {"project": "usp-generation", "name": experiment_dir.name, "config": args_to_dict(args)}
+        # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
+        logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
+                           wandb_run=wandb_run if args.wandb else None,
+                           resume_step=state.step if resume_path is not None else None)
+        say = logger.info
+        if report is not None:
+            say(f"Initialised {args.model} from {args.finetune}:\n{report}")
+        if resume_path is not None:
+            say(f"Resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}).")
+        keep_last = args.keep_last if args.keep_last > 0 else None
+        manager = CheckpointManager(experiment_dir / "checkpoints", filename_fn=lambda step: f"{step:07d}.pt",
+                                    keep_last=keep_last, is_main=dist_env.is_main,
+                                    is_milestone=lambda step: args.milestone_every > 0 and step % args.milestone_every == 0)
+        if dist_env.is_main:
+            say(f"Experiment directory: {experiment_dir}")
+            say(f"{args.model} ({objective.name}) parameters: {sum(p.numel() for p in model.parameters()):,}; "
+                f"dataset {len(dataset):,} samples; {dist_env.world_size} process(es) x batch {local_batch}")
+            (experiment_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2))
+        return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, state, eval_hooks, logger, manager,
+                   local_batch)
 
 
 def make_save_fn(run: Run):
@@ -394,6 +420,13 @@ def make_save_fn(run: Run):
     return save
 
 
+def report_skipped_images(run: Run, step: int) -> None:
+    """The epoch's skipped-image line and log entry (every rank calls it: the report merges their records)."""
+    images = getattr(run.loader.dataset.base, "base", None)  # SafeImageFolder; None for a latent cache
+    if hasattr(images, "skip_report"):
+        run.logger.report_skips(images.skip_report(), step)
+
+
 def train(run: Run) -> LoopState:
     args = run.args
     preemption = PreemptionHandler()
@@ -402,10 +435,12 @@ def train(run: Run) -> LoopState:
         local_batch=run.local_batch, global_batch=args.global_batch_size, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, save_fn=make_save_fn(run),
         eval_hooks=run.eval_hooks, ema=run.step_fn.ema, logger=run.logger, lr=args.lr,
-        device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info)
+        device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info,
+        on_epoch_end=lambda state: report_skipped_images(run, state.step))
     if preemption.requested:
         run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
     run.logger.close()
+    release_output_dir(run.experiment_dir)
     return state
 
 

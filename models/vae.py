@@ -13,6 +13,7 @@ sampling and scaling happen later (per sample, per epoch) in `latents_from_momen
 """
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -21,6 +22,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from models.latent_norm import LATENT_STATS_FILENAME, ChannelNorm
 from models.latent_spec import LatentSpec, get_latent_spec
@@ -116,6 +118,10 @@ def _indices(keys, pattern: str) -> set:
 def ldm_autoencoder_config(state_dict: dict, expected: str = "the KL-16 kl16.ckpt released with MAR") -> LDMAutoencoderConfig:
     """Reads the architecture (levels, channels, blocks per level, attention placement) from LDM keys."""
     keys = list(state_dict)
+    if any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in keys):
+        raise VAEWeightsError("the file holds a diffusers AutoencoderKL (the d8 SD-VAE layout), not the LDM KL-16 "
+                              "checkpoint --vae_version d16 needs; pass its folder with --vae_version d8, or pass "
+                              "kl16.ckpt (released with MAR) for d16.")
     if "encoder.conv_in.weight" not in state_dict or "post_quant_conv.weight" not in state_dict:
         raise VAEWeightsError(f"the file is not an LDM KL autoencoder checkpoint: it has no encoder.conv_in / "
                               f"post_quant_conv weights (expected {expected}).")
@@ -287,13 +293,22 @@ def _load_d8_autoencoder(vae_path):
     from diffusers import AutoencoderKL
 
     source = str(Path(vae_path).expanduser()) if vae_path is not None else DEFAULT_D8_HUB_ID
+    if Path(source).is_file():
+        raise VAEWeightsError(f"the d8 VAE {source!r} is a file, but d8 needs a diffusers AutoencoderKL folder "
+                              "(config.json + diffusion_pytorch_model.safetensors); pass that folder with "
+                              "--vae_path / --vae-path (a kl16.ckpt file goes with --vae_version d16).")
     if not (Path(source).is_dir() or _looks_like_hub_id(source)):
         raise VAEWeightsError(_MISSING_WEIGHTS["d8"].format(path=source))
+    if Path(source).is_dir():
+        _check_diffusers_folder(Path(source))
     try:
-        return AutoencoderKL.from_pretrained(source)
+        # low_cpu_mem_usage=False: the default (True) needs `accelerate` and, without it, diffusers prints a
+        # six-line warning at every load before falling back to this very path; a VAE is small either way.
+        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
     except (OSError, ValueError) as error:
-        # Offline machine without the hub cache, or a folder without a diffusers config.
-        raise VAEWeightsError(f"could not load the d8 VAE from {source!r} ({type(error).__name__}); pass a local "
+        # Offline machine without the hub cache, or weights that do not decode.
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise VAEWeightsError(f"could not load the d8 VAE from {source!r} ({detail[:160]}); pass a local "
                               f"diffusers AutoencoderKL folder (e.g. a download of the huggingface.co/"
                               f"stabilityai/sd-vae-ft-ema repo) with --vae_path / --vae-path.") from None
 
@@ -301,6 +316,31 @@ def _load_d8_autoencoder(vae_path):
 def channels_last_vae() -> bool:
     """Whether the VAE runs in channels_last on CUDA (default yes; USP_VAE_CHANNELS_LAST=0 for NCHW)."""
     return os.environ.get("USP_VAE_CHANNELS_LAST", "1") != "0"
+
+
+def _check_diffusers_folder(folder: Path) -> None:
+    """Names the broken piece of a local diffusers folder (no config.json, bad JSON, no or garbage weights)
+    before diffusers reports all of them as the same OSError."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise VAEWeightsError(f"the d8 VAE folder {str(folder)!r} has no config.json, so it is not a diffusers "
+                              "AutoencoderKL folder; pass the folder that holds config.json and the weights.")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VAEWeightsError(f"{config} is not valid JSON ({error}); re-download the VAE folder.") from None
+    weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model*.bin"))
+    if not weights:
+        raise VAEWeightsError(f"the d8 VAE folder {str(folder)!r} has config.json but no diffusion_pytorch_model "
+                              ".safetensors/.bin weights; re-download the VAE folder.")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own SafetensorError for any malformed header
+                raise VAEWeightsError(f"the VAE weights {path} are not a readable safetensors file ({error}); "
+                                      "re-download the VAE folder.") from None
 
 
 class LatentCodec(nn.Module):

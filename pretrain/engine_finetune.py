@@ -20,8 +20,8 @@ from models.dit_classifier import DIT_CLASSIFIERS, load_dit_backbone
 from models.latent_spec import get_latent_spec
 from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.robustness import GaussianNoise, ddpm_alpha_bar, diffuse_latents
-from util.checkpoint import args_to_dict, load_checkpoint, save_checkpoint
-from util.cli import parse_json_object
+from util.checkpoint import args_to_dict, load_checkpoint, require_training_state, save_checkpoint
+from util.cli import check_model_builds, default_num_workers, parse_json_object
 from util.data import build_image_folder, build_loader, eval_transform
 from util.distributed import (add_dist_timeout_arg, cleanup, get_world_size, init_distributed, is_dist, rank_seed,
                               seed_everything, setup_for_distributed_printing)
@@ -31,6 +31,7 @@ from util.lr_sched import adjust_learning_rate
 from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.rng import gather_rng_states, restore_rank_rng
+from util.run_dir import claim_output_dir, release_output_dir
 from util.sampler import ResumableDistributedSampler
 from util.errors import CommandLineExit, UserError, run_cli
 
@@ -90,7 +91,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
                         help="split evaluation over all ranks (every image counted exactly once)")
     parser.add_argument("--eval_freq", default=1, type=int,
                         help="evaluate every N epochs (and always after the last one or an early stop)")
-    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+                        help="data-loading processes per GPU (MAE's 10, or fewer on a smaller machine)")
+    parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output_dir that holds another run's checkpoints (they are moved "
+                             "into overwritten-<time>/, not deleted)")
     parser.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory for transfers")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.add_argument("--max_steps", default=None, type=int,
@@ -140,6 +146,10 @@ def validate_args(args) -> None:
         require_wandb()
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
+    check_model_builds(lambda: create_vit(args.model, args.input_size, vae_version=args.vae_version,
+                                          num_classes=args.nb_classes, global_pool=args.global_pool,
+                                          **args.model_kwargs_dict),
+                       "--model_kwargs", args.model, args.model_kwargs_dict)
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
@@ -151,6 +161,8 @@ def start(args):
     validate_args(args)
     dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     setup_for_distributed_printing(dist_env.is_main)
+    if args.output_dir and not args.eval:  # unwritable, in use, or another run's: stop before any data or weights
+        claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist_env.is_main)
     if dist_env.device.type == "cuda":
         configure_cuda(deterministic=args.deterministic)
     return dist_env
@@ -567,7 +579,8 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
     path = Path(args.resume)
     if path.is_dir():
         path = path / LAST_NAME
-    state = load_checkpoint(path)
+    state = require_training_state(load_checkpoint(path), path,
+                                   hint="to start from these weights use --finetune instead of --resume.")
     try:
         classifier.vit.load_state_dict(state["model"], strict=True)
     except (KeyError, RuntimeError) as error:
@@ -613,6 +626,9 @@ def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_m
             break
         train_sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
         stats, stop_reason = train_one_epoch(model, train_loader, optimizer, scaler, position, run)
+        images = getattr(train_loader.dataset, "base", None)  # the SafeImageFolder (None for a latent cache)
+        if hasattr(images, "skip_report"):  # every rank: the report merges their records
+            logger.report_skips(images.skip_report(), position.global_step)
         if stop_reason == "preempted":
             save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
             logger.info(f"Stopped on {run.preemption.signal_name or 'a preemption signal'} at step "
@@ -694,12 +710,16 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
     if args.resume:
         position, best_acc1 = resume_from(args, classifier, optimizer, scaler, model_ema)
-    print(f"base lr: {base_lr:.3e}  effective batch: {args.batch_size * args.accum_iter * dist_env.world_size}  "
-          f"steps/epoch: {train_data.steps_per_epoch}")
+    effective_batch = args.batch_size * args.accum_iter * dist_env.world_size
+    # MAE's two lines: the base lr (--blr, per 256 images) and the absolute lr it gives for this batch.
+    print(f"base lr: {base_lr * 256 / effective_batch:.3e}  actual lr: {base_lr:.3e}  effective batch: "
+          f"{effective_batch}  steps/epoch: {train_data.steps_per_epoch}")
 
     wandb_run = {"project": "usp-understanding", "name": Path(args.output_dir).name, "config": vars(args)}
+    # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
     logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
-                       wandb_run=wandb_run if args.wandb else None)
+                       wandb_run=wandb_run if args.wandb else None,
+                       resume_step=position.global_step if position.global_step > 0 else None)
     run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
                      base_lr=base_lr, steps_per_epoch=train_data.steps_per_epoch, criterion=criterion,
                      mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=clip_grad)
@@ -709,6 +729,7 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     finally:
         logger.close()
         run.preemption.restore()
+        release_output_dir(args.output_dir)
     cleanup()
     return metrics
 

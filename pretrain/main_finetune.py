@@ -28,6 +28,7 @@ from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
                                       guard_posterize, image_mean_std, run_main, start, t_noise_alpha_bar, train)
+from util.cli import show_defaults
 from util.data import SeededDataset, build_image_folder
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
@@ -73,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how to apply mixup/cutmix params: per batch, pair or element")
     parser.add_argument("--model_ema", action="store_true", help="keep (and evaluate) an EMA of the weights")
     parser.add_argument("--model_ema_decay", type=float, default=0.9999)
-    return parser
+    return show_defaults(parser)
 
 
 def build_train_dataset(args, pixel: bool) -> SeededDataset:
@@ -84,7 +85,7 @@ def build_train_dataset(args, pixel: bool) -> SeededDataset:
         auto_augment=None if args.aa in (None, "none") else args.aa, interpolation="bicubic",
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std, no_aug=args.no_aug,
     )
-    base = build_image_folder(args.data_path, "train")
+    base = build_image_folder(args.data_path, "train", strict=args.strict_data)
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
     return SeededDataset(base, guard_posterize(transform), seed=args.seed)
 

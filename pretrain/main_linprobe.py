@@ -26,6 +26,7 @@ from models.vit import is_pixel_model
 from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
                                       build_models, build_train_loader, check_class_count, evaluate_only,
                                       image_mean_std, run_main, start, t_noise_alpha_bar, train)
+from util.cli import show_defaults
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
 from util.tf_crop import RandomResizedCrop
@@ -43,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
                              "block depth - skip_depth (USP)")
     parser.add_argument("--image_mix", action="store_true", help=argparse.SUPPRESS)  # USP accepts it; no effect
-    return parser
+    return show_defaults(parser)
 
 
 def build_train_dataset(args, pixel: bool):
@@ -73,7 +74,7 @@ def build_train_dataset(args, pixel: bool):
     transform = transforms.Compose([  # MAE/USP's probe: TF-style RandomResizedCrop (bicubic) + flip
         RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
-    base = build_image_folder(args.data_path, "train")
+    base = build_image_folder(args.data_path, "train", strict=args.strict_data)
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
     return SeededDataset(base, transform, seed=args.seed)
 

@@ -27,8 +27,8 @@ from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
 from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
-from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
-from util.cli import parse_json_object
+from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.cli import check_model_builds, default_num_workers, parse_json_object, show_defaults
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
 from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
@@ -40,6 +40,7 @@ from util.loop import LoopPosition
 from util.lr_sched import effective_lr
 from util.precision import add_determinism_arg, add_precision_arg, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
+from util.run_dir import claim_output_dir, release_output_dir
 from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
 
@@ -111,7 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="with --use_cached, draw a posterior sample each step as USP's cached path does "
                              "(default: the posterior mean, as USP's online path)")
     parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
-    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+                        help="data-loading processes per GPU (the recipe's 10, or fewer on a smaller machine)")
     parser.add_argument("--pin_mem", action="store_true",
                         help="pin CPU memory in the DataLoader for more efficient transfer to the GPU")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -130,9 +132,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_last", default=None, type=int,
                         help="keep only the newest K checkpoints (default: keep all, as MAE)")
     parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric reads")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output_dir that holds another run's checkpoints (they are moved "
+                             "into overwritten-<time>/, not deleted)")
     # torch.distributed.launch passes --local_rank; torchrun's LOCAL_RANK environment variable is what we use.
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
-    return parser
+    return show_defaults(parser)
 
 
 class MaskedModelingDataset(torch.utils.data.Dataset):
@@ -179,6 +184,21 @@ def build_model(args) -> torch.nn.Module:
     return create_mae(args.model, args.input_size, vae_version=args.vae_version,
                       norm_pix_loss=args.norm_pix_loss, norm_image=args.norm_image,
                       **parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 32, "depth": 2}'))
+
+
+def check_args(args) -> None:
+    """Every check of the command line that needs no data, weights or GPU: it runs first."""
+    if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
+        raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
+    if args.epochs < 1 or args.epochs <= args.start_epoch and not args.resume:
+        raise UserError(f"--epochs {args.epochs} leaves nothing to train (it counts all epochs of the run, from "
+                        f"--start_epoch {args.start_epoch}); pass a larger --epochs.")
+    if not 0 < args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio {args.mask_ratio:g} must be between 0 and 1 (exclusive): it is the fraction "
+                        "of patches hidden from the encoder (USP and MAE use 0.75).")
+    is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
+    overrides = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 32, "depth": 2}')
+    check_model_builds(lambda: build_model(args), "--model_kwargs", args.model, overrides)
 
 
 def build_dataset(args, model, pixel: bool):
@@ -252,16 +272,18 @@ def check_fits(model, state_dict: dict, path, args) -> None:
                          "the checkpoint was trained with.")
 
 
-def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -> LoopPosition:
-    """Loads --resume into model/optimizer/scaler and returns where the run continues.
+def resume_position(args, model, optimizer, scaler, global_batch: int) -> tuple:
+    """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
 
     Our checkpoints carry a `resume` block (epoch, samples consumed in it, optimizer steps, per-rank
     RNG states); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at
     the next epoch.
     """
     if not args.resume:
-        return LoopPosition(epoch=args.start_epoch)
+        return LoopPosition(epoch=args.start_epoch), None
     path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
+    require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
+                                                   "state dict holds no run to continue).")
     check_fits(model, checkpoint["model"], path, args)
     model.load_state_dict(checkpoint["model"])
     if "optimizer" in checkpoint:
@@ -272,17 +294,16 @@ def resume_position(args, model, optimizer, scaler, global_batch: int, logger) -
     if state is None:
         # Released weights carry only `model`: continue from --start_epoch with fresh optimizer state.
         next_epoch = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else args.start_epoch
-        logger.info(f"resumed {path}, continuing at epoch {next_epoch}")
-        return LoopPosition(epoch=next_epoch)
+        return LoopPosition(epoch=next_epoch), f"resumed {path}, continuing at epoch {next_epoch}"
     restore_rank_rng(state["rng"])
     samples = int(state["samples"])
     if samples % global_batch:
         raise UserError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
                          f"not a whole number of global batches of {global_batch}; resume with the original "
                          "--batch_size, --accum_iter and number of processes.")
-    logger.info(f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
-    return LoopPosition(epoch=int(state["epoch"]), batch=samples // (global_batch // args.accum_iter),
-                        global_step=int(state["global_step"]))
+    return (LoopPosition(epoch=int(state["epoch"]), batch=samples // (global_batch // args.accum_iter),
+                         global_step=int(state["global_step"])),
+            f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
 
 
 def save_state(run, model, optimizer, scaler, position: LoopPosition, epoch_done: bool):
@@ -321,10 +342,12 @@ def setup(args) -> SimpleNamespace:
         configure_cuda(deterministic=args.deterministic)
     if args.wandb:
         require_wandb()
-    if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
-        raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
+    check_args(args)
+    # Before any data or weights: a folder that is unwritable, in use, or holds another run stops here.
+    lock = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist_env.is_main,
+                            flag="--output_dir", log=print)
 
-    pixel = is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
+    pixel = is_pixel_model(args.model)
     seed_everything(args.seed)  # same initial weights on every rank and for every world size
     model = build_model(args)
     dataset = build_dataset(args, model, pixel)
@@ -352,10 +375,14 @@ def setup(args) -> SimpleNamespace:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
     scaler = make_grad_scaler(device, args.precision)
+    position, resumed = resume_position(args, model_without_ddp, optimizer, scaler, global_batch)
     wandb_run = {"project": "usp-pretrain", "name": Path(args.output_dir).name, "config": vars(args)}
+    # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
     logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
-                       wandb_run=wandb_run if args.wandb else None)
-    position = resume_position(args, model_without_ddp, optimizer, scaler, global_batch, logger)
+                       wandb_run=wandb_run if args.wandb else None,
+                       resume_step=position.global_step if position.global_step > 0 else None)
+    if resumed:
+        logger.info(resumed)
     logger.info(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f}M params, "
                 f"{'pixels' if pixel else 'latents'} {tuple(dataset.model_input_shape)}, "
                 f"{model_without_ddp.patch_embed.num_patches} patches")
@@ -365,7 +392,8 @@ def setup(args) -> SimpleNamespace:
         args=args, dist=dist_env, device=device, model=model, model_without_ddp=model_without_ddp,
         codec=codec, sampler=sampler, loader=loader, optimizer=optimizer, scaler=scaler, logger=logger,
         position=position, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
-        preemption=PreemptionHandler(),
+        preemption=PreemptionHandler(), output_lock=lock,
+        images=getattr(dataset.base, "base", None),  # the SafeImageFolder whose skipped files are reported
         checkpoints=CheckpointManager(args.output_dir, lambda epoch: f"checkpoint-{epoch}.pth",
                                       keep_last=args.keep_last, is_main=dist_env.is_main),
     )
@@ -381,6 +409,8 @@ def train(run) -> None:
         run.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
         result = train_one_epoch(run.model, run.codec, run.loader, run.optimizer, run.scaler, position, run)
         finished = result.epoch_finished
+        if finished and run.images is not None:  # every rank: the report merges their records
+            run.logger.report_skips(run.images.skip_report(), position.global_step)
         if finished and result.stats["loss"] is not None:
             run.logger.log(position.global_step, {"train_lr": result.stats["lr"], "train_loss": result.stats["loss"],
                                                   "epoch": position.epoch}, prefix="epoch")
@@ -396,13 +426,13 @@ def train(run) -> None:
 
 
 def main(args) -> None:
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     run = run_cli(setup, args, prog="main_pretrain", cleanup=cleanup)  # bad input: one sentence, exit 2
     try:
         run_cli(train, run, prog="main_pretrain")  # a diverged loss: one sentence, exit 1
     finally:
         run.preemption.restore()
         run.logger.close()
+        release_output_dir(args.output_dir)
         cleanup()
 
 

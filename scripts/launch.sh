@@ -8,7 +8,10 @@
 #   GPUS                       processes (GPUs) per node, default 8
 #
 # Usage inside a recipe:  source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"; launch -m pretrain.main_pretrain ...
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# No cd: relative paths in the user's command (DATA_PATH, --resume, --output_dir) keep meaning what they
+# typed; PYTHONPATH makes `-m pretrain.main_pretrain` etc. importable from any folder.
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NNODES=${NNODES:-${WORLD_SIZE:-1}}

@@ -33,5 +33,5 @@ launch -m generation.sample_ddp \
   "$@"
 
 if [ "$NODE_RANK" = "0" ] && [ -n "${REF_BATCH:-}" ]; then
-  bash scripts/eval.sh "$REF_BATCH" "$SAMPLE_DIR.npz"
+  bash "$repo_root/scripts/eval.sh" "$REF_BATCH" "$SAMPLE_DIR.npz"
 fi

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from util.disk import reporting_disk_full
 from util.errors import UserError
 
 
@@ -52,15 +53,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# Temporary names are ".<name>.tmp-<pid>"; util.run_dir removes the ones a killed run left.
+TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")
+
+
 @contextlib.contextmanager
 def atomic_open(path):
     """Opens a temporary file next to `path` for binary writing; on success fsyncs it and renames it
-    over `path`, so readers see either the old file or the complete new one, never a torn write."""
+    over `path`, so readers see either the old file or the complete new one, never a torn write.
+
+    A full disk raises `util.disk.DiskFullError` ("disk full at PATH") and the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as handle:
+        with reporting_disk_full(path), open(tmp, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -87,6 +95,10 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
     Files in torch's pre-1.6 (non-zip) format cannot be mapped and are read whole.
     """
     path = Path(path)
+    if path.is_dir():
+        newest = (_numbered_files(path, DEFAULT_PATTERN) + _numbered_files(path / "checkpoints", DEFAULT_PATTERN))
+        example = f" such as {max(newest, key=lambda item: item[0])[1]}" if newest else ""
+        raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here, so pass one{example}.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the --resume/--ckpt path.")
     try:
@@ -98,16 +110,62 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
         # The weights-only unpickler names the class or function it refused to import; any other
         # unpickling failure (unknown opcode, short read) means the bytes are damaged.
         found = re.search(r"GLOBAL (\S+?)[\s,]", str(error))
-        if found is None:
+        culprit = found.group(1) if found else _code_running_global(path)
+        if culprit is None:
             raise _corrupt(path, error) from error
-        culprit = f" (it references {found.group(1)})"
+        culprit = f" (it references {culprit})"
         raise CheckpointError(
-            f"checkpoint {path} was refused because loading it would execute pickled code{culprit}; "
+            f"checkpoint {path} refused: it would run code when loaded{culprit}; "
             "only tensors and plain Python values are loaded, so re-save it from a trusted environment "
             "as a state dict."
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise _corrupt(path, error) from error
+
+
+# What a plain state dict may reference; anything else in a pickle is a callable that would run on load.
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "numpy.")
+
+
+def _code_running_global(path: Path):
+    """First global a raw (non-zip) pickle file references that a state dict never needs, else None.
+
+    torch's weights-only unpickler rejects protocol-4+ pickles on their first opcode, before it reaches the
+    global that would run code; reading the opcodes (which executes nothing) tells a malicious file from a
+    damaged one.
+    """
+    import pickletools
+
+    strings = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, argument, _ in pickletools.genops(handle):
+                if isinstance(argument, str):
+                    strings.append(argument)
+                name = None
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = argument.replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                if name and not name.startswith(_PLAIN_GLOBALS):
+                    return name
+    except Exception:  # damaged bytes: pickletools stops where the opcodes stop making sense
+        return None
+    return None
+
+
+def require_training_state(checkpoint, path, keys=("model",), hint: str = "") -> dict:
+    """`checkpoint` if it is a dict holding `keys`; else one sentence saying it is not a training checkpoint.
+
+    A bare state dict (parameter name -> tensor) passed to --resume used to fail as `KeyError: 'model'`.
+    """
+    missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        bare = isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values())
+        kind = "a bare state dict" if bare else f"a file without {', '.join(repr(k) for k in missing)}"
+        raise CheckpointError(f"--resume {path} is not a training checkpoint (it is {kind}); "
+                              f"{hint or 'resume from a checkpoint this script wrote.'}")
+    return checkpoint
 
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
@@ -172,15 +230,22 @@ class CheckpointManager:
         if not self.is_main:
             return None
         path = save_checkpoint(state, self.path_for(step_or_epoch))
-        self._rotate()
+        self._rotate(step_or_epoch)
         return path
 
-    def _rotate(self) -> None:
+    def _rotate(self, newest: int) -> None:
+        """Deletes the oldest non-milestone checkpoints numbered below `newest`, the one just written.
+
+        Only lower numbers are candidates: a higher-numbered file was not written by this run (an older run
+        left it; `util.run_dir` refuses such a folder at start), and keeping "the highest K" would delete the
+        file this run has just saved.
+        """
         if not self.keep_last:
             return
-        rotating = [(number, path) for number, path in _numbered_files(self.directory, self.pattern)
-                    if not self.is_milestone(number)]
-        for _, path in rotating[: -self.keep_last]:
+        older = [path for number, path in _numbered_files(self.directory, self.pattern)
+                 if number < newest and not self.is_milestone(number)]
+        keep_older = self.keep_last - (0 if self.is_milestone(newest) else 1)
+        for path in older[: max(0, len(older) - keep_older)]:
             path.unlink(missing_ok=True)
 
 

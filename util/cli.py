@@ -1,5 +1,7 @@
 """Command-line value parsing that several entry points share."""
+import argparse
 import json
+import os
 
 from util.errors import UserError
 
@@ -16,3 +18,44 @@ def parse_json_object(text: str, flag: str, example: str = '{"depth": 2}') -> di
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object of constructor arguments, e.g. '{example}'.")
     return value
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Appends "(default: X)" to the help of every option that has a default, so --help shows them.
+
+    argparse.ArgumentDefaultsHelpFormatter does the same only for options that already have help text;
+    this covers every option (on/off switches excepted: their default is always off or on as named).
+    """
+    for action in parser._actions:
+        if (action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                       argparse._HelpAction, argparse._VersionAction))
+                or "%(default)" in (action.help or "")):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+    return parser
+
+
+def default_num_workers(preferred: int = 10) -> int:
+    """Data-loading workers: the official recipes' `preferred` count, or fewer on a machine with fewer CPUs
+    (more workers than CPUs only adds a warning and context switches)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no sched_getaffinity
+        available = os.cpu_count() or 1
+    return max(1, min(preferred, available))
+
+
+def check_model_builds(build, flag: str, model: str, overrides: dict) -> None:
+    """Builds the model on the meta device (no memory, no weights, about a second) so that a --model_kwargs
+    the constructor rejects (an unknown argument, heads that do not divide the width) is one sentence before
+    any data or VAE is loaded, not a traceback after."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build()
+    except (TypeError, AssertionError) as error:
+        raise UserError(f"{flag} {json.dumps(overrides)} does not fit --model {model} "
+                        f"({error or type(error).__name__}); check the constructor argument names and that "
+                        "every width is divisible by its number of heads.") from None

@@ -25,6 +25,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DataError = UserError  # a missing/empty data folder, or an unreadable image in strict mode; one type for every user error (util/errors.py)
 
 
+class UnreadableDataError(DataError):
+    """An image (or a whole folder) that cannot be read, in strict mode; raised inside DataLoader workers.
+
+    A DataLoader re-raises a worker's exception in the main process as `type(error)(text)` where the text is
+    "Caught X in DataLoader worker process N. Original Traceback ...": 70 lines with the sentence last.
+    Keeping only that sentence makes the error read the same with or without workers.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+SKIP_UNREADABLE, SKIP_TOO_LARGE = 1, 2  # reasons recorded in SafeImageFolder.bad
+SPLIT_NAMES = {"train", "val", "validation", "test"}
+
+
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     """ADM's center crop: halve with a box filter while the short side is >= 2x the target,
     resize the short side to `image_size` with bicubic, then crop the centre square.
@@ -100,9 +119,11 @@ class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that survives unreadable/corrupt files instead of killing a multi-day run.
 
     With `transform=None` items are `(PIL RGB image, label)`. A file that fails to decode is
-    recorded in a shared-memory flag vector (visible to the main process even when workers
-    loaded it, because DataLoader workers inherit shared tensors) and replaced by the next
-    readable image, so batch shapes stay fixed. `strict=True` raises `DataError` instead.
+    recorded in a shared-memory vector (visible to the main process even when workers loaded it,
+    because DataLoader workers inherit shared tensors) with its reason (`SKIP_UNREADABLE`, or
+    `SKIP_TOO_LARGE` for an image over PIL's decompression-bomb limit) and replaced by the next
+    readable image, so batch shapes stay fixed; `skip_report()` is the line trainers print and log
+    at the end of each epoch. `strict=True` raises `UnreadableDataError` instead.
     """
 
     def __init__(self, root, transform=None, strict: bool = False):
@@ -113,23 +134,45 @@ class SafeImageFolder(datasets.ImageFolder):
     @property
     def num_skipped(self) -> int:
         """Distinct unreadable files met so far (by any worker)."""
-        return int(self.bad.sum())
+        return int((self.bad > 0).sum())
 
     def skipped_files(self) -> list[str]:
         return [self.samples[i][0] for i in torch.nonzero(self.bad).flatten().tolist()]
 
+    def skip_report(self, shown: int = 3) -> dict | None:
+        """None if every image read so far decoded; else {"skipped_images", "too_large_images", "message"}.
+
+        message: one line naming the count and the first `shown` paths, for the console and log.txt.
+        Under torch.distributed the ranks' records are merged (a collective: call it on every rank).
+        """
+        bad = _merged_over_ranks(self.bad)
+        count = int((bad > 0).sum())
+        if not count:
+            return None
+        too_large = int((bad == SKIP_TOO_LARGE).sum())
+        files = [self.samples[i][0] for i in torch.nonzero(bad).flatten().tolist()]
+        more = f" and {count - shown} more" if count > shown else ""
+        large = (f"; {too_large} of them exceed PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                 "pixels (raise PIL.Image.MAX_IMAGE_PIXELS if they are genuine)") if too_large else ""
+        message = (f"{count} unreadable image{'s' if count > 1 else ''} skipped so far, each replaced by the next "
+                   f"readable one: {', '.join(files[:shown])}{more}{large}; --strict_data stops at the first one.")
+        return {"skipped_images": count, "too_large_images": too_large, "message": message}
+
     def try_load(self, index: int):
-        """(RGB image or None if unreadable, label) for `index`; raises DataError in strict mode."""
+        """(RGB image or None if unreadable, label) for `index`; raises UnreadableDataError in strict mode."""
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
                 return image.convert("RGB"), label
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            if self.strict:
-                raise DataError(f"image {path} cannot be read ({error}); remove or replace it, "
-                                "or drop the strict-data flag to skip unreadable images.") from error
-            self.bad[index] = 1
-            return None, label
+        except Image.DecompressionBombError as error:
+            reason, why = SKIP_TOO_LARGE, f"it exceeds PIL's decompression-bomb limit: {error}"
+        except (OSError, ValueError, SyntaxError) as error:
+            reason, why = SKIP_UNREADABLE, str(error)
+        if self.strict:
+            raise UnreadableDataError(f"image {path} cannot be read ({why}); remove or replace it, "
+                                      "or drop --strict_data to skip unreadable images.")
+        self.bad[index] = reason
+        return None, label
 
     def load(self, index: int):
         """(image, label) for `index`, substituting the next readable image if it is corrupt."""
@@ -137,13 +180,26 @@ class SafeImageFolder(datasets.ImageFolder):
             image, label = self.try_load((index + offset) % len(self.samples))
             if image is not None:
                 return image, label
-        raise DataError(f"no image under {self.root} can be read; check the files.")
+        raise UnreadableDataError(f"no image under {self.root} can be read ({len(self.samples)} files tried, "
+                                  f"first: {self.samples[0][0]}); check the files or the data path.")
 
     def __getitem__(self, index: int):
         image, label = self.load(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def _merged_over_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of `flags` over all ranks (each rank only sees the files its own shard read)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    merged = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    return merged.cpu().to(torch.uint8)
 
 
 def build_image_folder(path, split: str | None = None, transform=None, strict: bool = False) -> SafeImageFolder:
@@ -159,6 +215,11 @@ def build_image_folder(path, split: str | None = None, transform=None, strict: b
     if not class_dirs:
         raise DataError(f"data folder {root} has no class subfolders; expected ImageFolder layout "
                         "<root>/<class_name>/<image>.jpg.")
+    names = {entry.name for entry in class_dirs}
+    if names <= SPLIT_NAMES and "train" in names:
+        # The split folders would become the classes (e.g. "--num-classes 2" for train/ and val/).
+        raise DataError(f"data folder {root} holds the splits {', '.join(name + '/' for name in sorted(names))} rather than class "
+                        f"folders; point the data path at {root / 'train'} instead.")
     try:
         return SafeImageFolder(root, transform=transform, strict=strict)
     except FileNotFoundError as error:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 class UserError(ValueError):
@@ -67,3 +68,6 @@ def run_cli(main_fn: Callable, *args, prog: str = "", cleanup: Optional[Callable
         exit_with(error, prog, EXIT_USER_ERROR, cleanup)
     except NonFiniteLossError as error:
         exit_with(error, prog, EXIT_DIVERGED, cleanup)
+    except KeyboardInterrupt:
+        # Ctrl-C before or after the training loop (inside it, util.preemption saves and stops cleanly).
+        exit_with("interrupted (Ctrl-C)", prog, EXIT_INTERRUPTED, cleanup)

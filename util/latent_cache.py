@@ -40,6 +40,8 @@ from safetensors import safe_open
 from torchvision import transforms
 
 from util.checkpoint import atomic_open
+from util.cli import show_defaults
+from util.disk import ensure_writable_dir
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
@@ -80,14 +82,23 @@ def files_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+REBUILD = ("delete the cache folder and rebuild it with `python -m util.latent_cache --data_path ... "
+           "--cached_path ...`.")
+
+
 def read_manifest(cache_dir, what: str = "latent cache", command: str = "util.latent_cache") -> dict:
     """The manifest of a cache folder (this latent cache, or another cache of the same layout, e.g. REPA's
-    feature cache); a missing one is a one-sentence error naming the command that makes it."""
+    feature cache); a missing one is a one-sentence error naming the command that makes it, a garbled one
+    says to rebuild."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise LatentCacheError(f"no {what} at {cache_dir} ({MANIFEST} is missing); create it with "
                                f"`python -m {command} --data_path ... --cached_path ...`.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LatentCacheError(f"the {what} manifest {path} is corrupt ({error}); delete the cache folder and "
+                               f"rebuild it with `python -m {command} --data_path ... --cached_path ...`.") from None
 
 
 def read_complete_manifest(cache_dir, expect: dict | None = None, what: str = "latent cache",
@@ -206,9 +217,19 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     return manifest
 
 
+def _open_shard(path: Path):
+    """safe_open of a shard; a missing, truncated or garbled one is a LatentCacheError naming the file."""
+    try:
+        return safe_open(str(path), framework="np")
+    except FileNotFoundError:
+        raise LatentCacheError(f"latent cache shard {path} is missing; {REBUILD}") from None
+    except Exception as error:  # safetensors' own SafetensorError: truncated file, bad header
+        raise LatentCacheError(f"latent cache shard {path} is truncated or corrupt ({error}); {REBUILD}") from None
+
+
 def _read_whole(path: Path, name: str) -> np.ndarray:
     """Tensor `name` of a safetensors shard as a numpy array."""
-    with safe_open(str(path), framework="np") as shard:
+    with _open_shard(path) as shard:
         return shard.get_tensor(name)
 
 
@@ -252,7 +273,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def _view(self, shard: int):
         if shard not in self._views:
-            self._views[shard] = safe_open(str(shard_path(self.cache_dir, shard)), framework="np")
+            self._views[shard] = _open_shard(shard_path(self.cache_dir, shard))
         return self._views[shard]
 
     def moments(self, index: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +330,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
                         help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk; see README for the "
                              "measured difference)")
-    return parser
+    return show_defaults(parser)
 
 
 def main(args) -> dict:
@@ -319,6 +340,7 @@ def main(args) -> dict:
     # Cheap checks first: a bad size or folder costs seconds, not a VAE load.
     get_latent_spec(args.vae_version).latent_size(args.input_size)
     build_image_folder(args.data_path)
+    ensure_writable_dir(args.cached_path, flag="--cached_path")
     env = init_distributed(args.device, args.dist_timeout_minutes)
     if env.device.type == "cuda":
         configure_cuda()  # TF32 as the trainers' online encoding; fixed-shape convs: cuDNN autotuning

@@ -1,4 +1,7 @@
-"""Graceful stops (SIGTERM/SIGUSR1 from SLURM or Kubernetes) and divergence detection.
+"""Graceful stops (SIGTERM/SIGUSR1 from SLURM or Kubernetes, Ctrl-C from a user) and divergence detection.
+
+Ctrl-C (SIGINT) is handled like SIGTERM: the current step finishes, a checkpoint is saved and the run
+exits without a KeyboardInterrupt traceback; a second Ctrl-C stops at once (KeyboardInterrupt).
 
 Usage in a training loop (all ranks):
     preemption = PreemptionHandler()
@@ -47,7 +50,7 @@ class PreemptionHandler:
     Construct it on every rank (creating the gloo group is a collective).
     """
 
-    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.sync_every = max(1, int(sync_every))
         self.requested = False
         self.signal_name = None
@@ -60,6 +63,11 @@ class PreemptionHandler:
             self._group = dist.new_group(backend="gloo")
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C again: do not wait for the save
+        if signum == signal.SIGINT:
+            print("Ctrl-C: finishing this step, saving a checkpoint and stopping (press Ctrl-C again to stop "
+                  "at once, without saving).", flush=True)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

@@ -5,6 +5,7 @@ Metrics arrive as floats (or tensors read once here): the training loop accumula
 the device and calls `.item()` only at log intervals, so steps in between never wait on the host.
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -26,8 +27,11 @@ class RunLogger:
     """
 
     def __init__(self, output_dir, is_main: bool, tensorboard: bool = True, jsonl_name: str = "log.txt",
-                 log_dir=None, wandb_run=None):
-        """wandb_run: None, or {"project": ..., "name": ..., "config": {...}} to log to W&B as well."""
+                 log_dir=None, wandb_run=None, resume_step: int | None = None):
+        """wandb_run: None, or {"project": ..., "name": ..., "config": {...}} to log to W&B as well.
+        resume_step: the step of the checkpoint a resumed run continues from. Lines logged after it by the
+        interrupted run describe work that was lost and is about to be redone, so they are dropped from the
+        JSON-lines file (and TensorBoard's events purged) instead of appearing twice."""
         self.is_main = is_main
         self.writer = None
         self.jsonl = None
@@ -36,14 +40,18 @@ class RunLogger:
             return
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.output_dir / jsonl_name, "a", buffering=1)
+        jsonl_path = self.output_dir / jsonl_name
+        if resume_step is not None and jsonl_path.is_file():
+            _drop_lines_after(jsonl_path, resume_step)
+        self.jsonl = open(jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 warnings.warn("tensorboard is not installed; metrics go to the JSON-lines log only.")
             else:
-                self.writer = SummaryWriter(log_dir=str(log_dir or self.output_dir))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(log_dir=str(log_dir or self.output_dir), purge_step=purge)
         if wandb_run is not None:
             self.wandb = require_wandb()
             self.wandb.init(dir=str(self.output_dir), **wandb_run)
@@ -61,6 +69,13 @@ class RunLogger:
             self.wandb.log({f"{prefix}/{name}": value for name, value in values.items()}, step=int(step))
         text = " ".join(f"{name}={value:.6g}" for name, value in values.items())
         tqdm.write(f"[{prefix} step {step}] {text}", file=sys.stdout)
+
+    def report_skips(self, report, step: int) -> None:
+        """Prints a data skip report (`SafeImageFolder.skip_report()`) and logs its counts at `step`; no-op for None."""
+        if report is None:
+            return
+        self.info(f"warning: {report['message']}")
+        self.log(step, {key: report[key] for key in ("skipped_images", "too_large_images")}, prefix="data")
 
     def info(self, message: str) -> None:
         """A plain message on the main rank's console."""
@@ -84,6 +99,23 @@ def require_wandb():
         raise UserError("--wandb needs the Weights & Biases package; `pip install wandb` (and `wandb login`) or drop "
                         "--wandb.") from None
     return wandb
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites the JSON-lines file `path` without the lines whose "step" is above `step` (atomically)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            logged_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            logged_step = None  # a torn last line of a killed run, or a foreign line: keep unless torn
+            if not line.rstrip().endswith("}"):
+                continue
+        if logged_step is None or logged_step <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def progress(iterable, is_main: bool, **kwargs):
