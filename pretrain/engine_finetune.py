@@ -146,10 +146,11 @@ def validate_args(args) -> None:
         require_wandb()
     if args.eval and not args.resume:
         raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
-    check_model_builds(lambda: create_vit(args.model, args.input_size, vae_version=args.vae_version,
-                                          num_classes=args.nb_classes, global_pool=args.global_pool,
-                                          **args.model_kwargs_dict),
-                       "--model_kwargs", args.model, args.model_kwargs_dict)
+    if args.model not in DIT_CLASSIFIERS:  # DiT backbones are checked as they are built (build_dit_probe)
+        check_model_builds(lambda: create_vit(args.model, args.input_size, vae_version=args.vae_version,
+                                              num_classes=args.nb_classes, global_pool=args.global_pool,
+                                              **args.model_kwargs_dict),
+                           "--model_kwargs", args.model, args.model_kwargs_dict)
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")

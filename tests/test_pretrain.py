@@ -161,9 +161,11 @@ def test_training_from_the_cache_and_cache_mismatch(latent_cache, tmp_path):
     losses = step_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3] and all(loss == loss for loss in losses.values())
 
+    # A second run goes to its own folder (the first run's folder is refused by the output-folder guard).
+    other = ["--output_dir", str(tmp_path / "second"), "--log_dir", str(tmp_path / "second")]
     with pytest.raises(SystemExit) as error:
         main_pretrain.main(main_pretrain.get_args_parser().parse_args(
-            base + ["--input_size", "64", "--model_kwargs", json.dumps({**TINY, "patch_size": 2})]))
+            base + other + ["--input_size", "64", "--model_kwargs", json.dumps({**TINY, "patch_size": 2})]))
     message = str(error.value)
     assert "image_size=32" in message and "(needed 64)" in message and "\n" not in message
 
