@@ -8,8 +8,9 @@
 #     bash scripts/validate_evaluator.sh [--device cuda] [--batch-size 250]
 # About 60k Inception passes: minutes on a GPU, hours on a CPU.
 set -euo pipefail
+# Paths are relative to the folder you run it from (it does not cd); it uses .venv like scripts/test.sh.
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo_root"
+source "$repo_root/scripts/setup_env.sh"
 adm_dir="${ADM_DIR:-.}"
 ref_batch="$adm_dir/VIRTUAL_imagenet256_labeled.npz"
 sample_batch="$adm_dir/admnet_guided_upsampled_imagenet256.npz"
@@ -20,7 +21,7 @@ for file in "$ref_batch" "$sample_batch"; do
   fi
 done
 json="$(mktemp -d)/metrics.json"
-python -m generation.evaluate "$ref_batch" "$sample_batch" \
+python "$repo_root/generation/evaluate.py" "$ref_batch" "$sample_batch" \
   --inception-weights "${INCEPTION_WEIGHTS:-pretrained/weights-inception-2015-12-05-6726825d.pth}" \
   --output-json "$json" "$@"
 python - "$json" <<'PY'
