@@ -741,5 +741,7 @@ def run_main(main_fn, args) -> int:
     try:
         run_cli(main_fn, args, prog="")
     except CommandLineExit as stopped:
+        if args.output_dir:  # a later run in this process (tests, the demo) may use the folder again
+            release_output_dir(args.output_dir)
         return stopped.code
     return 0

@@ -426,7 +426,11 @@ def train(run) -> None:
 
 
 def main(args) -> None:
-    run = run_cli(setup, args, prog="main_pretrain", cleanup=cleanup)  # bad input: one sentence, exit 2
+    def release_and_cleanup():  # bad input after the folder claim: a later run in this process may use it
+        release_output_dir(args.output_dir)
+        cleanup()
+
+    run = run_cli(setup, args, prog="main_pretrain", cleanup=release_and_cleanup)  # bad input: one sentence, exit 2
     try:
         run_cli(train, run, prog="main_pretrain")  # a diverged loss: one sentence, exit 1
     finally:
