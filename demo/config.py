@@ -109,9 +109,9 @@ def generator_kwargs(cfg: DemoConfig) -> dict:
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
     vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=2,
-    pretrain_steps=600, pretrain_batch=64, probe_epochs=3, probe_batch=256, probe_blr=20.0,
+    pretrain_steps=400, pretrain_batch=64, probe_epochs=2, probe_batch=256, probe_blr=20.0,
     gen_steps=300, gen_batch=16, gen_checkpoints=6, gen_lr=2e-3, ema_decay=0.99,
-    num_samples=200, sampling_steps=50, heldout_repeats=2,
+    num_samples=100, sampling_steps=25, heldout_repeats=1,
 )
 
 FAST = DemoConfig(

@@ -164,8 +164,10 @@ Why the toy numbers may differ from the paper's (read this before drawing conclu
 def timing_section(timings: dict) -> list:
     if not timings:
         return ["(no timings recorded)"]
-    lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.get("stages", {}).items()]
+    cpu = timings.get("stage_cpu_seconds", {})
+    lines = ["| stage | wall seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} | {'' if cpu.get(name) is None else f'{cpu[name]:.1f}'} |"
+              for name, seconds in timings.get("stages", {}).items()]
     full = [entry for entry in timings.get("invocations", []) if "vae" in entry["ran"]
             and any(name.startswith("pretrain") for name in entry["ran"])]
     if full:

@@ -1,7 +1,7 @@
 """Runs the demo pipeline (see demo/stages.py) with markers, progress bars and per-stage timings.
 
     python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
-                            [--seeds N] [--first-seed S] [--set KEY=VALUE ...]
+                            [--seeds N] [--first-seed S] [--set KEY=VALUE ...] [--only STAGE ...]
 
 - Stages run as subprocesses, `--jobs` at a time (default: one per CPU core, each single-threaded:
   the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
@@ -10,7 +10,9 @@
 - `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
   (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
 - `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
-- A finished stage leaves `<out>/.stages/<stage>.json` (seconds, command) and is skipped next
+- `--only STAGE` runs that stage and what it needs, nothing else (repeatable; a name without its seed
+  suffix, e.g. `heldout`, means the stage of every seed). The report runs only when named.
+- A finished stage leaves `<out>/.stages/<stage>.json` (wall and CPU seconds, command) and is skipped next
   time. `--redo X` reruns X and everything downstream of it; a stage whose inputs were rerun is
   rerun too. A stage that is (re)run first deletes its outputs, so no stale file survives.
 - `<out>/timings.json` records every stage's seconds and the wall time of each invocation.
@@ -63,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of demo/config.py's configuration (experiments; repeatable)")
+    parser.add_argument("--only", action="append", default=[], metavar="STAGE",
+                        help="run only STAGE and the stages it needs (repeatable; 'heldout' = every seed's heldout_s<s>)")
     return parser
 
 
@@ -99,6 +103,23 @@ def stages_to_run(stages, out: Path, redo: list) -> list:
     return [name for name in names if name in pending]
 
 
+def needed_for(stages, targets: list) -> set:
+    """The stages named in `targets` (a name without its `_s<seed>` suffix names every seed's stage) and,
+    transitively, every stage they need."""
+    by_name = {stage.name: stage for stage in stages}
+    chosen = {name for name in by_name for target in targets
+              if name == target or re.fullmatch(re.escape(target) + r"_s\d+", name)}
+    unknown = [target for target in targets if not any(name == target or name.startswith(target + "_s")
+                                                       for name in chosen)]
+    if unknown:
+        raise DemoError(f"--only {unknown[0]} is not a stage; choose one of {', '.join(by_name)} "
+                        "(or a name without its _s<seed> suffix).")
+    for stage in reversed(stages):  # the table is in dependency order: walk it backwards once
+        if stage.name in chosen:
+            chosen.update(stage.needs)
+    return chosen
+
+
 # ----------------------------------------------------------------------------------------------
 # Running one stage
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +139,7 @@ class StageProcess:
         self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
             if is_interactive(sys.stderr) else None
         self.started = time.time()
+        self.cpu_seconds = None
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
         self.reader = threading.Thread(target=self._pump, daemon=True)
@@ -133,6 +155,17 @@ class StageProcess:
                 done, total = map(int, counters[-1])
                 self.bar.total, self.bar.n = total, done
                 self.bar.refresh()
+
+    def reap(self) -> bool:
+        """True once the child has exited; records its exit code and its own CPU seconds (user + system of it
+        and its reaped children, from wait4: with two stages running at once, the parent's RUSAGE_CHILDREN
+        cannot tell them apart)."""
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        return True
 
     def finish(self) -> int:
         self.reader.join()
@@ -158,10 +191,13 @@ def clear_outputs(out: Path, stage) -> None:
             path.unlink()
 
 
-def write_marker(out: Path, stage, seconds: float, command) -> None:
+def write_marker(out: Path, stage, seconds: float, command, cpu_seconds: float | None = None) -> None:
+    """`cpu_seconds`: user + system time of the stage's process tree (None for an in-process stage)."""
     path = marker_path(out, stage.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seconds": round(seconds, 2), "finished": time.time(), "command": command}, indent=1))
+    record = {"seconds": round(seconds, 2), "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2),
+              "finished": time.time(), "command": command}
+    path.write_text(json.dumps(record, indent=1))
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -207,7 +243,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                     raise DemoError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
             for name, child in list(running.items()):
-                if child.process.poll() is None:
+                if not child.reap():
                     continue
                 returncode = child.finish()
                 del running[name]
@@ -215,7 +251,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                     raise DemoError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
                                     f"{log_tail(child.log_path)}\ncommand: {shlex.join(child.command)}")
                 seconds[name] = time.time() - child.started
-                write_marker(out, child.stage, seconds[name], child.command)
+                write_marker(out, child.stage, seconds[name], child.command, child.cpu_seconds)
                 done.add(name)
                 overall.update(1)
                 tqdm.write(f"[demo] {name} done in {seconds[name]:.1f}s ({child.stage.about})")
@@ -240,8 +276,10 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> di
     timings = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
     if timings["invocations"] and timings["invocations"][-1].get("in_progress"):
         timings["invocations"].pop()
-    timings["stages"] = {stage.name: json.loads(marker_path(out, stage.name).read_text())["seconds"]
-                         for stage in stages if marker_path(out, stage.name).is_file()}
+    markers = {stage.name: json.loads(marker_path(out, stage.name).read_text())
+               for stage in stages if marker_path(out, stage.name).is_file()}
+    timings["stages"] = {name: marker["seconds"] for name, marker in markers.items()}
+    timings["stage_cpu_seconds"] = {name: marker.get("cpu_seconds") for name, marker in markers.items()}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
                                    "cpu_seconds": round(children.ru_utime + children.ru_stime, 2),
@@ -276,6 +314,9 @@ def main(args) -> int:
     stages = build_stages(out, cfg, inception_weights)
     check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
     pending = stages_to_run(stages, out, args.redo)
+    if args.only:
+        wanted = needed_for(stages, args.only)
+        pending = [name for name in pending if name in wanted]
     skipped = [stage.name for stage in stages if stage.name not in pending]
     if skipped:
         print(f"[demo] skipping finished stages: {', '.join(skipped)} (use --redo STAGE to rerun one)")
@@ -286,9 +327,11 @@ def main(args) -> int:
     before_report = [name for name in pending if name != "report"]
     run_pipeline(stages, out, before_report, jobs)
     record_timings(out, stages, time.time() - started, before_report, final=False)
-    run_pipeline(stages, out, ["report"], jobs)  # always pending: it depends on every other stage
+    if "report" in pending:  # pending unless --only left it out: it depends on every other stage
+        run_pipeline(stages, out, ["report"], jobs)
     record_timings(out, stages, time.time() - started, pending, final=True)
-    print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); report: {out / 'report.md'}")
+    result = f"report: {out / 'report.md'}" if "report" in pending else f"outputs under {out}"
+    print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {result}")
     return 0
 
 

@@ -110,6 +110,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                     json.dumps(C.vit_kwargs(cfg)), *common_vae, "--cls_token", *finetune, "--use_cached",
                     "--cached_path", str(cache_train), "--data_path", str(data), "--nb_classes", str(C.NUM_CLASSES),
                     "--batch_size", str(cfg.probe_batch), "--epochs", str(cfg.probe_epochs), "--warmup_epochs", "1",
+                    "--eval_freq", str(cfg.probe_epochs),  # the report reads the final top-1 only
                     "--blr", str(cfg.probe_blr), "--weight_decay", "0.0", "--output_dir", str(target),
                     "--log_dir", str(target), "--device", "cpu", "--num_workers", "0",
                     "--seed", str(seed), "--log_every", "5"]

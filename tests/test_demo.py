@@ -16,7 +16,9 @@ from PIL import Image
 from conftest import REPO_ROOT
 from demo.config import FAST
 from demo.paired_stats import NO_DIFFERENCE, direction, paired_interval
-from demo.stages import RUNS
+from demo.run_demo import needed_for
+from demo.stages import RUNS, build_stages
+from util.errors import UserError
 from util import progress as progress_module
 from util.progress import PlainProgress, progress_bar
 
@@ -241,6 +243,25 @@ def test_rerun_skips_finished_stages_and_redo_reruns_downstream(fast_demo):
     assert timings["invocations"][-1]["ran"] == ["toy_metrics", "report"]
     assert "skipping finished stages" in redo.stdout
     assert (out / ".stages" / "pretrain_s0.json").stat().st_mtime_ns == markers["pretrain_s0.json"]
+    # Every subprocess stage records its own CPU time (wait4), the in-process dataset stage none.
+    cpu = timings["stage_cpu_seconds"]
+    assert cpu["data"] is None and all(cpu[name] > 0 for name in cpu if name != "data")
+
+
+def test_only_runs_the_named_stages_and_what_they_need():
+    stages = build_stages(Path("/nowhere"), FAST)
+    by_name = {stage.name: stage for stage in stages}
+    # Written out from the pipeline in demo/stages.py: a seed's held-out scoring needs its four generators,
+    # the USP ones need that seed's pretraining, everything needs the caches, the VAE and the data.
+    upstream = {"data", "vae", "cache_train", "cache_val"}
+    assert needed_for(stages, ["heldout_s0"]) == upstream | {"pretrain_s0", "heldout_s0"} | {f"{run}_s0" for run in RUNS}
+    every_seed = needed_for(stages, ["heldout"])
+    assert every_seed == upstream | {f"{kind}_s{seed}" for seed in FAST.seed_list
+                                     for kind in ("pretrain", "heldout", *RUNS)}
+    assert needed_for(stages, ["probe_random_s1"]) == {"data", "vae", "cache_train", "probe_random_s1"}
+    assert "report" not in every_seed and all(need in every_seed for name in every_seed for need in by_name[name].needs)
+    with pytest.raises(UserError, match="--only heldouts is not a stage"):
+        needed_for(stages, ["heldouts"])
 
 
 @pytest.mark.slow
