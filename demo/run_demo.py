@@ -5,8 +5,9 @@
 
 - Stages run as subprocesses, `--jobs` at a time (default: one per CPU core, each single-threaded:
   the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
-  machine). Each stage's output goes to `<out>/logs/<stage>.log`; in a terminal its tqdm counter is
-  mirrored into a bar of its own here (in a log or CI, one plain line per finished stage instead).
+  machine; the tiny VAE's training, which nothing can run beside, gets every core). Each stage's output
+  goes to `<out>/logs/<stage>.log`; in a terminal its tqdm counter is mirrored into a bar of its own here
+  (in a log or CI, one plain line per finished stage instead).
 - `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
   (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
 - `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
@@ -217,7 +218,8 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
     waiting = list(pending)
     running: dict[str, StageProcess] = {}
     seconds = {}
-    env = child_env(max(1, (os.cpu_count() or 1) // jobs))
+    cpus = os.cpu_count() or 1
+    env, exclusive_env = child_env(max(1, cpus // jobs)), child_env(cpus)
     overall = progress_bar(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
                            dynamic_ncols=True, every=1 if not is_interactive(sys.stderr) else None)
     try:
@@ -238,7 +240,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                     continue
                 free = min(set(range(1, jobs + 1)) - {child.position for child in running.values()})
                 try:
-                    running[name] = StageProcess(stage, out, position=free, env=env)
+                    running[name] = StageProcess(stage, out, position=free, env=exclusive_env if stage.exclusive else env)
                 except FileNotFoundError as error:  # an input of the command is missing
                     raise DemoError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
@@ -317,7 +319,7 @@ def main(args) -> int:
     if args.only:
         wanted = needed_for(stages, args.only)
         pending = [name for name in pending if name in wanted]
-    skipped = [stage.name for stage in stages if stage.name not in pending]
+    skipped = [stage.name for stage in stages if stage.name not in pending and (not args.only or stage.name in wanted)]
     if skipped:
         print(f"[demo] skipping finished stages: {', '.join(skipped)} (use --redo STAGE to rerun one)")
     if not pending:

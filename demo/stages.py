@@ -33,6 +33,7 @@ class Stage:
 
     command: () -> argv after `python` (a subprocess), or None when `function` runs in-process.
     outputs: paths (relative to the output folder) deleted before the stage (re)runs.
+    exclusive: nothing else can run beside it (every later stage needs it), so it gets every CPU thread.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Stage:
     command: Optional[Callable[[], list]] = None
     function: Optional[Callable[[], None]] = None
     about: str = ""
+    exclusive: bool = False
 
 
 def newest(directory: Path, pattern: str) -> Path:
@@ -179,7 +181,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
         Stage("vae", ("data",), ("vae",), lambda: [
             py, "-m", "demo.train_vae", "--data_path", str(data), "--output", str(vae), "--steps", str(cfg.vae_steps),
             "--batch_size", str(cfg.vae_batch), "--width", str(cfg.vae_width), "--seed", str(cfg.data_seed)],
-            about="tiny AutoencoderKL + latent scale"),
+            about="tiny AutoencoderKL + latent scale", exclusive=True),
         Stage("cache_train", ("vae",), ("cache/train",), cache("train", cache_train), about="latent cache (train)"),
         Stage("cache_val", ("vae",), ("cache/val",), cache("val", cache_val), about="latent cache (val)"),
     ]
