@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from generation.engine import LoopState, TrainStep, train_loop
+from generation.engine import TrainStep, train_loop
 from generation.eval_hooks import SampleGridHook, fid_eval_hook
 from generation.objectives import build_objective
 from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
@@ -37,7 +37,7 @@ from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from models.vae import vae_identity
-from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, require_training_state, resolve_resume
 from util.cli import show_defaults
 from util.disk import ensure_writable_dir
 from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
@@ -49,9 +49,10 @@ from util.latent_cache import LatentCacheDataset
 from util.run_log import RunLogger, require_wandb
 from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
-from util.rng import gather_rng_states, restore_rank_rng
 from util.run_dir import claim_output_dir, discard_on_failure, release_output_dir
 from util.sampler import ResumableDistributedSampler
+from util.loop import LoopPosition
+from util.train_state import load_parts, read_record, resume_position, training_state
 
 # Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
 # shapes and the order/content of the batches, without which "continue the exact run" is impossible.
@@ -185,8 +186,11 @@ def check_resume(args, checkpoint: dict, path: Path) -> None:
         if key in saved and saved[key] != current[key]:
             raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
                             f"command says {current[key]!r}; use the original value to continue that run.")
-    require_training_state(checkpoint, path, keys=("model", "ema", "opt", "step"),
+    require_training_state(checkpoint, path, keys=("model", "ema", "opt"),
                            hint="to start from these weights use --finetune.")
+    if read_record(checkpoint) is None:
+        raise CheckpointError(f"--resume {path} records no training position (a released DiT/SiT checkpoint?); "
+                              "to start from these weights use --finetune.")
 
 
 def experiment_dir_for(args, resume_path) -> Path:
@@ -285,11 +289,12 @@ class Run:
     loader: object
     sampler: object
     step_fn: TrainStep
-    state: LoopState
+    position: LoopPosition
     eval_hooks: list
     logger: object
     manager: CheckpointManager
     local_batch: int
+    batches_per_epoch: int  # per-rank batches of a full epoch
 
 
 def setup(args) -> Run:
@@ -349,16 +354,12 @@ def setup(args) -> Run:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, betas=(0.9, args.beta2),
                                       fused=device.type == "cuda")
         scaler = make_grad_scaler(device, args.precision)
-        state = LoopState()
+        position = LoopPosition(epoch=0)
+        batches_per_epoch = len(sampler) // local_batch
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            ema.load_state_dict(checkpoint["ema"])
-            optimizer.load_state_dict(checkpoint["opt"])
-            if checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            state = LoopState(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
-                              batch_in_epoch=int(checkpoint["batch_in_epoch"]))
-            restore_rank_rng(checkpoint["rng"])
+            load_parts(checkpoint, {"model": model, "ema": ema, "opt": optimizer, "scaler": scaler})
+            position = resume_position(checkpoint, resume_path, batch_size=local_batch, accum=1,
+                                       batches_per_epoch=batches_per_epoch)
             del checkpoint
         model.train()
         if args.compile:
@@ -378,12 +379,13 @@ def setup(args) -> Run:
         # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
         logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
                            wandb_run=wandb_run if args.wandb else None,
-                           resume_step=state.step if resume_path is not None else None)
+                           resume_step=position.global_step if resume_path is not None else None)
         say = logger.info
         if report is not None:
             say(f"Initialised {args.model} from {args.finetune}:\n{report}")
         if resume_path is not None:
-            say(f"Resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}).")
+            say(f"Resumed from {resume_path} at step {position.global_step} (epoch {position.epoch}, batch "
+                f"{position.batch}).")
         keep_last = args.keep_last if args.keep_last > 0 else None
         manager = CheckpointManager(experiment_dir / "checkpoints", filename_fn=lambda step: f"{step:07d}.pt",
                                     keep_last=keep_last, is_main=dist_env.is_main,
@@ -393,27 +395,19 @@ def setup(args) -> Run:
             say(f"{args.model} ({objective.name}) parameters: {sum(p.numel() for p in model.parameters()):,}; "
                 f"dataset {len(dataset):,} samples; {dist_env.world_size} process(es) x batch {local_batch}")
             (experiment_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2))
-        return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, state, eval_hooks, logger, manager,
-                   local_batch)
+        return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, position, eval_hooks, logger, manager,
+                   local_batch, batches_per_epoch)
 
 
 def make_save_fn(run: Run):
     args, step_fn = run.args, run.step_fn
 
-    def save(state: LoopState) -> None:
-        rng_states = gather_rng_states()  # a collective: every rank contributes its generator state
-        checkpoint = {
-            "model": step_fn.model.state_dict(),
-            "ema": step_fn.ema.state_dict(),
-            "opt": step_fn.optimizer.state_dict(),
-            "args": args_to_dict(args),
-            "scaler": step_fn.scaler.state_dict(),
-            "step": state.step,
-            "epoch": state.epoch,
-            "batch_in_epoch": state.batch_in_epoch,
-            "rng": rng_states,
-        }
-        path = run.manager.save(checkpoint, state.step)
+    def save(position: LoopPosition) -> None:
+        # DiT/SiT's keys (model, ema, opt, args) + scaler + the resume record (a collective: gathers every rank's RNG).
+        checkpoint = training_state({"model": step_fn.model, "ema": step_fn.ema, "opt": step_fn.optimizer,
+                                     "scaler": step_fn.scaler}, args, position, batch_size=run.local_batch,
+                                    batches_per_epoch=run.batches_per_epoch)
+        path = run.manager.save(checkpoint, position.global_step)
         if path is not None:
             run.logger.info(f"Saved checkpoint to {path}")
 
@@ -427,31 +421,31 @@ def report_skipped_images(run: Run, step: int) -> None:
         run.logger.report_skips(images.skip_report(), step)
 
 
-def train(run: Run) -> LoopState:
+def train(run: Run) -> LoopPosition:
     args = run.args
     preemption = PreemptionHandler()
-    state = train_loop(
-        run.step_fn, run.loader, run.sampler, run.state, epochs=args.epochs, max_steps=args.max_steps,
+    position = train_loop(
+        run.step_fn, run.loader, run.sampler, run.position, epochs=args.epochs, max_steps=args.max_steps,
         local_batch=run.local_batch, global_batch=args.global_batch_size, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, save_fn=make_save_fn(run),
         eval_hooks=run.eval_hooks, ema=run.step_fn.ema, logger=run.logger, lr=args.lr,
         device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info,
-        on_epoch_end=lambda state: report_skipped_images(run, state.step))
+        on_epoch_end=lambda position: report_skipped_images(run, position.global_step))
     if preemption.requested:
-        run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
+        run.logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
     run.logger.close()
     release_output_dir(run.experiment_dir)
-    return state
+    return position
 
 
 def evaluate_only(run: Run) -> dict:
     """USP's `train.py --evaluate`: the evaluation hooks once with the resumed EMA weights, no training step."""
     metrics = {}
     for hook in run.eval_hooks:
-        metrics.update(hook(run.step_fn.ema, run.state.step))
-    run.logger.log(run.state.step, metrics, prefix="eval")
-    run.logger.info(f"Evaluated step {run.state.step}: " + ", ".join(f"{key} {value:.4g}" for key, value in
-                                                                     metrics.items()))
+        metrics.update(hook(run.step_fn.ema, run.position.global_step))
+    run.logger.log(run.position.global_step, metrics, prefix="eval")
+    run.logger.info(f"Evaluated step {run.position.global_step}: "
+                    + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
     run.logger.close()
     return metrics
 

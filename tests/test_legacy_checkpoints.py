@@ -29,6 +29,13 @@ def assert_same_weights(first: dict, second: dict, keys) -> None:
             assert torch.equal(value, second[key][name]), (key, name)
 
 
+def assert_same_position(first: dict, second: dict) -> None:
+    """Both runs end at the same place with the same generator states (the new layout's `loop` record)."""
+    loop_a, loop_b = first["loop"], second["loop"]
+    assert {k: v for k, v in loop_a.items() if k != "rng"} == {k: v for k, v in loop_b.items() if k != "rng"}
+    assert torch.equal(loop_a["rng"][0]["torch"], loop_b["rng"][0]["torch"])
+
+
 def test_generation_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_folder, tiny_vae_dir):
     name, stop, end = GENERATION
     run_generation(generation_argv(tmp_path / "full", tiny_image_folder, tiny_vae_dir, end))
@@ -43,6 +50,7 @@ def test_generation_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_f
     final_full = torch.load(full / "checkpoints" / f"{end:07d}.pt", weights_only=True)
     final_split = torch.load(experiment / "checkpoints" / f"{end:07d}.pt", weights_only=True)
     assert_same_weights(final_full, final_split, ("model", "ema"))
+    assert_same_position(final_full, final_split)
 
 
 def test_pretrain_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_folder, tiny_vae_dir):
@@ -58,6 +66,7 @@ def test_pretrain_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_fol
     final_full = torch.load(tmp_path / "full" / "checkpoint-1.pth", weights_only=True)
     final_split = torch.load(split / "checkpoint-1.pth", weights_only=True)
     assert_same_weights(final_full, final_split, ("model",))
+    assert_same_position(final_full, final_split)
 
 
 def test_finetune_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_folder, tiny_vae_dir):
@@ -74,3 +83,4 @@ def test_finetune_checkpoint_of_b222488_resumes_exactly(tmp_path, tiny_image_fol
     final_full = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)
     final_split = torch.load(split / "checkpoint-last.pth", weights_only=True)
     assert_same_weights(final_full, final_split, ("model", "model_ema"))
+    assert_same_position(final_full, final_split)
