@@ -27,7 +27,7 @@ from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
 from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
-from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
 from util.cli import check_model_builds, default_num_workers, parse_json_object, show_defaults
 from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
 from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
@@ -41,8 +41,9 @@ from util.lr_sched import effective_lr
 from util.precision import add_determinism_arg, add_precision_arg, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.run_dir import claim_output_dir, release_output_dir
-from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
+from util.rng import sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
+from util.train_state import load_parts, resume_position, training_state
 
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
 # MAE/USP decay every parameter with 2+ dimensions (timm's param_groups_weight_decay with an empty
@@ -272,12 +273,11 @@ def check_fits(model, state_dict: dict, path, args) -> None:
                          "the checkpoint was trained with.")
 
 
-def resume_position(args, model, optimizer, scaler, global_batch: int) -> tuple:
+def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple:
     """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
 
-    Our checkpoints carry a `resume` block (epoch, samples consumed in it, optimizer steps, per-rank
-    RNG states); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at
-    the next epoch.
+    The position is the checkpoint's `loop` record (util/train_state.py; also this script's older `resume`
+    block); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at the next epoch.
     """
     if not args.resume:
         return LoopPosition(epoch=args.start_epoch), None
@@ -285,48 +285,24 @@ def resume_position(args, model, optimizer, scaler, global_batch: int) -> tuple:
     require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
                                                    "state dict holds no run to continue).")
     check_fits(model, checkpoint["model"], path, args)
-    model.load_state_dict(checkpoint["model"])
-    if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    state = checkpoint.get("resume")
-    if state is None:
-        # Released weights carry only `model`: continue from --start_epoch with fresh optimizer state.
-        next_epoch = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else args.start_epoch
-        return LoopPosition(epoch=next_epoch), f"resumed {path}, continuing at epoch {next_epoch}"
-    restore_rank_rng(state["rng"])
-    samples = int(state["samples"])
-    if samples % global_batch:
-        raise UserError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
-                         f"not a whole number of global batches of {global_batch}; resume with the original "
-                         "--batch_size, --accum_iter and number of processes.")
-    return (LoopPosition(epoch=int(state["epoch"]), batch=samples // (global_batch // args.accum_iter),
-                         global_step=int(state["global_step"])),
-            f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
+    load_parts(checkpoint, {"model": model, "optimizer": optimizer, "scaler": scaler})
+    position = resume_position(checkpoint, path, batch_size=args.batch_size, accum=args.accum_iter,
+                               batches_per_epoch=batches_per_epoch)
+    if position is None:  # released weights carry only `model`: continue from --start_epoch, fresh optimizer
+        position = LoopPosition(epoch=args.start_epoch)
+    return position, (f"resumed {path} at epoch {position.epoch}, batch {position.batch}, "
+                      f"step {position.global_step}")
 
 
-def save_state(run, model, optimizer, scaler, position: LoopPosition, epoch_done: bool):
-    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus what an exact resume needs.
+def save_state(run, model, optimizer, scaler, position: LoopPosition):
+    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus the resume record (util/train_state.py).
 
-    `epoch_done`: the epoch ended, so the run continues at the next one; otherwise (max_steps,
-    preemption) it continues inside this epoch after the samples already consumed.
+    A finished epoch is recorded as the start of the next one; otherwise (max_steps, preemption) the run
+    continues inside this epoch after the batches already consumed.
     """
-    rng_states = gather_rng_states()  # a collective: every rank contributes its generators
-    samples_per_batch = run.args.batch_size * run.dist.world_size  # one batch on every rank
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": position.epoch,
-        "scaler": scaler.state_dict(),
-        "args": args_to_dict(run.args),
-        "resume": {
-            "epoch": position.epoch + 1 if epoch_done else position.epoch,
-            "samples": 0 if epoch_done else position.batch * samples_per_batch,
-            "global_step": position.global_step,
-            "rng": rng_states,
-        },
-    }
+    state = training_state({"model": model, "optimizer": optimizer, "scaler": scaler}, run.args, position,
+                           epoch=position.epoch, batch_size=run.args.batch_size,
+                           batches_per_epoch=run.steps_per_epoch * run.args.accum_iter)
     path = run.checkpoints.save(state, position.epoch)
     if path is not None:
         run.logger.info(f"saved {path}")
@@ -375,7 +351,7 @@ def setup(args) -> SimpleNamespace:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
     scaler = make_grad_scaler(device, args.precision)
-    position, resumed = resume_position(args, model_without_ddp, optimizer, scaler, global_batch)
+    position, resumed = restore_run(args, model_without_ddp, optimizer, scaler, steps_per_epoch * args.accum_iter)
     wandb_run = {"project": "usp-pretrain", "name": Path(args.output_dir).name, "config": vars(args)}
     # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
     logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
@@ -417,7 +393,7 @@ def train(run) -> None:
         # MAE/USP: `epoch % 40 == 0 or epoch + 1 == epochs`.
         scheduled = finished and (position.epoch + 1 == args.epochs or position.epoch % args.save_every == 0)
         if scheduled or result.stop_reason is not None:
-            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done=finished)
+            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position)
         if result.stop_reason is not None:
             run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}")
             return

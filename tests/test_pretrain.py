@@ -67,9 +67,9 @@ def test_loss_falls_and_checkpoint_has_mae_keys(reference_run):
 
     last_epoch = REFERENCE_STEPS // STEPS_PER_EPOCH - 1
     checkpoint = torch.load(reference_run / f"checkpoint-{last_epoch}.pth", weights_only=True)
-    assert {"model", "optimizer", "epoch", "scaler", "args", "resume"} <= set(checkpoint)
+    assert {"model", "optimizer", "epoch", "scaler", "args", "loop"} <= set(checkpoint)
     assert checkpoint["epoch"] == last_epoch and checkpoint["args"]["model"] == "vit_base_patch_vae"
-    assert checkpoint["resume"]["global_step"] == REFERENCE_STEPS
+    assert checkpoint["loop"]["global_step"] == REFERENCE_STEPS
     # USP/MAE's cadence (`epoch % 40 == 0 or epoch + 1 == epochs`): of epochs 0..3, epoch 0 and the last.
     assert sorted(path.name for path in reference_run.glob("checkpoint-*.pth")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
 
@@ -92,7 +92,7 @@ def test_resume_continues_the_exact_curve(reference_run, tiny_image_folder, tiny
     # Stop mid-epoch (step 5 of 8), then resume from the run directory and cross an epoch boundary.
     run_in_process(pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path, extra=["--max_steps", "5"]))
     saved = torch.load(tmp_path / "checkpoint-0.pth", weights_only=True)
-    assert saved["resume"]["epoch"] == 0 and saved["resume"]["samples"] == 5 * 8
+    assert (saved["loop"]["epoch"], saved["loop"]["batch"], saved["loop"]["batch_size"]) == (0, 5, 8)
     run_in_process(pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path,
                                  extra=["--max_steps", "12", "--resume", tmp_path]))
     reference, resumed = step_losses(reference_run), step_losses(tmp_path)
