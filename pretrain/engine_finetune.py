@@ -64,8 +64,9 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, precision: str
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class TrainSetup:
-    """What main_finetune / main_linprobe hand to the loop."""
+class Run:
+    """Everything the loop needs, built by finetune_loop.train from what main_finetune / main_linprobe made
+    (the fine-tuning counterpart of generation/train.py's `Run` and main_pretrain's `setup`)."""
 
     args: argparse.Namespace
     device: torch.device
@@ -73,14 +74,19 @@ class TrainSetup:
     logger: object  # util.run_log.RunLogger
     preemption: object  # util.preemption.PreemptionHandler
     base_lr: float
-    steps_per_epoch: int  # optimizer steps in a full epoch
+    data: "TrainData"  # pretrain/finetune_data.py: resumable sampler, loader, optimizer steps per epoch
     criterion: nn.Module
     mixup_fn: object = None  # timm.data.Mixup or None
     model_ema: object = None  # timm.utils.ModelEmaV3 or None
     clip_grad: float | None = None
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch."""
+        return self.data.steps_per_epoch
 
-def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPosition, run: TrainSetup) -> tuple:
+
+def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPosition, run: Run) -> tuple:
     """Trains from `position` to the end of `position.epoch`, or until --max_steps / preemption.
 
     Per micro-batch: lr schedule (per optimizer step), Mixup/CutMix on the pixels, forward under

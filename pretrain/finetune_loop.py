@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pretrain.engine_finetune import TrainSetup, evaluate, train_one_epoch
+from pretrain.engine_finetune import Run, evaluate, train_one_epoch
 from pretrain.finetune_data import TrainData
 from pretrain.finetune_setup import UsageError
 from pretrain.latent_classifier import LatentClassifier
@@ -75,8 +75,8 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
     return position, best_acc1
 
 
-def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_model, eval_loader,
-        optimizer, scaler, position: LoopPosition, best_acc1: float, run: TrainSetup) -> dict:
+def fit(classifier: LatentClassifier, model, eval_model, eval_loader, optimizer, scaler, position: LoopPosition,
+        best_acc1: float, run: Run) -> dict:
     """Epoch loop: train, evaluate, save last (+ best); stops early on --max_steps or preemption.
 
     `model` is what trains (DDP-wrapped `classifier` or the classifier itself); `eval_model`
@@ -91,9 +91,9 @@ def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_m
     while position.epoch < args.epochs:
         if args.max_steps is not None and position.global_step >= args.max_steps:
             break
-        train_sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
-        stats, stop_reason = train_one_epoch(model, train_loader, optimizer, scaler, position, run)
-        images = getattr(train_loader.dataset, "base", None)  # the SafeImageFolder (None for a latent cache)
+        run.data.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
+        stats, stop_reason = train_one_epoch(model, run.data.loader, optimizer, scaler, position, run)
+        images = getattr(run.data.loader.dataset, "base", None)  # the SafeImageFolder (None for a latent cache)
         if hasattr(images, "skip_report"):  # every rank: the report merges their records
             logger.report_skips(images.skip_report(), position.global_step)
         if stop_reason == "preempted":
@@ -125,7 +125,7 @@ def fit(classifier: LatentClassifier, model, train_sampler, train_loader, eval_m
     return metrics
 
 
-def evaluate_all(eval_model, eval_loader, run: TrainSetup, reduce: bool) -> dict:
+def evaluate_all(eval_model, eval_loader, run: Run, reduce: bool) -> dict:
     """`evaluate` for the model and, with --model_ema, for its EMA weights (as ema_acc1, ...)."""
     metrics = evaluate(eval_model, eval_loader, run.device, run.args.precision, reduce)
     if run.model_ema is not None:
@@ -136,7 +136,7 @@ def evaluate_all(eval_model, eval_loader, run: TrainSetup, reduce: bool) -> dict
     return metrics
 
 
-def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: TrainSetup) -> None:
+def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: Run) -> None:
     """Saves the full training state atomically on rank 0 (every rank joins the RNG gather)."""
     state = checkpoint_state(classifier, optimizer, scaler, position, args, best_acc1,
                              run.steps_per_epoch * args.accum_iter, run.model_ema)
@@ -188,12 +188,11 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
                        wandb_run=wandb_run if args.wandb else None,
                        resume_step=position.global_step if position.global_step > 0 else None)
-    run = TrainSetup(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
-                     base_lr=base_lr, steps_per_epoch=train_data.steps_per_epoch, criterion=criterion,
-                     mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=clip_grad)
+    run = Run(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
+              base_lr=base_lr, data=train_data, criterion=criterion, mixup_fn=mixup_fn, model_ema=model_ema,
+              clip_grad=clip_grad)
     try:
-        metrics = fit(classifier, model, train_data.sampler, train_data.loader, eval_model, eval_loader, optimizer,
-                      scaler, position, best_acc1, run)
+        metrics = fit(classifier, model, eval_model, eval_loader, optimizer, scaler, position, best_acc1, run)
     finally:
         logger.close()
         run.preemption.restore()
