@@ -432,7 +432,8 @@ def train(run: Run) -> LoopPosition:
         device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info,
         on_epoch_end=lambda position: report_skipped_images(run, position.global_step))
     if preemption.requested:
-        run.logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
+        run.logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; resume with --resume "
+                        f"{run.experiment_dir}")
     run.logger.close()
     release_output_dir(run.experiment_dir)
     return position
