@@ -20,6 +20,7 @@ from models.vae import LatentCodec, vae_identity
 from models.vit import create_vit
 from pretrain import main_generate, main_pretrain
 from pretrain.engine_pretrain import prepare_batch
+from pretrain.pretrain_data import MaskedModelingDataset
 from util.data import SeededDataset, build_image_folder
 from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache
 
@@ -125,10 +126,10 @@ def test_cached_latents_equal_online_encoding(latent_cache, tiny_image_folder):
     args = main_pretrain.get_args_parser().parse_args(["--device", "cpu", "--add_noise"])
     model = create_mae("vit_base_patch_vae", 32, **TINY)
     shape = (model.in_chans, model.img_size, model.img_size)
-    cached = main_pretrain.MaskedModelingDataset(LatentCacheDataset(cache_dir, use_mean=True, seed=0), 16, shape,
+    cached = MaskedModelingDataset(LatentCacheDataset(cache_dir, use_mean=True, seed=0), 16, shape,
                                                  add_noise=True, seed=0)
     folder = build_image_folder(Path(tiny_image_folder) / "train")
-    online = main_pretrain.MaskedModelingDataset(SeededDataset(folder, cache_transform(32), seed=0), 16, shape,
+    online = MaskedModelingDataset(SeededDataset(folder, cache_transform(32), seed=0), 16, shape,
                                                  add_noise=True, seed=0)
     keys = [(1, index) for index in range(12)]
     cached_items = [cached[key] for key in keys]
