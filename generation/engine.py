@@ -7,7 +7,6 @@ and are read (`.item()`) only at log intervals.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -16,18 +15,9 @@ import torch.nn as nn
 from generation.objectives import NoiseBundle, Objective
 from util.distributed import all_reduce_mean
 from util.ema import update_ema
+from util.loop import LoopPosition, LossWindow
 from util.run_log import Throughput, peak_memory_mb
 from util.precision import autocast
-from util.preemption import check_finite
-
-
-@dataclass
-class LoopState:
-    """Where the run is: optimizer steps done, current epoch, batches of that epoch already consumed."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
 
 
 class EvalHook(Protocol):
@@ -127,71 +117,68 @@ def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, state: LoopState, *, epochs: int,
+def train_loop(step_fn: Callable[[dict], torch.Tensor], loader, sampler, position: LoopPosition, *, epochs: int,
                max_steps: Optional[int], local_batch: int, global_batch: int, log_every: int, ckpt_every: int,
-               eval_every: int, save_fn: Callable[[LoopState], None], eval_hooks: Sequence[EvalHook],
+               eval_every: int, save_fn: Callable[[LoopPosition], None], eval_hooks: Sequence[EvalHook],
                ema: nn.Module, logger, lr: float, device: torch.device,
                should_stop: Callable[[int], bool] = lambda step: False,
                log_fn: Callable[[str], None] = print,
-               on_epoch_end: Callable[[LoopState], None] = lambda state: None) -> LoopState:
+               on_epoch_end: Callable[[LoopPosition], None] = lambda position: None) -> LoopPosition:
     """Runs optimizer steps until `epochs` or `max_steps`; checkpoints every `ckpt_every` steps and at the end.
 
-    state.batch_in_epoch lets a resumed run skip the batches its epoch already consumed (the sampler skips
+    position.batch lets a resumed run skip the batches its epoch already consumed (the sampler skips
     them without loading). `should_stop(step)` is the preemption check (a collective every rank calls).
     A non-finite loss raises before the next log line or checkpoint, so a diverged model is never saved.
     The first step is always logged, so a run shorter than `log_every` still shows its loss.
-    `on_epoch_end(state)` runs on every rank after each full epoch (e.g. the skipped-image report).
+    `on_epoch_end(position)` runs on every rank after each full epoch (e.g. the skipped-image report).
     """
-    running_loss = torch.zeros((), device=device)  # summed since the last log step, never read in between
-    interval_steps = 0
+    losses = LossWindow(device)  # summed on the device since the last log step, never read in between
     throughput = Throughput()
-    last_saved = state.step
+    last_saved = position.global_step
     logged_once = False
-    stop = max_steps is not None and state.step >= max_steps
-    while not stop and state.epoch < epochs:
-        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch, batch_size=local_batch)
-        log_fn(f"Beginning epoch {state.epoch} (from batch {state.batch_in_epoch})...")
+    stop = max_steps is not None and position.global_step >= max_steps
+    while not stop and position.epoch < epochs:
+        sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=local_batch)
+        log_fn(f"Beginning epoch {position.epoch} (from batch {position.batch})...")
         for batch in loader:
-            running_loss += step_fn(batch)
-            interval_steps += 1
+            losses.add(step_fn(batch))
             throughput.update(global_batch)
-            state.step += 1
-            state.batch_in_epoch += 1
-            if state.step % log_every == 0 or not logged_once:
+            position.global_step += 1
+            position.batch += 1
+            if position.global_step % log_every == 0 or not logged_once:
                 logged_once = True
+                interval_steps = losses.window_batches
                 # The only host sync of the interval: mean loss over its steps and over ranks.
-                mean_loss = check_finite(all_reduce_mean(running_loss / interval_steps), state.step)
+                mean_loss = losses.read_window(position.global_step)
                 images_per_sec = throughput.rate()
                 metrics = {
-                    "loss": mean_loss, "lr": lr, "epoch": state.epoch,
+                    "loss": mean_loss, "lr": lr, "epoch": position.epoch,
                     "steps_per_sec": images_per_sec / global_batch, "images_per_sec": images_per_sec,
                     "peak_mem_mb": peak_memory_mb(device),
                 }
                 for name, total in getattr(step_fn, "window_metrics", {}).items():
                     metrics[name] = all_reduce_mean(total / interval_steps).item()
                     total.zero_()
-                logger.log(state.step, metrics)
-                running_loss.zero_()
-                interval_steps = 0
-            if eval_every > 0 and state.step % eval_every == 0:
+                logger.log(position.global_step, metrics)
+            if eval_every > 0 and position.global_step % eval_every == 0:
                 metrics = {}
                 for hook in eval_hooks:
-                    metrics.update(hook(ema, state.step))
+                    metrics.update(hook(ema, position.global_step))
                 if metrics:
-                    logger.log(state.step, metrics, prefix="eval")
+                    logger.log(position.global_step, metrics, prefix="eval")
                 throughput.reset()  # keep evaluation time out of the throughput numbers
-            stop = (max_steps is not None and state.step >= max_steps) or should_stop(state.step)
-            if (ckpt_every > 0 and state.step % ckpt_every == 0) or stop:
-                check_finite(all_reduce_mean(running_loss), state.step)  # steps since the last log line
-                save_fn(state)
-                last_saved = state.step
+            stop = (max_steps is not None and position.global_step >= max_steps) or should_stop(position.global_step)
+            if (ckpt_every > 0 and position.global_step % ckpt_every == 0) or stop:
+                losses.check(position.global_step)  # the steps since the last log line
+                save_fn(position)
+                last_saved = position.global_step
             if stop:
                 break
         else:
-            on_epoch_end(state)
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    if state.step != last_saved:
-        check_finite(all_reduce_mean(running_loss), state.step)
-        save_fn(state)
-    return state
+            on_epoch_end(position)
+            position.epoch += 1
+            position.batch = 0
+    if position.global_step != last_saved:
+        losses.check(position.global_step)
+        save_fn(position)
+    return position

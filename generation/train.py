@@ -7,67 +7,54 @@ The model name's prefix picks the objective (DiT -> Gaussian diffusion, SiT -> t
 `generation/engine.py` is shared. `--repa` adds REPA's representation alignment (generation/repa.py): projector
 heads after block --encoder-depth pulled towards a frozen encoder's patch tokens (online, or from a feature cache).
 Experiments live in `<results-dir>/NNN-<model>[-<exp-name>]/` with
-`checkpoints/0000100.pt` (model, ema, opt, args + exact-resume state), `log.txt` (JSON lines),
-TensorBoard events and `samples/` (EMA preview grids).
+`checkpoints/0000100.pt` (model, ema, opt, scaler, args + the `loop` resume record of util/train_state.py),
+`log.txt` (JSON lines), TensorBoard events and `samples/` (EMA preview grids). The checks and builders `setup`
+calls are in generation/train_setup.py.
 """
 import argparse
 import json
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from generation.engine import LoopState, TrainStep, train_loop
-from generation.eval_hooks import SampleGridHook, fid_eval_hook
+from generation.engine import TrainStep, train_loop
 from generation.objectives import build_objective
-from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
-                             check_repa_args, check_token_grid, feature_cache_expectation, repa_model_kwargs)
-from generation.train_data import GenerationTrainSet
+from generation.repa import (Alignment, add_repa_flags, build_targets, check_repa_args, check_token_grid,
+                             repa_model_kwargs)
+from generation.train_setup import (broadcast_object, build_dataset, build_eval_hooks, check_args, check_resume,
+                                    experiment_dir_for)
 from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT_MODEL_FLAGS, TRANSPORT_FLAGS, add_flags,
-                                    build_latent_norm, build_model, build_vae, check_model_args, check_vae_args,
-                                    none_or_str, vae_source)
+                                    build_model, build_vae, none_or_str)
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
-from models.vae import vae_identity
-from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
 from util.cli import show_defaults
-from util.disk import ensure_writable_dir
-from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
+from util.data import build_loader
 from util.distributed import add_dist_timeout_arg, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
-from util.feature_cache import FeatureCache
-from util.latent_cache import LatentCacheDataset
-from util.run_log import RunLogger, require_wandb
+from util.loop import LoopPosition
 from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
-from util.rng import gather_rng_states, restore_rank_rng
-from util.run_dir import claim_output_dir, discard_on_failure, release_output_dir
+from util.run_dir import discard_on_failure, release_output_dir
+from util.run_log import RunLogger
 from util.sampler import ResumableDistributedSampler
+from util.train_state import load_parts, resume_position, training_state
 
-# Arguments that must agree between a checkpoint and the command that resumes it: they fix the network's
-# shapes and the order/content of the batches, without which "continue the exact run" is impossible.
 # Names other modules and users' scripts import from here (defined in generation/train_utils.py).
 __all__ = ["ALL_MODELS", "CHECKPOINT_PATTERN", "UserError", "build_model", "build_vae", "get_args_parser", "main",
            "none_or_str", "setup", "train"]
-RESUME_MUST_MATCH = ("model", "model_kwargs", "image_size", "num_classes", "vae_version", "global_batch_size",
-                     "global_seed", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps",
-                     "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "use_lognorm",
-                     "use_cosine_loss", "latent_stats", "fixed_posterior_sample",
-                     "random_flip", *REPA_RESUME_MUST_MATCH)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DiT / SiT training (USP finetuning)", add_help=True)
-    # The official DiT/SiT train.py flags.
     # The official DiT/SiT train.py flags.
     add_flags(parser, "--model")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root (e.g. imagenet/train)")
@@ -141,140 +128,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return show_defaults(parser)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checks that need no GPU, data or weights: they run before anything expensive.
-# ----------------------------------------------------------------------------------------------
-
-def check_args(args) -> dict:
-    """Validates the command line; returns the parsed --model-kwargs."""
-    model_kwargs = check_model_args(args)
-    if args.cached_path is None and args.data_path is None:
-        raise UserError("give --data-path (an ImageFolder root) or --cached-path (a latent cache).")
-    if args.cached_path is not None and not Path(args.cached_path).is_dir():
-        raise UserError(f"--cached-path {args.cached_path} does not exist; build it with util/latent_cache.py first.")
-    if args.finetune is not None and args.resume is None and not Path(args.finetune).is_file():
-        raise UserError(f"--finetune {args.finetune} does not exist; pass the USP pretraining checkpoint file.")
-    for flag in ("global_batch_size", "log_every", "epochs", "eval_images", "num_sampling_steps"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if not 0 < args.beta2 < 1:
-        raise UserError(f"--beta2 must be in (0, 1), got {args.beta2}.")
-    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-        raise UserError(f"--max-grad-norm must be positive, got {args.max_grad_norm}.")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max-steps must be positive, got {args.max_steps}.")
-    for flag in ("fid_ref_batch", "inception_weights"):
-        if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")
-    if args.wandb:
-        require_wandb()
-    if args.evaluate and (args.resume is None or args.eval_every <= 0):
-        raise UserError("--evaluate scores the checkpoint given with --resume through the evaluation hooks; pass "
-                        "--resume CKPT and keep --eval-every > 0 (add --num-fid-samples N for FID).")
-    check_vae_args(args)
-    return model_kwargs
-
-
-def check_resume(args, checkpoint: dict, path: Path) -> None:
-    saved = dict(checkpoint.get("args") or {})
-    current = args_to_dict(args)
-    for values in (saved, current):  # compare the overrides, not their JSON spelling
-        if isinstance(values.get("model_kwargs"), str):
-            values["model_kwargs"] = json.loads(values["model_kwargs"])
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != current[key]:
-            raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
-                            f"command says {current[key]!r}; use the original value to continue that run.")
-    require_training_state(checkpoint, path, keys=("model", "ema", "opt", "step"),
-                           hint="to start from these weights use --finetune.")
-
-
-def experiment_dir_for(args, resume_path) -> Path:
-    """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them),
-    claimed for this run (`util.run_dir`: locked while it runs). Main rank only.
-
-    A fresh folder is created with mkdir(exist_ok=False), taking the next number if another run started at
-    the same moment took this one: two runs never share (and interleave) one experiment folder.
-    """
-    if resume_path is not None:
-        parent = Path(resume_path).resolve().parent
-        folder = parent.parent if parent.name == "checkpoints" else parent
-        claim_output_dir(folder, resume=str(resume_path), flag="--resume")
-        return folder
-    results = ensure_writable_dir(args.results_dir, flag="--results-dir")
-    index = len(glob(f"{results}/*"))
-    name = args.model.replace("/", "-") + (f"-{args.exp_name}" if args.exp_name else "")
-    while True:
-        folder = results / f"{index:03d}-{name}"
-        try:
-            folder.mkdir(exist_ok=False)
-            break
-        except FileExistsError:
-            index += 1
-    claim_output_dir(folder, flag="--results-dir")
-    return folder
-
-
-def broadcast_object(value, is_main: bool):
-    """Rank 0's `value` on every rank (e.g. the experiment folder, which only rank 0 can number)."""
-    if not dist.is_initialized():
-        return value
-    holder = [value if is_main else None]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
-
-def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTrainSet:
-    """Cached latents or images (ADM center crop [+ flip]) wrapped with the objective's per-sample noise
-    [and the REPA feature cache's features of the same image and orientation]."""
-    if args.cached_path is not None:
-        # The cache must hold ADM-center-cropped latents of this VAE at this size, else training silently
-        # learns another distribution than the one the EMA previews decode.
-        expect = dict(image_size=args.image_size, vae_version=args.vae_version, crop="center",
-                      vae_identity=vae_identity(args.vae_version, vae_source(args)))
-        latent_norm = build_latent_norm(args)
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
-                                  normalize=latent_norm.normalize if latent_norm is not None else None,
-                                  fixed_posterior=args.fixed_posterior_sample,
-                                  random_flip=args.random_flip)
-        classes, source = base.manifest["classes"], args.cached_path
-    else:
-        folder = build_image_folder(args.data_path, strict=args.strict_data)
-        base = SeededDataset(folder, generation_transform(args.image_size, args.random_flip), seed=args.global_seed)
-        classes, source = folder.classes, args.data_path
-    if len(classes) != args.num_classes:
-        raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
-                        f"pass --num-classes {len(classes)}.")
-    features = None
-    if args.repa_feature_cache is not None:
-        features = FeatureCache(args.repa_feature_cache, expect=feature_cache_expectation(args, base.manifest))
-        if not features.manifest["encoder"].startswith(f"{args.enc_type}:"):
-            raise UserError(f"--repa-feature-cache {args.repa_feature_cache} holds {features.manifest['encoder']} "
-                            f"features, not {args.enc_type}; pass the matching --enc-type or cache.")
-    return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
-                              online_vae=args.cached_path is None, features=features)
-
-
-def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list:
-    """Hooks run every --eval-every steps with the EMA model; each returns a dict of metrics to log.
-
-    The FID/IS hook of generation/eval_hooks.py plugs in here (it draws --num-fid-samples images with
-    --per-proc-batch-size per rank, writes them under --sample-dir and returns the metrics).
-    """
-    if args.eval_every <= 0:
-        return []
-    hooks = [SampleGridHook(objective, codec, experiment_dir / args.sample_dir, latent_shape, args.eval_images,
-                            args.num_classes, args.cfg_scale, args.num_sampling_steps, args.global_seed,
-                            dist_env.device, args.precision, dist_env.is_main)]
-    if args.num_fid_samples > 0:
-        hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env))
-    return hooks
-
-
 @dataclass
 class Run:
     """Everything `train` needs, built and validated by `setup`."""
@@ -285,11 +138,12 @@ class Run:
     loader: object
     sampler: object
     step_fn: TrainStep
-    state: LoopState
+    position: LoopPosition
     eval_hooks: list
     logger: object
     manager: CheckpointManager
     local_batch: int
+    batches_per_epoch: int  # per-rank batches of a full epoch
 
 
 def setup(args) -> Run:
@@ -349,16 +203,12 @@ def setup(args) -> Run:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, betas=(0.9, args.beta2),
                                       fused=device.type == "cuda")
         scaler = make_grad_scaler(device, args.precision)
-        state = LoopState()
+        position = LoopPosition(epoch=0)
+        batches_per_epoch = len(sampler) // local_batch
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            ema.load_state_dict(checkpoint["ema"])
-            optimizer.load_state_dict(checkpoint["opt"])
-            if checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            state = LoopState(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
-                              batch_in_epoch=int(checkpoint["batch_in_epoch"]))
-            restore_rank_rng(checkpoint["rng"])
+            load_parts(checkpoint, {"model": model, "ema": ema, "opt": optimizer, "scaler": scaler})
+            position = resume_position(checkpoint, resume_path, batch_size=local_batch, accum=1,
+                                       batches_per_epoch=batches_per_epoch)
             del checkpoint
         model.train()
         if args.compile:
@@ -378,12 +228,13 @@ def setup(args) -> Run:
         # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
         logger = RunLogger(experiment_dir, dist_env.is_main, tensorboard=True, jsonl_name="log.txt",
                            wandb_run=wandb_run if args.wandb else None,
-                           resume_step=state.step if resume_path is not None else None)
+                           resume_step=position.global_step if resume_path is not None else None)
         say = logger.info
         if report is not None:
             say(f"Initialised {args.model} from {args.finetune}:\n{report}")
         if resume_path is not None:
-            say(f"Resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}).")
+            say(f"Resumed from {resume_path} at step {position.global_step} (epoch {position.epoch}, batch "
+                f"{position.batch}).")
         keep_last = args.keep_last if args.keep_last > 0 else None
         manager = CheckpointManager(experiment_dir / "checkpoints", filename_fn=lambda step: f"{step:07d}.pt",
                                     keep_last=keep_last, is_main=dist_env.is_main,
@@ -393,27 +244,19 @@ def setup(args) -> Run:
             say(f"{args.model} ({objective.name}) parameters: {sum(p.numel() for p in model.parameters()):,}; "
                 f"dataset {len(dataset):,} samples; {dist_env.world_size} process(es) x batch {local_batch}")
             (experiment_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2))
-        return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, state, eval_hooks, logger, manager,
-                   local_batch)
+        return Run(args, dist_env, experiment_dir, loader, sampler, step_fn, position, eval_hooks, logger, manager,
+                   local_batch, batches_per_epoch)
 
 
 def make_save_fn(run: Run):
     args, step_fn = run.args, run.step_fn
 
-    def save(state: LoopState) -> None:
-        rng_states = gather_rng_states()  # a collective: every rank contributes its generator state
-        checkpoint = {
-            "model": step_fn.model.state_dict(),
-            "ema": step_fn.ema.state_dict(),
-            "opt": step_fn.optimizer.state_dict(),
-            "args": args_to_dict(args),
-            "scaler": step_fn.scaler.state_dict(),
-            "step": state.step,
-            "epoch": state.epoch,
-            "batch_in_epoch": state.batch_in_epoch,
-            "rng": rng_states,
-        }
-        path = run.manager.save(checkpoint, state.step)
+    def save(position: LoopPosition) -> None:
+        # DiT/SiT's keys (model, ema, opt, args) + scaler + the resume record (a collective: gathers every rank's RNG).
+        checkpoint = training_state({"model": step_fn.model, "ema": step_fn.ema, "opt": step_fn.optimizer,
+                                     "scaler": step_fn.scaler}, args, position, batch_size=run.local_batch,
+                                    batches_per_epoch=run.batches_per_epoch)
+        path = run.manager.save(checkpoint, position.global_step)
         if path is not None:
             run.logger.info(f"Saved checkpoint to {path}")
 
@@ -427,31 +270,32 @@ def report_skipped_images(run: Run, step: int) -> None:
         run.logger.report_skips(images.skip_report(), step)
 
 
-def train(run: Run) -> LoopState:
+def train(run: Run) -> LoopPosition:
     args = run.args
     preemption = PreemptionHandler()
-    state = train_loop(
-        run.step_fn, run.loader, run.sampler, run.state, epochs=args.epochs, max_steps=args.max_steps,
+    position = train_loop(
+        run.step_fn, run.loader, run.sampler, run.position, epochs=args.epochs, max_steps=args.max_steps,
         local_batch=run.local_batch, global_batch=args.global_batch_size, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, save_fn=make_save_fn(run),
         eval_hooks=run.eval_hooks, ema=run.step_fn.ema, logger=run.logger, lr=args.lr,
         device=run.dist_env.device, should_stop=preemption.should_stop, log_fn=run.logger.info,
-        on_epoch_end=lambda state: report_skipped_images(run, state.step))
+        on_epoch_end=lambda position: report_skipped_images(run, position.global_step))
     if preemption.requested:
-        run.logger.info(f"Stopped at step {state.step} on {preemption.signal_name}; resume with --resume {run.experiment_dir}")
+        run.logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; resume with --resume "
+                        f"{run.experiment_dir}")
     run.logger.close()
     release_output_dir(run.experiment_dir)
-    return state
+    return position
 
 
 def evaluate_only(run: Run) -> dict:
     """USP's `train.py --evaluate`: the evaluation hooks once with the resumed EMA weights, no training step."""
     metrics = {}
     for hook in run.eval_hooks:
-        metrics.update(hook(run.step_fn.ema, run.state.step))
-    run.logger.log(run.state.step, metrics, prefix="eval")
-    run.logger.info(f"Evaluated step {run.state.step}: " + ", ".join(f"{key} {value:.4g}" for key, value in
-                                                                     metrics.items()))
+        metrics.update(hook(run.step_fn.ema, run.position.global_step))
+    run.logger.log(run.position.global_step, metrics, prefix="eval")
+    run.logger.info(f"Evaluated step {run.position.global_step}: "
+                    + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
     run.logger.close()
     return metrics
 

@@ -23,9 +23,10 @@ from torchvision import transforms
 from timm.optim import Lars
 
 from models.vit import is_pixel_model
-from pretrain.engine_finetune import (LatentClassifier, UsageError, add_common_args, build_eval_loader,
-                                      build_models, build_train_loader, check_class_count, evaluate_only,
-                                      image_mean_std, run_main, start, t_noise_alpha_bar, train)
+from pretrain.finetune_data import build_eval_loader, build_train_loader, check_class_count, image_mean_std
+from pretrain.finetune_loop import evaluate_only, run_main, train
+from pretrain.finetune_setup import UsageError, add_common_args, start
+from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
 from util.cli import show_defaults
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr

@@ -23,17 +23,14 @@ if __package__ in (None, ""):
 import torch
 from timm.optim import param_groups_weight_decay
 
-from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
-from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import train_one_epoch
-from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from pretrain.pretrain_data import build_codec, build_dataset
+from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
 from util.cli import check_model_builds, default_num_workers, parse_json_object, show_defaults
-from util.data import build_image_folder, build_loader, pretrain_transform, SeededDataset
+from util.data import build_loader
 from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
-from util.latent_cache import LatentCacheDataset
-from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
 from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
@@ -41,8 +38,8 @@ from util.lr_sched import effective_lr
 from util.precision import add_determinism_arg, add_precision_arg, configure_cuda, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.run_dir import claim_output_dir, release_output_dir
-from util.rng import gather_rng_states, restore_rank_rng, sample_generator, sample_seed
 from util.sampler import ResumableDistributedSampler
+from util.train_state import load_parts, resume_position, training_state
 
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
 # MAE/USP decay every parameter with 2+ dimensions (timm's param_groups_weight_decay with an empty
@@ -140,41 +137,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return show_defaults(parser)
 
 
-class MaskedModelingDataset(torch.utils.data.Dataset):
-    """Adds the per-sample randomness of a masked-modeling step to a keyed dataset.
-
-    `base[(epoch, index)]` -> (input (C, H, W), label, index): images (SeededDataset) or
-    scaled latents (LatentCacheDataset). This returns a dict with
-      images     (C, H, W)  the base item,
-      mask_noise (L,)       uniform values, the smallest (1 - mask_ratio) * L patches stay visible,
-      t          ()         --add_noise level in [0.5, 1),
-      eps        (C, h, w)  --add_noise Gaussian noise, shaped like the model input,
-    all drawn in the loader's CPU workers from a generator keyed by (epoch, index) on a stream of
-    its own, so they depend neither on the rank nor on where the run was resumed.
-    """
-
-    def __init__(self, base, num_patches: int, model_input_shape: tuple, add_noise: bool, seed: int):
-        self.base = base
-        self.num_patches = num_patches
-        self.model_input_shape = tuple(model_input_shape)
-        self.add_noise = add_noise
-        # A hashed stream seed: the crop/flip stream uses `seed` itself, so the two never coincide.
-        self.stream_seed = sample_seed(seed, -1, 0x4D41534B)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key) -> dict:
-        epoch, index = key
-        images, _, _ = self.base[key]
-        generator = sample_generator(self.stream_seed, epoch, index)
-        item = {"images": images, "mask_noise": torch.rand(self.num_patches, generator=generator)}
-        if self.add_noise:
-            item["t"] = 0.5 + 0.5 * torch.rand((), generator=generator)
-            item["eps"] = torch.randn(self.model_input_shape, generator=generator)
-        return item
-
-
 def build_model(args) -> torch.nn.Module:
     """The MAE preset for --model at --input_size (latent presets sized from --vae_version).
 
@@ -201,57 +163,6 @@ def check_args(args) -> None:
     check_model_builds(lambda: build_model(args), "--model_kwargs", args.model, overrides)
 
 
-def build_dataset(args, model, pixel: bool):
-    """The keyed pretraining dataset: a latent cache (--use_cached) or an ImageFolder of train/."""
-    if args.use_cached:
-        if pixel:
-            raise UserError(f"--use_cached holds VAE latents but {args.model} is a pixel model; "
-                             "use a latent preset (vit_*_patch_vae*) or drop --use_cached.")
-        if not args.cached_path:
-            raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
-                             "(made by util.latent_cache).")
-        expect = {"vae_version": args.vae_version, "image_size": args.input_size}
-        if args.vae_path:
-            expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
-        # USP's online path encodes the posterior mean; its cached path draws a sample every step
-        # (--cached_posterior_sample). The cache picks the flip per (epoch, index).
-        use_mean = not args.cached_posterior_sample
-        if is_npz_latent_folder(args.cached_path):
-            if args.vae_version in PER_CHANNEL_CODECS:
-                raise UserError(f"--cached_path {args.cached_path} is a per-image .npz folder, which holds one-scale "
-                                f"latents; {args.vae_version} needs a latent cache from util.latent_cache.")
-            spec = get_latent_spec(args.vae_version)
-            base = NpzLatentFolder(args.cached_path, scale=spec.scale, use_mean=use_mean, seed=args.seed,
-                                   expect_shape=(spec.channels, spec.latent_size(args.input_size),
-                                                 spec.latent_size(args.input_size)))
-        else:
-            base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=use_mean, seed=args.seed,
-                                      normalize=cache_normalizer(args))
-    else:
-        folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
-        base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
-    input_shape = (model.in_chans, model.img_size, model.img_size)
-    return MaskedModelingDataset(base, model.patch_embed.num_patches, input_shape, args.add_noise, args.seed)
-
-
-def cache_normalizer(args):
-    """VA-VAE's per-channel normalisation of cached latents (None: the cache's one scale factor)."""
-    if args.vae_version not in PER_CHANNEL_CODECS:
-        return None
-    return load_latent_norm(args.vae_version, args.vae_path, args.latent_stats).normalize
-
-
-def build_codec(args, device, pixel: bool):
-    """The frozen VAE for online encoding, or None (pixel model or latent cache)."""
-    if pixel or args.use_cached:
-        return None
-    if args.vae_path is None:
-        raise UserError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
-                         "AutoencoderKL folder such as a download of stabilityai/sd-vae-ft-ema; d16: kl16.ckpt), "
-                         "or --use_cached with a latent cache.")
-    return LatentCodec.load(args.vae_version, args.vae_path, device=device, latent_stats=args.latent_stats)
-
-
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
     """AdamW(0.9, 0.95); no weight decay on biases and norms (and tokens with --no_decay_tokens)."""
     exempt = TOKENS_AND_POSITIONS if getattr(args, "no_decay_tokens", False) else ()
@@ -272,12 +183,11 @@ def check_fits(model, state_dict: dict, path, args) -> None:
                          "the checkpoint was trained with.")
 
 
-def resume_position(args, model, optimizer, scaler, global_batch: int) -> tuple:
+def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple:
     """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
 
-    Our checkpoints carry a `resume` block (epoch, samples consumed in it, optimizer steps, per-rank
-    RNG states); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at
-    the next epoch.
+    The position is the checkpoint's `loop` record (util/train_state.py; also this script's older `resume`
+    block); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at the next epoch.
     """
     if not args.resume:
         return LoopPosition(epoch=args.start_epoch), None
@@ -285,48 +195,24 @@ def resume_position(args, model, optimizer, scaler, global_batch: int) -> tuple:
     require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
                                                    "state dict holds no run to continue).")
     check_fits(model, checkpoint["model"], path, args)
-    model.load_state_dict(checkpoint["model"])
-    if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    state = checkpoint.get("resume")
-    if state is None:
-        # Released weights carry only `model`: continue from --start_epoch with fresh optimizer state.
-        next_epoch = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else args.start_epoch
-        return LoopPosition(epoch=next_epoch), f"resumed {path}, continuing at epoch {next_epoch}"
-    restore_rank_rng(state["rng"])
-    samples = int(state["samples"])
-    if samples % global_batch:
-        raise UserError(f"checkpoint {path} stopped after {samples} samples of epoch {state['epoch']}, which is "
-                         f"not a whole number of global batches of {global_batch}; resume with the original "
-                         "--batch_size, --accum_iter and number of processes.")
-    return (LoopPosition(epoch=int(state["epoch"]), batch=samples // (global_batch // args.accum_iter),
-                         global_step=int(state["global_step"])),
-            f"resumed {path} at epoch {state['epoch']}, sample {samples}, step {state['global_step']}")
+    load_parts(checkpoint, {"model": model, "optimizer": optimizer, "scaler": scaler})
+    position = resume_position(checkpoint, path, batch_size=args.batch_size, accum=args.accum_iter,
+                               batches_per_epoch=batches_per_epoch)
+    if position is None:  # released weights carry only `model`: continue from --start_epoch, fresh optimizer
+        position = LoopPosition(epoch=args.start_epoch)
+    return position, (f"resumed {path} at epoch {position.epoch}, batch {position.batch}, "
+                      f"step {position.global_step}")
 
 
-def save_state(run, model, optimizer, scaler, position: LoopPosition, epoch_done: bool):
-    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus what an exact resume needs.
+def save_state(run, model, optimizer, scaler, position: LoopPosition):
+    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus the resume record (util/train_state.py).
 
-    `epoch_done`: the epoch ended, so the run continues at the next one; otherwise (max_steps,
-    preemption) it continues inside this epoch after the samples already consumed.
+    A finished epoch is recorded as the start of the next one; otherwise (max_steps, preemption) the run
+    continues inside this epoch after the batches already consumed.
     """
-    rng_states = gather_rng_states()  # a collective: every rank contributes its generators
-    samples_per_batch = run.args.batch_size * run.dist.world_size  # one batch on every rank
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": position.epoch,
-        "scaler": scaler.state_dict(),
-        "args": args_to_dict(run.args),
-        "resume": {
-            "epoch": position.epoch + 1 if epoch_done else position.epoch,
-            "samples": 0 if epoch_done else position.batch * samples_per_batch,
-            "global_step": position.global_step,
-            "rng": rng_states,
-        },
-    }
+    state = training_state({"model": model, "optimizer": optimizer, "scaler": scaler}, run.args, position,
+                           epoch=position.epoch, batch_size=run.args.batch_size,
+                           batches_per_epoch=run.steps_per_epoch * run.args.accum_iter)
     path = run.checkpoints.save(state, position.epoch)
     if path is not None:
         run.logger.info(f"saved {path}")
@@ -375,7 +261,7 @@ def setup(args) -> SimpleNamespace:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_optimizer(model_without_ddp, args, base_lr, device)
     scaler = make_grad_scaler(device, args.precision)
-    position, resumed = resume_position(args, model_without_ddp, optimizer, scaler, global_batch)
+    position, resumed = restore_run(args, model_without_ddp, optimizer, scaler, steps_per_epoch * args.accum_iter)
     wandb_run = {"project": "usp-pretrain", "name": Path(args.output_dir).name, "config": vars(args)}
     # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
     logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
@@ -417,7 +303,7 @@ def train(run) -> None:
         # MAE/USP: `epoch % 40 == 0 or epoch + 1 == epochs`.
         scheduled = finished and (position.epoch + 1 == args.epochs or position.epoch % args.save_every == 0)
         if scheduled or result.stop_reason is not None:
-            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position, epoch_done=finished)
+            save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position)
         if result.stop_reason is not None:
             run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}")
             return

@@ -76,7 +76,7 @@ def test_t_noise_uses_the_linear_ddpm_alpha_bar():
 
 def test_finetune_mixes_latents_after_encoding_and_t_noise():
     """USP engine_finetune: x = vae.encode(x).mean * scale; [t-noise]; then mixup_fn(latents, targets)."""
-    from pretrain.engine_finetune import LatentClassifier
+    from pretrain.latent_classifier import LatentClassifier
 
     class Codec:
         def encode(self, images, sample=False):

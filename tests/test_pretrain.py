@@ -20,6 +20,7 @@ from models.vae import LatentCodec, vae_identity
 from models.vit import create_vit
 from pretrain import main_generate, main_pretrain
 from pretrain.engine_pretrain import prepare_batch
+from pretrain.pretrain_data import MaskedModelingDataset
 from util.data import SeededDataset, build_image_folder
 from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache
 
@@ -67,9 +68,9 @@ def test_loss_falls_and_checkpoint_has_mae_keys(reference_run):
 
     last_epoch = REFERENCE_STEPS // STEPS_PER_EPOCH - 1
     checkpoint = torch.load(reference_run / f"checkpoint-{last_epoch}.pth", weights_only=True)
-    assert {"model", "optimizer", "epoch", "scaler", "args", "resume"} <= set(checkpoint)
+    assert {"model", "optimizer", "epoch", "scaler", "args", "loop"} <= set(checkpoint)
     assert checkpoint["epoch"] == last_epoch and checkpoint["args"]["model"] == "vit_base_patch_vae"
-    assert checkpoint["resume"]["global_step"] == REFERENCE_STEPS
+    assert checkpoint["loop"]["global_step"] == REFERENCE_STEPS
     # USP/MAE's cadence (`epoch % 40 == 0 or epoch + 1 == epochs`): of epochs 0..3, epoch 0 and the last.
     assert sorted(path.name for path in reference_run.glob("checkpoint-*.pth")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
 
@@ -92,7 +93,7 @@ def test_resume_continues_the_exact_curve(reference_run, tiny_image_folder, tiny
     # Stop mid-epoch (step 5 of 8), then resume from the run directory and cross an epoch boundary.
     run_in_process(pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path, extra=["--max_steps", "5"]))
     saved = torch.load(tmp_path / "checkpoint-0.pth", weights_only=True)
-    assert saved["resume"]["epoch"] == 0 and saved["resume"]["samples"] == 5 * 8
+    assert (saved["loop"]["epoch"], saved["loop"]["batch"], saved["loop"]["batch_size"]) == (0, 5, 8)
     run_in_process(pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path,
                                  extra=["--max_steps", "12", "--resume", tmp_path]))
     reference, resumed = step_losses(reference_run), step_losses(tmp_path)
@@ -125,10 +126,10 @@ def test_cached_latents_equal_online_encoding(latent_cache, tiny_image_folder):
     args = main_pretrain.get_args_parser().parse_args(["--device", "cpu", "--add_noise"])
     model = create_mae("vit_base_patch_vae", 32, **TINY)
     shape = (model.in_chans, model.img_size, model.img_size)
-    cached = main_pretrain.MaskedModelingDataset(LatentCacheDataset(cache_dir, use_mean=True, seed=0), 16, shape,
+    cached = MaskedModelingDataset(LatentCacheDataset(cache_dir, use_mean=True, seed=0), 16, shape,
                                                  add_noise=True, seed=0)
     folder = build_image_folder(Path(tiny_image_folder) / "train")
-    online = main_pretrain.MaskedModelingDataset(SeededDataset(folder, cache_transform(32), seed=0), 16, shape,
+    online = MaskedModelingDataset(SeededDataset(folder, cache_transform(32), seed=0), 16, shape,
                                                  add_noise=True, seed=0)
     keys = [(1, index) for index in range(12)]
     cached_items = [cached[key] for key in keys]

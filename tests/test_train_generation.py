@@ -91,9 +91,10 @@ def test_trains_from_scratch_and_writes_checkpoint_and_grid(family, tmp_path, ti
     assert sum(last) / 5 < 0.9 * sum(first) / 5, losses
 
     checkpoint = load_checkpoint(experiment / "checkpoints" / "0000024.pt")
-    assert {"model", "ema", "opt", "args", "scaler", "step", "epoch", "batch_in_epoch", "rng"} <= set(checkpoint)
+    assert {"model", "ema", "opt", "args", "scaler", "loop"} <= set(checkpoint)
     assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["model"] == MODELS[family]
-    assert (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]) == (24, 5, 4)
+    loop = checkpoint["loop"]  # 24 steps of 4 per epoch: epoch 5 was trained to its end, so it continues at epoch 6
+    assert (loop["global_step"], loop["epoch"], loop["batch"], loop["batch_size"], loop["world_size"]) == (24, 6, 0, 16, 1)
     # EMA with decay 0.9999 barely moves from its initial copy, while the trained model moved.
     name = "blocks.0.attn.qkv.weight"
     assert not torch.allclose(checkpoint["ema"][name], checkpoint["model"][name], atol=1e-4)
@@ -158,7 +159,7 @@ def test_two_processes_match_one(tmp_path, tiny_image_folder, tiny_vae_dir):
     for step, loss in single_losses.items():
         assert ddp_losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
     assert (ddp / "samples" / "0000006.png").is_file()
-    assert load_checkpoint(ddp / "checkpoints" / "0000006.pt")["step"] == 6
+    assert load_checkpoint(ddp / "checkpoints" / "0000006.pt")["loop"]["global_step"] == 6
 
 
 def test_bad_input_stops_with_one_sentence(tmp_path, tiny_image_folder, tiny_vae_dir, capsys):

@@ -87,7 +87,8 @@ def test_topk_correct_hand_checked():
 
 def test_sharded_evaluation_counts_every_image_once():
     """Shards of EvalShardSampler cover the set exactly; summing their counts equals one full pass."""
-    from pretrain.engine_finetune import EvalShardSampler, evaluate
+    from pretrain.engine_finetune import evaluate
+    from pretrain.finetune_data import EvalShardSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
     target = torch.tensor([0, 2, 2, 1, 0])  # top-1 hits: items 0, 2 -> 2 of 5; top-2 hits: 0, 1, 2, 3 -> 4 of 5
@@ -184,7 +185,7 @@ def test_finetune_torchrun_then_eval(odd_val_folder, tiny_vae_dir, tiny_usp_chec
     last = torch.load(out / "checkpoint-last.pth", weights_only=True)
     vit = create_vit("vit_base_patch16_vae", 32, num_classes=4, **TINY_VIT)
     vit.load_state_dict(last["model"], strict=True)
-    assert (out / "checkpoint-best.pth").is_file() and len(last["rng"]) == 2
+    assert (out / "checkpoint-best.pth").is_file() and len(last["loop"]["rng"]) == 2
 
     metrics = main_finetune.main(parse(main_finetune, common_flags(
         odd_val_folder, tiny_vae_dir, tmp_path / "eval", eval=True, resume=out)))
@@ -229,7 +230,7 @@ def test_finetune_resume_is_exact(tiny_image_folder, tiny_vae_dir, tmp_path):
     main_finetune.main(parse(main_finetune, common_flags(tiny_image_folder, tiny_vae_dir, straight, **extra)))
     main_finetune.main(parse(main_finetune, common_flags(tiny_image_folder, tiny_vae_dir, split, max_steps=3, **extra)))
     stopped = torch.load(split / "checkpoint-last.pth", weights_only=True)
-    assert (stopped["epoch"], stopped["epoch_batch"], stopped["global_step"]) == (0, 3, 3)
+    assert (stopped["epoch"], stopped["loop"]["epoch"], stopped["loop"]["batch"], stopped["loop"]["global_step"]) == (0, 0, 3, 3)
     main_finetune.main(parse(main_finetune, common_flags(tiny_image_folder, tiny_vae_dir, split, resume=split, **extra)))
 
     def losses(out):
@@ -266,7 +267,7 @@ def test_train_vae_updates_the_encoder_only(tiny_image_folder, tiny_vae_dir, tmp
 def test_bad_input_is_one_sentence(tiny_image_folder, tiny_vae_dir, tmp_path, capsys):
     from models.mae import create_mae
     from pretrain import main_finetune, main_linprobe
-    from pretrain.engine_finetune import run_main
+    from pretrain.finetune_loop import run_main
 
     wide = tmp_path / "wide.pth"
     torch.save({"model": create_mae("vit_base_patch_vae", 32, **{**TINY_MAE, "embed_dim": 64}).state_dict()}, wide)

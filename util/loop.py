@@ -6,8 +6,9 @@ optimizer step.
 - `backward_micro_batch(...)`: forward + backward of loss / accum, DDP all-reduce only at the accumulation boundary.
 - `optimizer_step(...)`: [unscale + clip], grad-scaler step, zero_grad, count the step.
 
-Used by pretrain/engine_pretrain.py and pretrain/engine_finetune.py (generation's loop is
-generation/engine.py, which keeps its own `LoopState` record; see README "Architecture").
+Used by every trainer: pretrain/engine_pretrain.py, pretrain/engine_finetune.py and generation/engine.py (whose
+`TrainStep` does its own optimizer step, with the EMA update). What a checkpoint stores of a `LoopPosition`, and
+how an old checkpoint's position is read, is util/train_state.py.
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ class LossWindow:
         self.window.zero_()
         self.window_batches = 0
         return value
+
+    def check(self, step: int) -> None:
+        """Raises NonFiniteLossError if a step of the window was not finite, keeping the window (before a save)."""
+        check_finite(all_reduce_mean(self.window), step)
 
     def read_epoch(self, step: int) -> float | None:
         """Mean over ranks of the epoch's losses, None when no batch ran. A collective: every rank calls it."""
