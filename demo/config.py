@@ -1,10 +1,12 @@
 """The demo's budget: data size, model sizes and steps of every stage, for the full and the --fast run.
 
 The full run is sized for 10 minutes on 2 quiet CPU cores (scripts/demo.sh runs two single-threaded
-stages at a time) with `seeds` = 3 paired seeds: an estimate from the previous single-seed run (473 s
-with 600 generator steps at batch 32), not yet a measurement of this configuration (see README). Against
-that run each generator does a quarter of the work (300 steps at batch 16) at 4x the lr (2e-3 instead of
-5e-4), so that Adam opens the zero-initialised adaLN gates, through which the USP weights act, sooner.
+stages at a time) with `seeds` = 3 paired seeds; README "The demo's numbers" has the measured wall time.
+Every stage process pays about 10 CPU-seconds of imports (torch, timm -> torchvision, diffusers), so the
+budget buys few, short stages: per seed, 400 pretraining steps, four 300-step generators at batch 16 and lr
+2e-3 (4x DiT's 5e-4, so that Adam opens the zero-initialised adaLN gates, through which the USP weights act,
+sooner), one held-out draw per val latent, and 2-epoch probes evaluated once. The generator settings were
+chosen with demo/search.py on a split the report never measures (README).
 --fast keeps every stage but takes a few steps each, so the test suite can run the whole pipeline.
 
 Seeds: the dataset, the tiny VAE and the toy classifier are made once (`data_seed`); USP pretraining,
@@ -108,7 +110,7 @@ def generator_kwargs(cfg: DemoConfig) -> dict:
 
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
-    vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=2,
+    vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=1,
     pretrain_steps=400, pretrain_batch=64, probe_epochs=2, probe_batch=256, probe_blr=20.0,
     gen_steps=300, gen_batch=16, gen_checkpoints=6, gen_lr=2e-3, ema_decay=0.99,
     num_samples=100, sampling_steps=25, heldout_repeats=1,
