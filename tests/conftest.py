@@ -67,15 +67,14 @@ def run_torchrun(args, nproc: int = 2, timeout: float = 600, env=None, check: bo
     """Runs `torchrun --nproc_per_node=nproc <args>` from the repo root on gloo/CPU.
 
     `args` is e.g. ["-m", "pretrain.main_pretrain", "--epochs", "1"]. Returns the CompletedProcess;
-    with `check`, a non-zero exit fails the test with the processes' output.
+    with `check`, a non-zero exit fails the test with the processes' output. The launcher is forked from
+    tests/preloaded_python.py (it only starts and watches the workers); every worker is a real interpreter.
     """
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args),
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    command = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", *map(str, args)]
+    result = preloaded_python().run(command, full_env, timeout)
     if check and result.returncode != 0:
         pytest.fail(f"torchrun exited {result.returncode}\nSTDOUT:\n{result.stdout[-6000:]}\nSTDERR:\n{result.stderr[-6000:]}")
     return result
@@ -130,6 +129,14 @@ class PreloadedPython:
 _preloaded = None
 
 
+def preloaded_python() -> PreloadedPython:
+    """The session's preloaded server, started on first use."""
+    global _preloaded
+    if _preloaded is None:
+        _preloaded = PreloadedPython()
+    return _preloaded
+
+
 def run_python(args, timeout: float = 600, env=None, check: bool = True, preloaded: bool = False):
     """Runs `python <args>` from the repo root in a fresh process (single-process path).
 
@@ -137,14 +144,11 @@ def run_python(args, timeout: float = 600, env=None, check: bool = True, preload
     diffusers and scipy already (saves their ~5-10 CPU seconds per command); the command's own modules still run
     fresh. Tests that check what a real interpreter start prints keep the default.
     """
-    global _preloaded
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     args = [str(arg) for arg in args]
     if preloaded:
-        if _preloaded is None:
-            _preloaded = PreloadedPython()
-        result = _preloaded.run(args, full_env, timeout)
+        result = preloaded_python().run(args, full_env, timeout)
     else:
         result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=full_env,
                                 capture_output=True, text=True, timeout=timeout)

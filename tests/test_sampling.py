@@ -181,7 +181,7 @@ def test_world_size_one_and_two_give_identical_npz(checkpoints, tiny_vae_dir, tm
                                                        **common)]
     # The two runs are independent; overlapping them hides most of the interpreters' start-up time.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = [pool.submit(run_python, single, preloaded=True), pool.submit(run_torchrun, double, 2)]
+        runs = [pool.submit(run_python, single), pool.submit(run_torchrun, double, 2)]
         for run in runs:
             run.result()
     one, two = load_npz(tmp_path / "w1"), load_npz(tmp_path / "w2")
