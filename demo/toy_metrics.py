@@ -26,7 +26,7 @@ import torch
 
 from demo.images import load_split, vae_reconstructions
 from demo.toy_classifier import features_and_predictions, load_classifier
-from generation.evaluate import frechet_distance
+from generation.adm_metrics import frechet_distance
 
 
 def get_args_parser() -> argparse.ArgumentParser:

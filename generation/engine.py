@@ -41,7 +41,6 @@ class TrainStep:
     def __init__(self, network: nn.Module, model: nn.Module, ema: nn.Module, objective: Objective,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                  precision: str, ema_decay: float = 0.9999, codec: Optional[nn.Module] = None,
-                 ema_update: Callable[[nn.Module, nn.Module, float], None] = update_ema,
                  alignment=None, max_grad_norm: Optional[float] = None):
         self.network = network
         self.model = model
@@ -53,7 +52,6 @@ class TrainStep:
         self.precision = precision
         self.ema_decay = ema_decay
         self.codec = codec
-        self.ema_update = ema_update  # scripts/benchmark.py swaps in official DiT's per-parameter loop
         # REPA (generation.repa.Alignment): adds proj_coeff * alignment loss; None = plain DiT/SiT training.
         self.alignment = alignment
         # LightningDiT's optional `max_grad_norm` and REPA's 1.0 (None: no clipping, as DiT/SiT)
@@ -106,7 +104,7 @@ class TrainStep:
             clip_gradients(self.optimizer, self.scaler, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.ema_update(self.ema, self.model, self.ema_decay)
+        update_ema(self.ema, self.model, self.ema_decay)
         return loss.detach()
 
 

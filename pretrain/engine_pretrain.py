@@ -50,6 +50,17 @@ def prepare_batch(batch: dict, codec, args, device: torch.device):
     return inputs, clean, mask_noise
 
 
+def masked_loss(model, inputs: torch.Tensor, target: torch.Tensor, mask_noise: torch.Tensor, args,
+                device: torch.device) -> torch.Tensor:
+    """The pretraining forward: the masked (latent) modeling loss (a scalar) under --precision autocast.
+
+    inputs, target: (N, C, h, w) from `prepare_batch`; mask_noise: (N, L). scripts/benchmark.py times this step too.
+    """
+    with autocast(device, args.precision):
+        loss, _, _ = model(inputs, mask_ratio=args.mask_ratio, target=target, noise=mask_noise)
+    return loss
+
+
 def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: LoopPosition, run) -> EpochResult:
     """Trains from `position` to the end of `position.epoch` (or until a stop condition).
 
@@ -76,14 +87,9 @@ def train_one_epoch(model, codec, data_loader, optimizer, scaler, position: Loop
             lr = adjust_learning_rate(optimizer, position.epoch + position.batch / batches_per_epoch,
                                       run.base_lr, args.min_lr, args.warmup_epochs, args.epochs)
         inputs, target, mask_noise = prepare_batch(batch, codec, args, device)
-
-        def compute_loss():
-            with autocast(device, args.precision):
-                loss, _, _ = model(inputs, mask_ratio=args.mask_ratio, target=target, noise=mask_noise)
-            return loss
-
         boundary = (position.batch + 1) % accum == 0
-        losses.add(backward_micro_batch(model, scaler, compute_loss, accum, boundary))
+        losses.add(backward_micro_batch(model, scaler, lambda: masked_loss(model, inputs, target, mask_noise, args,
+                                                                           device), accum, boundary))
         position.batch += 1
         if not boundary:
             continue

@@ -11,7 +11,6 @@ turn the project's optimisations off (the baseline) or on.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from util.precision import PRECISIONS
+from util.precision import PRECISIONS, tf32_enabled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +114,73 @@ def build_adamw(params, lr: float, implementation: str, device: torch.device, **
     """AdamW as "loop" (foreach=False: one parameter at a time), "foreach" or "fused" (CUDA and CPU)."""
     flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[implementation]
     return torch.optim.AdamW(params, lr=lr, **flags, **kwargs)
+
+
+def perturb_(model: nn.Module, std: float, seed: int) -> None:
+    """Adds N(0, std) to every trainable weight, so zero-initialised layers (adaLN-Zero) compute something.
+
+    Used by the equivalence test: a fresh DiT outputs zeros, which every precision reproduces exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+def prepare_network(model: nn.Module, mode: ModeConfig, device: torch.device, blocks_attr: str = "blocks",
+                    ddp: bool = False):
+    """Moves `model` to `device` with the mode's attention / checkpointing / DDP / compile. Returns the
+    module that runs forward (possibly wrapped)."""
+    model.to(device)
+    set_attention(model, mode.attention)
+    if mode.grad_ckpt:
+        for attr in blocks_attr.split(","):
+            enable_gradient_checkpointing(getattr(model, attr))
+    network = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      static_graph=mode.static_graph, gradient_as_bucket_view=mode.static_graph)
+    if mode.compile:
+        network = torch.compile(network)
+    return network
+
+
+def host_batch(batch: Dict[str, torch.Tensor], mode: ModeConfig, device: torch.device) -> Dict[str, torch.Tensor]:
+    """The batch as a data loader would hand it over: in host memory, page-locked if the mode pins."""
+    if mode.pin_memory and device.type == "cuda":
+        return {key: value.pin_memory() for key, value in batch.items()}
+    return batch
+
+
+def in_mode(mode: ModeConfig, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn` run with the mode's global switches (TF32) set, so interleaved modes do not leak into each other."""
+    def run():
+        with tf32_enabled(mode.tf32):
+            return fn()
+    return run
+
+
+@dataclass
+class Workload:
+    """One row group of the table: what runs, how many images a call handles, and its FLOPs per image.
+
+    runners: mode name -> a call doing one unit of work (a training step, a full sampling run, one
+    encoder batch) that returns a device tensor (the step's loss, the samples, the features).
+    """
+
+    name: str
+    config: str
+    images_per_call: int
+    flops_per_image: Optional[float]
+    runners: Dict[str, Callable[[], torch.Tensor]]
+    notes: str = ""
+    extra_modes: List[ModeConfig] = field(default_factory=list)  # this workload's own extra columns
+    extra: dict = field(default_factory=dict)
+    modes: Optional[List[ModeConfig]] = None  # a workload's own columns (repa: its four variants); None = the modes
+
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from generation.evaluate import StatisticsAccumulator
+from generation.adm_metrics import StatisticsAccumulator
 from generation.fd_dinov2 import DinoV2FeatureExtractor
 from generation.inception import InceptionFeatureExtractor
 from util.data import CenterCropArr, DataError, build_image_folder

@@ -12,7 +12,7 @@ import torch
 from models.dit import DiT_models
 from scripts import benchmark as bench
 from scripts.benchmark_lib import (ModeConfig, count_flops, dit_forward_flops, dit_forward_macs, measure_matmul_peak,
-                            update_ema_loop)
+                                   perturb_, update_ema_loop)
 from util.ema import update_ema
 
 TINY = ["--device", "cpu", "--sizes", "tiny", "--image-size", "16", "--batch-size", "4", "--sample-batch-size", "2",
@@ -36,8 +36,8 @@ def modes_for_equivalence():
 @pytest.mark.parametrize("workload", ["dit", "sit", "mae"])
 def test_optimised_step_matches_fp32_baseline(workload):
     """Same weights, same batch: losses agree (fp32 paths to float precision, bf16 within bf16 tolerance),
-    and after one optimizer step the next loss still agrees, so fused AdamW / foreach EMA / cached latents
-    take the same step as the plain loop."""
+    and after one optimizer step the next loss still agrees, so fused AdamW / cached latents take the same step
+    as the plain loop."""
     args, modes = modes_for_equivalence()
     assert [mode.name for mode in modes] == ["baseline", "optimised", "optimised-bf16"]
     device = torch.device("cpu")
@@ -57,9 +57,9 @@ def test_optimised_step_matches_fp32_baseline(workload):
 
 def test_ema_loop_equals_foreach_update():
     model = DiT_models["DiT-S/2"](input_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
-    bench.perturb_(model, 0.1, seed=1)
+    perturb_(model, 0.1, seed=1)
     ema_loop, ema_foreach = deepcopy(model), deepcopy(model)
-    bench.perturb_(model, 0.1, seed=2)
+    perturb_(model, 0.1, seed=2)
     update_ema_loop(ema_loop, model, decay=0.9)
     update_ema(ema_foreach, model, decay=0.9)
     for (name, a), b in zip(ema_loop.named_parameters(), ema_foreach.parameters()):
@@ -85,8 +85,8 @@ def test_benchmark_end_to_end_tiny(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["peak"]["tflops"] > 0
     names = {row["workload"] for row in saved["rows"]}
-    assert names == {"dit-train", "sit-train", "lightningdit-train", "repa-train", "mae-train", "sample-ddpm", "sample-ode", "vae-encode",
-                     "inception"}
+    assert names == {"dit-train", "sit-train", "lightningdit-train", "repa-train", "mae-train", "ema-update",
+                     "sample-ddpm", "sample-ode", "vae-encode", "inception"}
     assert [row["mode"] for row in saved["rows"] if row["workload"] == "repa-train"] == [
         "sit-cached", "repa-cached", "sit-online", "repa-online"]  # REPA's cost with and without the feature cache
     for row in saved["rows"]:

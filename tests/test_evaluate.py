@@ -11,6 +11,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from conftest import run_python
+from generation import adm_metrics
 from generation import evaluate as ev
 from generation.inception import (SPATIAL_DIM, InceptionFeatureExtractor, InceptionWeightsError,
                                   load_inception_state_dict, random_inception_state_dict, spatial_features)
@@ -86,14 +87,14 @@ def test_fid_from_activations_matches_independent_eigen_implementation():
 def test_fid_singular_product_falls_back_to_eps_offset():
     mu = np.zeros(3)
     var1, var2 = np.array([1.0, 2.0, 0.0]), np.array([0.5, 0.0, 4.0])
-    real_sqrtm = ev.linalg.sqrtm
+    real_sqrtm = adm_metrics.linalg.sqrtm
     calls = []
 
     def sqrtm_failing_first(matrix):  # old scipy returned inf/nan for singular products
         calls.append(matrix)
         return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
 
-    with mock.patch.object(ev.linalg, "sqrtm", sqrtm_failing_first), pytest.warns(UserWarning, match="singular"):
+    with mock.patch.object(adm_metrics.linalg, "sqrtm", sqrtm_failing_first), pytest.warns(UserWarning, match="singular"):
         ours = ev.frechet_distance(mu, np.diag(var1), mu, np.diag(var2))
     eps = 1e-6
     expected = np.sum(var1) + np.sum(var2) - 2 * np.sum(np.sqrt((var1 + eps) * (var2 + eps)))
@@ -281,7 +282,7 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, random_weights)
     np.savez(tmp_path / "ref.npz", arr_0=_images(5))
     np.savez(tmp_path / "samples.npz", arr_0=_images(5).astype(np.float64))
     result = run_python(["-m", "generation.evaluate", tmp_path / "ref.npz", tmp_path / "samples.npz",
-                         "--inception-weights", random_weights], check=False)
+                         "--inception-weights", random_weights], check=False, preloaded=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("generation.evaluate: error:")
     assert "expected uint8" in result.stderr and result.returncode == 2  # util.errors.EXIT_USER_ERROR

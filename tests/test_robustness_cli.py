@@ -2,7 +2,10 @@
 and the one documented exit code, before any model is built; nothing they trained is overwritten.
 
 Each command is run as a user runs it (a fresh `python -m ...` process); what is checked is what they see:
-the exit code, the first line on stderr, and the files left behind.
+the exit code, the first line on stderr, and the files left behind. The processes are forked from a Python that
+has imported torch & co. already (`run_python(preloaded=True)`, tests/preloaded_python.py: the entry point's own
+modules still run fresh); `test_item10_one_exit_code_for_user_errors` starts a real interpreter for every entry
+point, so what an interpreter start prints is checked there.
 """
 import json
 import os
@@ -49,7 +52,7 @@ def train_argv(data, vae, results, *extra):
 
 def refused(argv, fragment):
     """Runs the command, expects the user-error exit code and ONE line on stderr containing `fragment`."""
-    result = run_python(argv, check=False, timeout=300)
+    result = run_python(argv, check=False, timeout=300, preloaded=True)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == EXIT_USER_ERROR, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -92,7 +95,7 @@ def test_item4_generation_training_reports_skipped_images(tiny_image_folder, tin
     shutil.copytree(tiny_image_folder / "train", data)
     victim = sorted(data.rglob("*.png"))[2]
     victim.write_bytes(victim.read_bytes()[:40])
-    result = run_python(train_argv(data, tiny_vae_dir, tmp_path / "results"), timeout=600)
+    result = run_python(train_argv(data, tiny_vae_dir, tmp_path / "results"), timeout=600, preloaded=True)
     assert f"1 unreadable image skipped so far, each replaced by the next readable one: {victim}" in result.stdout
     (experiment,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
     logged = [json.loads(line) for line in (experiment / "log.txt").read_text().splitlines()]
@@ -193,7 +196,7 @@ def test_item7_generation_data_root_with_splits(tiny_image_folder, tiny_vae_dir,
     ("generation.sample_ddp", ["--cfg-scale", "(default: 8)"]),
 ])
 def test_item10_help_shows_defaults(module, shown):
-    result = run_python(["-m", module, "--help"], timeout=120)
+    result = run_python(["-m", module, "--help"], timeout=120, preloaded=True)
     text = " ".join(result.stdout.split()).split(" options: ", 1)[-1]  # the option list, not the usage line
     for fragment in shown:
         assert fragment in text, (fragment, result.stdout[:3000])
@@ -203,7 +206,7 @@ def test_item10_help_shows_defaults(module, shown):
 
 def test_item10_short_generation_run_prints_a_first_loss(tiny_image_folder, tiny_vae_dir, tmp_path):
     result = run_python(train_argv(tiny_image_folder / "train", tiny_vae_dir, tmp_path / "r", "--log-every", "100",
-                                   "--max-steps", "2"), timeout=600)
+                                   "--max-steps", "2"), timeout=600, preloaded=True)
     assert "loss" in result.stdout.lower() and "step 1" in result.stdout.lower().replace("=", " "), result.stdout
 
 
@@ -218,16 +221,17 @@ def test_item10_data_workers_default_to_what_the_machine_has():
 
 def test_item10_finetune_prints_the_base_lr_as_base_lr(tiny_image_folder, tiny_vae_dir, tmp_path):
     result = run_python(finetune_argv(tiny_image_folder, tiny_vae_dir, tmp_path / "o", "--blr", "1e-3",
-                                      "--max_steps", "1"), timeout=600)
+                                      "--max_steps", "1"), timeout=600, preloaded=True)
     # MAE: absolute lr = blr * effective batch / 256 = 1e-3 * 8 / 256
     assert "base lr: 1.000e-03" in result.stdout and "actual lr: 3.125e-05" in result.stdout, result.stdout
 
 
 def test_item10_log_does_not_repeat_steps_after_resume(tiny_image_folder, tiny_vae_dir, tmp_path):
     out = tmp_path / "o"
-    run_python(pretrain_argv(tiny_image_folder, tiny_vae_dir, out, "--epochs", "3", "--max_steps", "3"), timeout=600)
+    run_python(pretrain_argv(tiny_image_folder, tiny_vae_dir, out, "--epochs", "3", "--max_steps", "3"), timeout=600,
+               preloaded=True)
     run_python(pretrain_argv(tiny_image_folder, tiny_vae_dir, out, "--epochs", "3", "--max_steps", "6",
-                             "--resume", out), timeout=600)
+                             "--resume", out), timeout=600, preloaded=True)
     steps = [json.loads(line)["step"] for line in (out / "log.txt").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)), steps
@@ -244,6 +248,7 @@ def test_item10_log_does_not_repeat_steps_after_resume(tiny_image_folder, tiny_v
 ])
 def test_item10_one_exit_code_for_user_errors(argv, tmp_path):
     argv = [str(tmp_path) if a == "/tmp/x" else a for a in argv]
-    result = run_python(argv, check=False, timeout=300)
+    result = run_python(argv, check=False, timeout=300)  # a real interpreter start, for every entry point
     assert result.returncode == EXIT_USER_ERROR, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr[-2000:]
