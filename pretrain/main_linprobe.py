@@ -27,6 +27,7 @@ from pretrain.finetune_data import build_eval_loader, build_train_loader, check_
 from pretrain.finetune_loop import evaluate_only, run_main, train
 from pretrain.finetune_setup import UsageError, add_common_args, start
 from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
+from pretrain.pretrain_data import check_cache_flags
 from util.cli import show_defaults
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
@@ -54,12 +55,7 @@ def build_train_dataset(args, pixel: bool):
         from models.vae import PER_CHANNEL_CODECS, load_latent_norm, vae_identity
         from util.latent_cache import LatentCacheDataset
 
-        if pixel:
-            raise UsageError(f"--use_cached holds VAE latents but --model {args.model} reads pixels; "
-                             "use a *_vae preset or drop --use_cached.")
-        if not args.cached_path:
-            raise UsageError("--use_cached needs --cached_path pointing at a latent cache of the train split "
-                             "(made with `python -m util.latent_cache`).")
+        check_cache_flags(args, pixel)
         expect = {"image_size": args.input_size, "vae_version": args.vae_version,
                   "vae_identity": vae_identity(args.vae_version, args.vae_path)}
         normalize = (load_latent_norm(args.vae_version, args.vae_path, args.latent_stats).normalize

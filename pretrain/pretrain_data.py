@@ -49,15 +49,20 @@ class MaskedModelingDataset(torch.utils.data.Dataset):
         return item
 
 
+def check_cache_flags(args, pixel: bool) -> None:
+    """--use_cached needs a latent model and --cached_path (pretraining and the linear probe)."""
+    if pixel:
+        raise UserError(f"--use_cached holds VAE latents but --model {args.model} reads pixels; "
+                        "use a latent preset (vit_*_patch_vae*, *_vae) or drop --use_cached.")
+    if not args.cached_path:
+        raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
+                        "(made with `python -m util.latent_cache`).")
+
+
 def build_dataset(args, model, pixel: bool):
     """The keyed pretraining dataset: a latent cache (--use_cached) or an ImageFolder of train/."""
     if args.use_cached:
-        if pixel:
-            raise UserError(f"--use_cached holds VAE latents but {args.model} is a pixel model; "
-                             "use a latent preset (vit_*_patch_vae*) or drop --use_cached.")
-        if not args.cached_path:
-            raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
-                             "(made by util.latent_cache).")
+        check_cache_flags(args, pixel)
         expect = {"vae_version": args.vae_version, "image_size": args.input_size}
         if args.vae_path:
             expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
