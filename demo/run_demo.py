@@ -316,18 +316,19 @@ def main(args) -> int:
     stages = build_stages(out, cfg, inception_weights)
     check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
     pending = stages_to_run(stages, out, args.redo)
-    if args.only:
-        wanted = needed_for(stages, args.only)
-        pending = [name for name in pending if name in wanted]
-    skipped = [stage.name for stage in stages if stage.name not in pending and (not args.only or stage.name in wanted)]
+    # --only: the scheduler (and its progress count) sees the named stages and what they need, nothing else
+    scheduled = [stage for stage in stages if stage.name in needed_for(stages, args.only)] if args.only else stages
+    pending = [name for name in pending if name in {stage.name for stage in scheduled}]
+    skipped = [stage.name for stage in scheduled if stage.name not in pending]
     if skipped:
         print(f"[demo] skipping finished stages: {', '.join(skipped)} (use --redo STAGE to rerun one)")
     if not pending:
-        print(f"[demo] everything is up to date; the report is {out / 'report.md'}")
+        where = f"the report is {out / 'report.md'}" if scheduled[-1].name == "report" else f"outputs under {out}"
+        print(f"[demo] everything is up to date; {where}")
         return 0
     # The report reads the timings, so they are written before it runs and again at the very end.
     before_report = [name for name in pending if name != "report"]
-    run_pipeline(stages, out, before_report, jobs)
+    run_pipeline(scheduled, out, before_report, jobs)
     record_timings(out, stages, time.time() - started, before_report, final=False)
     if "report" in pending:  # pending unless --only left it out: it depends on every other stage
         run_pipeline(stages, out, ["report"], jobs)
