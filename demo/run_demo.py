@@ -317,8 +317,9 @@ def main(args) -> int:
     check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
     pending = stages_to_run(stages, out, args.redo)
     # --only: the scheduler (and its progress count) sees the named stages and what they need, nothing else
-    scheduled = [stage for stage in stages if stage.name in needed_for(stages, args.only)] if args.only else stages
-    pending = [name for name in pending if name in {stage.name for stage in scheduled}]
+    wanted = needed_for(stages, args.only) if args.only else {stage.name for stage in stages}
+    scheduled = [stage for stage in stages if stage.name in wanted]
+    pending = [name for name in pending if name in wanted]
     skipped = [stage.name for stage in scheduled if stage.name not in pending]
     if skipped:
         print(f"[demo] skipping finished stages: {', '.join(skipped)} (use --redo STAGE to rerun one)")

@@ -22,6 +22,7 @@ margin, or else the largest margin. `<out>/search.md` and `<out>/search.json` ho
 """
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -82,16 +83,20 @@ def chosen_variants(args) -> dict:
     return variants
 
 
+def variant_overrides(args, assignments: list) -> list:
+    """The demo's --set assignments of a variant: the search split, the seeds, then the variant's own."""
+    return [f"data_seed={args.data_seed}", f"first_seed={args.first_seed}", f"seeds={args.seeds}", *assignments]
+
+
 def variant_config(args, assignments: list) -> DemoConfig:
-    overrides = [f"data_seed={args.data_seed}", f"first_seed={args.first_seed}", f"seeds={args.seeds}", *assignments]
     try:
-        return (FAST if args.fast else FULL).with_overrides(overrides)
+        return (FAST if args.fast else FULL).with_overrides(variant_overrides(args, assignments))
     except ValueError as error:
         raise UserError(str(error)) from None
 
 
 def shareable(stage_name: str) -> bool:
-    return stage_name.split("_s")[0] in SHAREABLE if stage_name.startswith("pretrain") else stage_name in SHAREABLE
+    return re.sub(r"_s\d+$", "", stage_name) in SHAREABLE  # pretrain_s<seed> -> pretrain
 
 
 def fingerprints(folder: Path, cfg: DemoConfig) -> dict:
@@ -142,9 +147,7 @@ def copy_shared_stages(folder: Path, cfg: DemoConfig, donors: list) -> list:
 def run_variant(args, folder: Path, assignments: list) -> None:
     """The demo's stages up to the held-out loss for this variant (finished stages are skipped)."""
     demo_args = run_demo.get_args_parser().parse_args(
-        ["--out", str(folder), "--only", "heldout", *(f"--set={a}" for a in
-                                                      [f"data_seed={args.data_seed}", f"first_seed={args.first_seed}",
-                                                       f"seeds={args.seeds}", *assignments])]
+        ["--out", str(folder), "--only", "heldout", *(f"--set={a}" for a in variant_overrides(args, assignments))]
         + (["--jobs", str(args.jobs)] if args.jobs else []) + (["--fast"] if args.fast else []))
     run_demo.main(demo_args)
 
