@@ -177,8 +177,8 @@ def timing_section(timings: dict) -> list:
                      f"**{entry['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
                      f"per-stage seconds add up to more than the wall time.")
         if "cpu_seconds" in entry:
-            lines.append(f"CPU time of those stages: {entry['cpu_seconds']:.0f} s (user + system); load average "
-                         f"at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "
+            lines.append(f"CPU time of those stages and of importing torch & co. once: {entry['cpu_seconds']:.0f} s "
+                         f"(user + system); load average at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "
                          "busy machine the wall time grows with the load; the CPU time does not (much).")
     return lines
 

@@ -22,10 +22,9 @@ import argparse
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from demo.config import FAST, FULL
 from demo.stages import build_stages
 from util.errors import UserError
+from util.preloaded_python import PreloadedPython
 from util.progress import is_interactive, progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of demo/config.py's configuration (experiments; repeatable)")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="start each stage as a new interpreter instead of forking it from one that has imported "
+                             "torch & co. (about 9 CPU seconds more per stage; the commands are the same)")
     parser.add_argument("--only", action="append", default=[], metavar="STAGE",
                         help="run only STAGE and the stages it needs (repeatable; 'heldout' = every seed's heldout_s<s>)")
     return parser
@@ -126,54 +129,60 @@ def needed_for(stages, targets: list) -> set:
 # ----------------------------------------------------------------------------------------------
 
 class StageProcess:
-    """A stage's subprocess, its log file and a progress bar fed from the child's tqdm output."""
+    """A stage's process (forked from the preloaded Python, or a fresh interpreter), its log file and, in a
+    terminal, a progress bar fed from the tqdm counter the child writes into that log."""
 
-    def __init__(self, stage, out: Path, position: int, env: dict):
+    def __init__(self, stage, out: Path, position: int, env: dict, python: PreloadedPython):
         self.stage = stage
         self.position = position
+        self.python = python
         self.command = stage.command()
         self.log_path = out / "logs" / f"{stage.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb", buffering=0)  # unbuffered: `tail -f` shows progress as it comes
-        self.log.write(("$ " + shlex.join(self.command) + "\n").encode())  # copy-pasteable
+        self.log_path.write_text("$ " + shlex.join(self.command) + "\n")  # copy-pasteable; the child appends
+        self.started = time.time()
+        self.cpu_seconds = None
+        self.returncode = None
+        self.pid = python.start(self.command[1:], REPO_ROOT, env, self.log_path, self.log_path)
         # Mirrored bars only in a terminal: in a log, each stage's own lines are in its log file.
         self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
             if is_interactive(sys.stderr) else None
-        self.started = time.time()
-        self.cpu_seconds = None
-        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
-        self.reader = threading.Thread(target=self._pump, daemon=True)
-        self.reader.start()
+        self.stop_mirroring = threading.Event()
+        self.mirror = threading.Thread(target=self._mirror_progress, daemon=True) if self.bar is not None else None
+        if self.mirror is not None:
+            self.mirror.start()
 
-    def _pump(self) -> None:
-        """Copies the child's output to its log and mirrors its latest tqdm counter into our bar."""
-        fd = self.process.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            self.log.write(chunk)
-            counters = PROGRESS.findall(chunk)
-            if counters and self.bar is not None:
-                done, total = map(int, counters[-1])
-                self.bar.total, self.bar.n = total, done
-                self.bar.refresh()
+    def _mirror_progress(self) -> None:
+        """Follows the log as `tail -f` would and shows the child's latest tqdm counter in our bar."""
+        with open(self.log_path, "rb") as log:
+            while not self.stop_mirroring.wait(0.2):
+                counters = PROGRESS.findall(log.read())
+                if counters:
+                    done, total = map(int, counters[-1])
+                    self.bar.total, self.bar.n = total, done
+                    self.bar.refresh()
 
     def reap(self) -> bool:
         """True once the child has exited; records its exit code and its own CPU seconds (user + system of it
-        and its reaped children, from wait4: with two stages running at once, the parent's RUSAGE_CHILDREN
-        cannot tell them apart)."""
-        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-        if pid == 0:
+        and its reaped children, from wait4: with two stages running at once, our RUSAGE_CHILDREN cannot
+        tell them apart)."""
+        result = self.python.poll(self.pid)
+        if result is None:
             return False
-        self.process.returncode = os.waitstatus_to_exitcode(status)
-        self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        self.returncode, self.cpu_seconds = result
         return True
 
+    def stop(self) -> None:
+        """Ends the child early (we are stopping) and waits for it."""
+        os.kill(self.pid, signal.SIGTERM)
+        self.python.wait(self.pid, timeout=60)
+
     def finish(self) -> int:
-        self.reader.join()
-        self.log.close()
-        if self.bar is not None:
+        if self.mirror is not None:
+            self.stop_mirroring.set()
+            self.mirror.join()
             self.bar.close()
-        return self.process.returncode
+        return self.returncode
 
 
 def child_env(threads: int) -> dict:
@@ -211,8 +220,8 @@ def log_tail(path: Path, lines: int = 25) -> str:
 # The scheduler
 # ----------------------------------------------------------------------------------------------
 
-def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict:
-    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done."""
+def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedPython) -> dict:
+    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done, started by `python`."""
     by_name = {stage.name: stage for stage in stages}
     done = {stage.name for stage in stages if stage.name not in pending}
     waiting = list(pending)
@@ -240,7 +249,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                     continue
                 free = min(set(range(1, jobs + 1)) - {child.position for child in running.values()})
                 try:
-                    running[name] = StageProcess(stage, out, position=free, env=exclusive_env if stage.exclusive else env)
+                    running[name] = StageProcess(stage, out, free, exclusive_env if stage.exclusive else env, python)
                 except FileNotFoundError as error:  # an input of the command is missing
                     raise DemoError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
@@ -259,17 +268,16 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, say=print) -> dict
                 tqdm.write(f"[demo] {name} done in {seconds[name]:.1f}s ({child.stage.about})")
     finally:
         for child in running.values():  # stop our own children if we are stopping early
-            child.process.terminate()
-            child.process.wait()
+            child.stop()
             child.finish()
         overall.close()
     return seconds
 
 
-def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
+def record_timings(out: Path, stages, wall: float, ran: list, final: bool, import_cpu_seconds: float) -> dict:
     """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
-    seconds of its finished stages (user + system of the children: on a busy machine the wall time says
-    little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
+    seconds of its finished stages plus the preloaded Python's imports (user + system: on a busy machine the
+    wall time says little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -282,9 +290,9 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> di
                for stage in stages if marker_path(out, stage.name).is_file()}
     timings["stages"] = {name: marker["seconds"] for name, marker in markers.items()}
     timings["stage_cpu_seconds"] = {name: marker.get("cpu_seconds") for name, marker in markers.items()}
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = import_cpu_seconds + sum(timings["stage_cpu_seconds"].get(name) or 0.0 for name in ran)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
-                                   "cpu_seconds": round(children.ru_utime + children.ru_stime, 2),
+                                   "cpu_seconds": round(cpu_seconds, 2), "import_cpu_seconds": round(import_cpu_seconds, 2),
                                    "load_average": [round(load, 2) for load in os.getloadavg()],
                                    "in_progress": not final})
     path.write_text(json.dumps(timings, indent=1))
@@ -329,11 +337,15 @@ def main(args) -> int:
         return 0
     # The report reads the timings, so they are written before it runs and again at the very end.
     before_report = [name for name in pending if name != "report"]
-    run_pipeline(scheduled, out, before_report, jobs)
-    record_timings(out, stages, time.time() - started, before_report, final=False)
-    if "report" in pending:  # pending unless --only left it out: it depends on every other stage
-        run_pipeline(stages, out, ["report"], jobs)
-    record_timings(out, stages, time.time() - started, pending, final=True)
+    python = PreloadedPython(fresh=args.fresh_processes or not hasattr(os, "fork"), server_env=child_env(1))
+    try:
+        run_pipeline(scheduled, out, before_report, jobs, python)
+        record_timings(out, stages, time.time() - started, before_report, False, python.import_cpu_seconds)
+        if "report" in pending:  # pending unless --only left it out: it depends on every other stage
+            run_pipeline(stages, out, ["report"], jobs, python)
+    finally:
+        python.close()
+    record_timings(out, stages, time.time() - started, pending, True, python.import_cpu_seconds)
     result = f"report: {out / 'report.md'}" if "report" in pending else f"outputs under {out}"
     print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {result}")
     return 0

@@ -1,14 +1,10 @@
 """Fixtures shared by the CPU test suite: tiny data, a tiny VAE, and a torchrun launcher."""
-import atexit
-import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from util.preloaded_python import PreloadedPython  # noqa: E402 - needs the repo root on sys.path
 
 # Two cores on CI: keep each process to one intra-op thread so torchrun pairs don't thrash.
 torch.set_num_threads(1)
@@ -68,79 +66,48 @@ def run_torchrun(args, nproc: int = 2, timeout: float = 600, env=None, check: bo
 
     `args` is e.g. ["-m", "pretrain.main_pretrain", "--epochs", "1"]. Returns the CompletedProcess;
     with `check`, a non-zero exit fails the test with the processes' output. The launcher is forked from
-    tests/preloaded_python.py (it only starts and watches the workers); every worker is a real interpreter.
+    util/preloaded_python.py (it only starts and watches the workers); every worker is a real interpreter.
     """
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     command = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", *map(str, args)]
-    result = preloaded_python().run(command, full_env, timeout)
+    result = run_preloaded(command, full_env, timeout)
     if check and result.returncode != 0:
         pytest.fail(f"torchrun exited {result.returncode}\nSTDOUT:\n{result.stdout[-6000:]}\nSTDERR:\n{result.stderr[-6000:]}")
     return result
-
-
-class PreloadedPython:
-    """Client of tests/preloaded_python.py: one server per test session, one forked child per command."""
-
-    def __init__(self):
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("preloaded_python.py"))],
-                                       cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-        self.replies = queue.Queue()
-        threading.Thread(target=self._read_replies, daemon=True).start()
-        self.lock = threading.Lock()
-        self._reply(timeout=300)  # {"ready": true} once the libraries are imported
-        atexit.register(self.close)
-
-    def _read_replies(self):
-        for line in self.server.stdout:
-            self.replies.put(json.loads(line))
-        self.replies.put(None)
-
-    def _reply(self, timeout):
-        reply = self.replies.get(timeout=timeout)
-        if reply is None:
-            raise RuntimeError(f"tests/preloaded_python.py exited with {self.server.wait()}")
-        return reply
-
-    def run(self, args, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        """`python <args>` as subprocess.run(capture_output=True, text=True) would return it."""
-        with self.lock, tempfile.TemporaryDirectory() as scratch:
-            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-            request = {"argv": args, "cwd": str(REPO_ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
-            self.server.stdin.write(json.dumps(request) + "\n")
-            self.server.stdin.flush()
-            pid = self._reply(timeout=60)["pid"]
-            try:
-                returncode = self._reply(timeout=timeout)["returncode"]
-            except queue.Empty:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(timeout=60)
-                raise subprocess.TimeoutExpired([sys.executable, *args], timeout) from None
-            return subprocess.CompletedProcess([sys.executable, *args], returncode, out.read_text(), err.read_text())
-
-    def close(self):
-        if self.server.poll() is None:
-            self.server.stdin.close()
-            self.server.wait(timeout=60)
 
 
 _preloaded = None
 
 
 def preloaded_python() -> PreloadedPython:
-    """The session's preloaded server, started on first use."""
+    """The session's util/preloaded_python.py server, started on first use."""
     global _preloaded
     if _preloaded is None:
-        _preloaded = PreloadedPython()
+        _preloaded = PreloadedPython(server_env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     return _preloaded
+
+
+def run_preloaded(args, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`python <args>` forked from the preloaded server, as subprocess.run(capture_output=True, text=True)."""
+    args = [str(arg) for arg in args]
+    with tempfile.TemporaryDirectory() as scratch:
+        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        pid = preloaded_python().start(args, REPO_ROOT, env, out, err)
+        try:
+            returncode, _ = preloaded_python().wait(pid, timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            preloaded_python().wait(pid, 60)
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout) from None
+        return subprocess.CompletedProcess([sys.executable, *args], returncode, out.read_text(), err.read_text())
 
 
 def run_python(args, timeout: float = 600, env=None, check: bool = True, preloaded: bool = False):
     """Runs `python <args>` from the repo root in a fresh process (single-process path).
 
-    preloaded=True forks the process from tests/preloaded_python.py, which has imported torch, torchvision, timm,
+    preloaded=True forks the process from util/preloaded_python.py, which has imported torch, torchvision, timm,
     diffusers and scipy already (saves their ~5-10 CPU seconds per command); the command's own modules still run
     fresh. Tests that check what a real interpreter start prints keep the default.
     """
@@ -148,7 +115,7 @@ def run_python(args, timeout: float = 600, env=None, check: bool = True, preload
     full_env.update(env or {})
     args = [str(arg) for arg in args]
     if preloaded:
-        result = preloaded_python().run(args, full_env, timeout)
+        result = run_preloaded(args, full_env, timeout)
     else:
         result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=full_env,
                                 capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,7 @@ and the one documented exit code, before any model is built; nothing they traine
 
 Each command is run as a user runs it (a fresh `python -m ...` process); what is checked is what they see:
 the exit code, the first line on stderr, and the files left behind. The processes are forked from a Python that
-has imported torch & co. already (`run_python(preloaded=True)`, tests/preloaded_python.py: the entry point's own
+has imported torch & co. already (`run_python(preloaded=True)`, util/preloaded_python.py: the entry point's own
 modules still run fresh); `test_item10_one_exit_code_for_user_errors` starts a real interpreter for every entry
 point, so what an interpreter start prints is checked there.
 """
