@@ -114,8 +114,8 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                     "--batch_size", str(cfg.probe_batch), "--epochs", str(cfg.probe_epochs), "--warmup_epochs", "1",
                     "--eval_freq", str(cfg.probe_epochs),  # the report reads the final top-1 only
                     "--blr", str(cfg.probe_blr), "--weight_decay", "0.0", "--output_dir", str(target),
-                    "--log_dir", str(target), "--device", "cpu", "--num_workers", "0",
-                    "--seed", str(seed), "--log_every", "5"]
+                    "--log_dir", str(target), "--device", "cpu", "--precision", "fp32",
+                    "--num_workers", "0", "--seed", str(seed), "--log_every", "5"]
         return command
 
     ckpt_every = max(1, cfg.gen_steps // cfg.gen_checkpoints)
