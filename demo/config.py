@@ -2,11 +2,12 @@
 
 The full run is sized for 10 minutes on 2 quiet CPU cores (scripts/demo.sh runs two single-threaded
 stages at a time) with `seeds` = 3 paired seeds; README "The demo's numbers" has the measured wall time.
-Every stage process pays about 10 CPU-seconds of imports (torch, timm -> torchvision, diffusers), so the
-budget buys few, short stages: per seed, 400 pretraining steps, four 300-step generators at batch 16 and lr
-2e-3 (4x DiT's 5e-4, so that Adam opens the zero-initialised adaLN gates, through which the USP weights act,
-sooner), one held-out draw per val latent, and 2-epoch probes evaluated once. The generator settings were
-chosen with demo/search.py on a split the report never measures (README).
+The stages fork from one Python that has imported torch & co. once (util/preloaded_python.py), so a stage
+costs what it computes. Per seed: 600 pretraining steps, 5-epoch linear probes evaluated once, four 300-step
+generators at batch 16 and lr 2e-3 (4x DiT's 5e-4, so that Adam opens the zero-initialised adaLN gates,
+through which the USP weights act, sooner), and one held-out draw per val latent. The pretraining length and
+probe epochs (python -m demo.run_demo --only probe_usp --only probe_random) and the generator settings
+(python -m demo.search) were chosen on a split the report never measures (README).
 --fast keeps every stage but takes a few steps each, so the test suite can run the whole pipeline.
 
 Seeds: the dataset, the tiny VAE and the toy classifier are made once (`data_seed`); USP pretraining,
@@ -111,7 +112,7 @@ def generator_kwargs(cfg: DemoConfig) -> dict:
 FULL = DemoConfig(
     name="full", train_per_class=300, val_per_class=50,
     vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=1,
-    pretrain_steps=400, pretrain_batch=64, probe_epochs=2, probe_batch=256, probe_blr=20.0,
+    pretrain_steps=600, pretrain_batch=64, probe_epochs=5, probe_batch=256, probe_blr=20.0,
     gen_steps=300, gen_batch=16, gen_checkpoints=6, gen_lr=2e-3, ema_decay=0.99,
     num_samples=100, sampling_steps=25, heldout_repeats=1,
 )

@@ -1,7 +1,8 @@
 """The demo pipeline as a table of stages: what each runs, what it needs, where it writes.
 
-Every stage but the first is a subprocess running a real entry point exactly as a user would type it
-(`python -m pretrain.main_pretrain ...`); the commands are built when the stage starts, so a stage
+Every stage but the first is a process running a real entry point exactly as a user would type it
+(`python -m pretrain.main_pretrain ...`; demo/run_demo.py forks it from a Python that has imported torch & co.
+already, and each stage's log starts with the command); the commands are built when the stage starts, so a stage
 can point at a file an earlier stage produced (e.g. the newest pretraining checkpoint).
 
 Pipeline, for every seed s (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr are shared):
@@ -31,7 +32,7 @@ FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
 class Stage:
     """One step of the demo.
 
-    command: () -> argv after `python` (a subprocess), or None when `function` runs in-process.
+    command: () -> [python, *argv] (a process of its own), or None when `function` runs in-process.
     outputs: paths (relative to the output folder) deleted before the stage (re)runs.
     exclusive: nothing else can run beside it (every later stage needs it), so it gets every CPU thread.
     """
