@@ -41,7 +41,7 @@ from util.distributed import add_dist_timeout_arg, cleanup, init_distributed, ra
 from util.ema import requires_grad
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
-from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_cuda, make_grad_scaler
+from util.precision import add_determinism_arg, add_precision_arg, autocast, configure_backend, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.run_dir import discard_on_failure, release_output_dir
 from util.run_log import RunLogger
@@ -171,8 +171,8 @@ def setup(args) -> Run:
     with discard_on_failure(experiment_dir, enabled=dist_env.is_main and resume_path is None):
         seed_everything(rank_seed(args.global_seed, dist_env.rank))
         device = dist_env.device
-        if device.type == "cuda":
-            configure_cuda(deterministic=args.deterministic)
+        quiet = lambda _: None  # noqa: E731 - the other ranks would repeat rank 0's note
+        configure_backend(device, args.precision, args.deterministic, say=print if dist_env.is_main else quiet)
 
         targets = build_targets(args, encoder_kwargs, device)  # REPA's frozen encoders (none without --repa / with a cache)
         model = build_model(args, {**repa_model_kwargs(args, targets), **model_kwargs}, latent_size, spec.channels)

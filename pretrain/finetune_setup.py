@@ -11,7 +11,7 @@ from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from util.cli import check_model_builds, default_num_workers, parse_json_object
 from util.distributed import add_dist_timeout_arg, init_distributed, setup_for_distributed_printing
 from util.errors import UserError
-from util.precision import add_determinism_arg, add_precision_arg, configure_cuda
+from util.precision import add_determinism_arg, add_precision_arg, configure_backend
 from util.run_dir import claim_output_dir
 from util.run_log import require_wandb
 
@@ -143,6 +143,5 @@ def start(args):
     setup_for_distributed_printing(dist_env.is_main)
     if args.output_dir and not args.eval:  # unwritable, in use, or another run's: stop before any data or weights
         claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist_env.is_main)
-    if dist_env.device.type == "cuda":
-        configure_cuda(deterministic=args.deterministic)
+    configure_backend(dist_env.device, args.precision, args.deterministic)  # prints on the main process only
     return dist_env

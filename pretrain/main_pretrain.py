@@ -35,7 +35,7 @@ from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr
-from util.precision import add_determinism_arg, add_precision_arg, configure_cuda, make_grad_scaler
+from util.precision import add_determinism_arg, add_precision_arg, configure_backend, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.run_dir import claim_output_dir, release_output_dir
 from util.sampler import ResumableDistributedSampler
@@ -224,8 +224,7 @@ def setup(args) -> SimpleNamespace:
     dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     setup_for_distributed_printing(dist_env.is_main)
     device = dist_env.device
-    if device.type == "cuda":
-        configure_cuda(deterministic=args.deterministic)
+    configure_backend(device, args.precision, args.deterministic)  # prints on the main process only
     if args.wandb:
         require_wandb()
     check_args(args)

@@ -42,6 +42,21 @@ def test_configure_cuda_autotunes_or_makes_kernels_deterministic(restore_backend
     assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
 
 
+def test_configure_backend_sets_up_cuda_or_names_the_cpu_autocast_cost(restore_backends, monkeypatch):
+    """CUDA: configure_cuda with the run's --deterministic. CPU: silent in fp32; under bf16/fp16 autocast one
+    line that names the fix (--precision fp32), since the default bf16 is emulated on most CPUs."""
+    calls, lines = [], []
+    monkeypatch.setattr(precision, "configure_cuda", lambda **kwargs: calls.append(kwargs))
+    precision.configure_backend(torch.device("cuda", 0), "bf16", deterministic=True, say=lines.append)
+    assert calls == [{"deterministic": True}] and lines == []
+    precision.configure_backend(torch.device("cpu"), "fp32", say=lines.append)
+    assert lines == []
+    for dtype in ("bf16", "fp16"):
+        precision.configure_backend(torch.device("cpu"), dtype, say=lines.append)
+    assert len(lines) == 2 and all("--precision fp32" in line for line in lines) and calls == [{"deterministic": True}]
+    assert lines[0].startswith("note: --precision bf16 on CPU")
+
+
 def tiny_dit():
     torch.manual_seed(0)
     model = DiT_models["DiT-S/2"](input_size=4, num_classes=3, hidden_size=32, depth=1, num_heads=2).eval()

@@ -96,3 +96,18 @@ def configure_cuda(tf32: bool = True, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def configure_backend(device: torch.device, precision: str, deterministic: bool = False, say=print) -> None:
+    """A trainer's backend setup: `configure_cuda` on CUDA; on CPU, one line through `say` when autocast is on.
+
+    bf16/fp16 autocast on a CPU without AVX512-BF16/AMX is emulated: measured on an AVX2 EPYC, a ViT
+    linear layer took 79 ms under bf16 autocast against 10 ms in fp32 (and the default is bf16, USP's GPU
+    recipe), so a CPU run without --precision fp32 is several times slower than it needs to be.
+    """
+    if device.type == "cuda":
+        configure_cuda(deterministic=deterministic)
+    elif device.type == "cpu" and precision != "fp32":
+        say(f"note: --precision {precision} on CPU runs emulated unless the CPU has AVX512-BF16 or AMX, often "
+            "several times slower than fp32; pass --precision fp32 for CPU runs.")
+
