@@ -146,3 +146,19 @@ def test_fresh_mode_gives_the_same_results(tmp_path):
     pid = fresh.start([script], tmp_path, dict(os.environ), log, log)
     code, cpu = fresh.wait(pid, timeout=60)
     assert (code, log.read_text()) == (4, "hi\n") and cpu > 0
+
+
+def test_a_command_starts_while_the_reader_records_an_ended_child(python, tmp_path):
+    """The reader thread holds `lock` while it records a child that ended; start() must not need that lock,
+    or a stage that ends just as another starts would stall the start until its timeout."""
+    import threading
+
+    script = write_script(tmp_path, "print('started')\n")
+    started = []
+    with python.lock:
+        starter = threading.Thread(target=lambda: started.append(
+            python.start([script], tmp_path, dict(os.environ), tmp_path / "o", tmp_path / "o")))
+        starter.start()
+        starter.join(timeout=30)
+        assert started, "start() waited for the lock the reader holds"
+    assert python.wait(started[0], timeout=60)[0] == 0

@@ -112,7 +112,8 @@ def become_python(request: dict) -> None:
 
 def serve() -> None:
     """The server's loop: single-threaded (forking a threaded process is unsafe), it waits on its stdin for
-    requests and, between them, reaps the children that ended."""
+    requests and, between them, reaps the children that ended. The client sends a request only after the
+    previous one's {"pid"} reply, so a readline never leaves a second request in stdin's buffer unseen by select."""
     for name in PRELOAD:
         __import__(name)
     channel = os.fdopen(os.dup(1), "w", buffering=1)
@@ -137,7 +138,7 @@ def serve() -> None:
             children.add(pid)
             channel.write(json.dumps({"pid": pid}) + "\n")
         elif not stdin_open:
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         while children:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
@@ -161,7 +162,8 @@ class PreloadedPython:
 
     def __init__(self, fresh: bool = False, server_env: dict | None = None):
         self.fresh = fresh
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `finished`, which the reader thread fills
+        self.request_lock = threading.Lock()  # one request at a time, until its {"pid"} reply
         self.finished: dict[int, tuple] = {}
         self.processes: dict[int, subprocess.Popen] = {}
         self.import_cpu_seconds = 0.0  # each fresh interpreter's imports count in its own CPU time
@@ -197,7 +199,7 @@ class PreloadedPython:
                                            stdout=out, stderr=subprocess.STDOUT if stderr == stdout else err)
             self.processes[process.pid] = process
             return process.pid
-        with self.lock:
+        with self.request_lock:  # not `lock`: the reader may need that to record a child that ends meanwhile
             request = {"argv": args, "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr)}
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
@@ -221,8 +223,11 @@ class PreloadedPython:
         """(returncode, cpu_seconds); raises subprocess.TimeoutExpired after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while (result := self.poll(pid)) is None:
-            if not self.fresh and self.server.poll() is not None and self.poll(pid) is None:
-                raise RuntimeError(f"util/preloaded_python.py exited with {self.server.returncode}")
+            if not self.fresh and self.server.poll() is not None:  # the server is gone: read what it last wrote
+                self.reader.join(timeout=10)
+                if (result := self.poll(pid)) is None:
+                    raise RuntimeError(f"util/preloaded_python.py exited with {self.server.returncode}")
+                break
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(f"pid {pid}", timeout)
             time.sleep(0.05)
