@@ -52,7 +52,6 @@ TIMINGS_NAME = "timings.json"
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
 
 
-DemoError = UserError  # a demo flag, output folder or stage the user can fix; one type for every user error (util/errors.py)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,7 +90,7 @@ def check_config(out: Path, config: dict, redo_all: bool) -> None:
     if path.is_file() and not redo_all:
         saved = json.loads(path.read_text())
         if saved != config:
-            raise DemoError(f"{out} holds a {saved.get('name', 'different')} demo run made with other settings; "
+            raise UserError(f"{out} holds a {saved.get('name', 'different')} demo run made with other settings; "
                             f"pass --redo all to start it over, or choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=1))
@@ -102,7 +101,7 @@ def stages_to_run(stages, out: Path, redo: list) -> list:
     names = [stage.name for stage in stages]
     unknown = [name for name in redo if name != "all" and name not in names]
     if unknown:
-        raise DemoError(f"--redo {unknown[0]} is not a stage; choose 'all' or one of {', '.join(names)}.")
+        raise UserError(f"--redo {unknown[0]} is not a stage; choose 'all' or one of {', '.join(names)}.")
     pending = {name for name in names if "all" in redo or name in redo or not marker_path(out, name).is_file()}
     for stage in stages:  # the table is in dependency order, so one pass closes over dependents
         if any(need in pending for need in stage.needs):
@@ -119,7 +118,7 @@ def needed_for(stages, targets: list) -> set:
     unknown = [target for target in targets if not any(name == target or name.startswith(target + "_s")
                                                        for name in chosen)]
     if unknown:
-        raise DemoError(f"--only {unknown[0]} is not a stage; choose one of {', '.join(by_name)} "
+        raise UserError(f"--only {unknown[0]} is not a stage; choose one of {', '.join(by_name)} "
                         "(or a name without its _s<seed> suffix).")
     for stage in reversed(stages):  # the table is in dependency order: walk it backwards once
         if stage.name in chosen:
@@ -254,7 +253,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedP
                 try:
                     running[name] = StageProcess(stage, out, free, exclusive_env if stage.exclusive else env, python)
                 except FileNotFoundError as error:  # an input of the command is missing
-                    raise DemoError(f"stage {name} cannot start: {error}") from None
+                    raise UserError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
             for name, child in list(running.items()):
                 if not child.reap():
@@ -262,7 +261,7 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedP
                 returncode = child.finish()
                 del running[name]
                 if returncode != 0:
-                    raise DemoError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
+                    raise UserError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
                                     f"{log_tail(child.log_path)}\ncommand: {shlex.join(child.command)}")
                 seconds[name] = time.time() - child.started
                 write_marker(out, child.stage, seconds[name], child.command, child.cpu_seconds)
@@ -312,7 +311,7 @@ def resolve_config(args):
     try:
         return (FAST if args.fast else FULL).with_overrides(overrides)
     except ValueError as error:
-        raise DemoError(str(error)) from None
+        raise UserError(str(error)) from None
 
 
 def main(args) -> int:
@@ -320,7 +319,7 @@ def main(args) -> int:
     cfg = resolve_config(args)
     out = Path(args.out).resolve()
     if args.inception_weights and not Path(args.inception_weights).is_file():
-        raise DemoError(f"--inception-weights {args.inception_weights} does not exist; pass the file "
+        raise UserError(f"--inception-weights {args.inception_weights} does not exist; pass the file "
                         "weights-inception-2015-12-05-6726825d.pth (see README) or leave the flag out.")
     inception_weights = str(Path(args.inception_weights).resolve()) if args.inception_weights else None
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
@@ -357,5 +356,5 @@ def main(args) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
-    except DemoError as error:
+    except UserError as error:
         sys.exit(f"demo: error: {error}")

@@ -56,7 +56,6 @@ STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
 MIN_IMAGES = NEAREST_K + 1  # a k-th neighbour other than the point itself
 
 
-NpzError = UserError  # an npz batch that ADM's evaluator cannot use (missing arr_0, wrong dtype/shape, NaNs); one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------- npz batches
@@ -71,25 +70,25 @@ class NpzBatch:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise NpzError(f"npz file {self.path} does not exist; pass a batch written by np.savez with arr_0.")
+            raise UserError(f"npz file {self.path} does not exist; pass a batch written by np.savez with arr_0.")
         try:
             with zipfile.ZipFile(self.path) as archive:
                 members = set(archive.namelist())
                 if "arr_0.npy" not in members:
-                    raise NpzError(f"{self.path} has no arr_0; ADM batches keep their images in arr_0 "
+                    raise UserError(f"{self.path} has no arr_0; ADM batches keep their images in arr_0 "
                                    "(save with np.savez(path, arr_0=images_uint8_NHWC)).")
                 with archive.open("arr_0.npy") as stream:
                     self.shape, self.fortran_order, self.dtype = _read_npy_header(stream, self.path)
         except zipfile.BadZipFile as error:
-            raise NpzError(f"{self.path} is not an npz archive; write batches with np.savez.") from error
+            raise UserError(f"{self.path} is not an npz archive; write batches with np.savez.") from error
         if self.dtype != np.uint8:
-            raise NpzError(f"{self.path}: arr_0 has dtype {self.dtype}, expected uint8 images in 0..255; "
+            raise UserError(f"{self.path}: arr_0 has dtype {self.dtype}, expected uint8 images in 0..255; "
                            "convert with np.clip(np.round(x), 0, 255).astype(np.uint8).")
         if len(self.shape) != 4 or self.shape[3] != 3 or min(self.shape[1:3]) < 1:
-            raise NpzError(f"{self.path}: arr_0 has shape {self.shape}, expected (N, H, W, 3) RGB images "
+            raise UserError(f"{self.path}: arr_0 has shape {self.shape}, expected (N, H, W, 3) RGB images "
                            "(transpose NCHW batches with x.transpose(0, 2, 3, 1)).")
         if self.shape[0] < MIN_IMAGES:
-            raise NpzError(f"{self.path}: arr_0 holds {self.shape[0]} images; Precision/Recall needs at "
+            raise UserError(f"{self.path}: arr_0 holds {self.shape[0]} images; Precision/Recall needs at "
                            f"least {MIN_IMAGES} (each image's {NEAREST_K}rd nearest neighbour).")
         self.stored_statistics = self._read_statistics(members)
 
@@ -102,16 +101,16 @@ class NpzBatch:
             return None
         missing = [name for name in STAT_SHAPES if name not in present]
         if missing:
-            raise NpzError(f"{self.path} has {', '.join(present)} but not {', '.join(missing)}; a reference "
+            raise UserError(f"{self.path} has {', '.join(present)} but not {', '.join(missing)}; a reference "
                            "batch needs all of mu, sigma, mu_s, sigma_s (or none of them).")
         with np.load(self.path) as arrays:
             stats = {name: arrays[name] for name in STAT_SHAPES}
         for name, shape in STAT_SHAPES.items():
             if stats[name].shape != shape:
-                raise NpzError(f"{self.path}: {name} has shape {stats[name].shape}, expected {shape} "
+                raise UserError(f"{self.path}: {name} has shape {stats[name].shape}, expected {shape} "
                                "(statistics of the 2015-12-05 Inception's pool_3 / mixed_6 features).")
             if not np.isfinite(stats[name]).all():
-                raise NpzError(f"{self.path}: {name} contains NaN or Inf values; rebuild the reference batch "
+                raise UserError(f"{self.path}: {name} contains NaN or Inf values; rebuild the reference batch "
                                "(scripts/make_reference_batch.py).")
         return (FIDStatistics(stats["mu"], stats["sigma"]), FIDStatistics(stats["mu_s"], stats["sigma_s"]))
 
@@ -129,7 +128,7 @@ class NpzBatch:
                 count = min(batch_size, len(self) - start)
                 images = np.empty((count, *self.shape[1:]), dtype=np.uint8)
                 if stream.readinto(memoryview(images).cast("B")) != images.nbytes:
-                    raise NpzError(f"{self.path}: arr_0 is truncated after about {start} images; rewrite the file.")
+                    raise UserError(f"{self.path}: arr_0 is truncated after about {start} images; rewrite the file.")
                 yield images
 
 
@@ -141,7 +140,7 @@ def _read_npy_header(stream, path):
                        (2, 0): np.lib.format.read_array_header_2_0}[version]
         shape, fortran_order, dtype = read_header(stream)
     except (ValueError, KeyError) as error:
-        raise NpzError(f"{path}: arr_0 is not a readable .npy array ({error}); rewrite it with np.savez.") from error
+        raise UserError(f"{path}: arr_0 is not a readable .npy array ({error}); rewrite it with np.savez.") from error
     return shape, fortran_order, dtype
 
 
@@ -206,7 +205,7 @@ STANDARD_NUM_SAMPLES = 50_000
 def comparison_warnings(ref_batch: NpzBatch, sample_batch: NpzBatch, allow_resolution_mismatch: bool = False) -> list:
     """Sentences saying what the metrics of this comparison mean when it is not the standard one.
 
-    A resolution mismatch is refused (NpzError) unless `allow_resolution_mismatch`: ADM's evaluator resizes
+    A resolution mismatch is refused (UserError) unless `allow_resolution_mismatch`: ADM's evaluator resizes
     both to 299 px, so the scores would measure the resizing as much as the model.
     """
     notes = []
@@ -215,7 +214,7 @@ def comparison_warnings(ref_batch: NpzBatch, sample_batch: NpzBatch, allow_resol
         message = (f"the samples are {sample_size[0]}x{sample_size[1]} px but the reference images are "
                    f"{ref_size[0]}x{ref_size[1]} px, so the scores would measure the resizing as much as the model")
         if not allow_resolution_mismatch:
-            raise NpzError(f"{message}; sample at the reference's resolution, or pass --allow-resolution-mismatch "
+            raise UserError(f"{message}; sample at the reference's resolution, or pass --allow-resolution-mismatch "
                            "to score them anyway (ADM's evaluator does not check).")
         notes.append(message + ".")
     num_samples, num_ref = len(sample_batch), len(ref_batch)

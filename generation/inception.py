@@ -24,7 +24,7 @@ from torch import nn
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from util.checkpoint import CheckpointError, load_checkpoint
+from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.precision import tf32_enabled
 
@@ -49,27 +49,26 @@ SIGNATURE_SHAPES = {
 }
 
 
-InceptionWeightsError = UserError  # the Inception weights file is missing, unreadable, or of another architecture; one type for every user error (util/errors.py)
 
 
 def load_inception_state_dict(weights_path) -> dict:
     """Reads and checks the weights file; returns a plain {name: tensor} dict (CPU)."""
     path = Path(weights_path)
     if not path.is_file():
-        raise InceptionWeightsError(f"Inception weights file {path} does not exist; {WEIGHTS_HINT}.")
+        raise UserError(f"Inception weights file {path} does not exist; {WEIGHTS_HINT}.")
     try:
         state = load_checkpoint(path)
-    except CheckpointError as error:
-        raise InceptionWeightsError(f"Inception weights file {path} cannot be read as a weights-only "
+    except UserError as error:
+        raise UserError(f"Inception weights file {path} cannot be read as a weights-only "
                                     f"state dict; {WEIGHTS_HINT}.") from error
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
-        raise InceptionWeightsError(f"Inception weights file {path} is not a flat state dict of tensors "
+        raise UserError(f"Inception weights file {path} is not a flat state dict of tensors "
                                     f"(wrong architecture); {WEIGHTS_HINT}.")
     for name, shape in SIGNATURE_SHAPES.items():
         found = tuple(state[name].shape) if name in state else None
         if found != shape:
             problem = f"it has no tensor {name}" if found is None else f"{name} has shape {found}, not {shape}"
-            raise InceptionWeightsError(f"Inception weights file {path} is not the 2015-12-05 FID Inception "
+            raise UserError(f"Inception weights file {path} is not the 2015-12-05 FID Inception "
                                         f"({problem}); {WEIGHTS_HINT}.")
     # A plain dict carries no `_metadata`, so BatchNorm fills a missing num_batches_tracked with 0
     # (pytorch-fid's converted file may lack it).
@@ -85,7 +84,7 @@ def _build_network(state: dict, path: Path) -> FeatureExtractorInceptionV3:
                                            feature_extractor_weights_path=buffer)
     except RuntimeError as error:  # strict load_state_dict: missing/unexpected keys or shapes
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")[:160]
-        raise InceptionWeightsError(f"Inception weights file {path} does not match the 2015-12-05 FID "
+        raise UserError(f"Inception weights file {path} does not match the 2015-12-05 FID "
                                     f"Inception layout ({detail}); {WEIGHTS_HINT}.") from error
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.dinov2 import DINOV2_MODELS, EncoderWeightsError, weights_source
+from models.dinov2 import DINOV2_MODELS, weights_source
 from models.repa import DEFAULT_ENC_TYPE, USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
 from util.errors import UserError
@@ -144,7 +144,7 @@ def check_repa_args(args) -> dict:
                                 f"{', '.join([*DINOV2_MODELS, USP_ENC_TYPE])}.")
             try:
                 weights_source(DINOV2_MODELS[enc_type], weights)
-            except EncoderWeightsError as error:
+            except UserError as error:
                 raise UserError(f"--repa-encoder-path: {error}") from None
             if args.cached_path is not None:
                 raise UserError(f"REPA aligns with {enc_type}'s features of each image, which a latent cache does "

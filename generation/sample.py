@@ -28,7 +28,7 @@ from generation.train_utils import add_flags
 from generation.transport import Sampler, create_transport
 from generation.transport.likelihood import bits_per_dim
 from util.errors import UserError, run_cli
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.precision import add_precision_arg, configure_cuda
 
 DIT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's and SiT's sample.py
@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--vae-version", "--vae-path", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
     add_flags(parser, "--model-kwargs")
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def check_args(args) -> dict:

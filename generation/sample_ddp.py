@@ -36,7 +36,7 @@ from generation.sampler_setup import (add_sampler_flags, build_generator, check_
                                       parse_with_mode)
 from generation.sampling import ImageGenerator, check_sample_folder, create_npz_from_sample_folder, sample_to_folder
 from generation.train_utils import add_flags
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
 from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
@@ -70,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

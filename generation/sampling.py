@@ -52,7 +52,6 @@ LABEL_KEY = "class_label"
 LatentSampleFn = Callable[[Callable, torch.Tensor, dict, Optional[list]], torch.Tensor]
 
 
-SamplingError = UserError  # a sampling request or sample folder that cannot work; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +62,7 @@ def diffusion_sampler(num_steps: int, method: str = "ddpm", learn_sigma: bool = 
     """DiT's samplers: DDPM ancestral sampling respaced to `num_steps` of the 1000 training steps
     (`create_diffusion(str(num_steps))`, as DiT's sample_ddp.py) or deterministic DDIM (eta = 0)."""
     if method not in ("ddpm", "ddim"):
-        raise SamplingError(f"unknown DiT sampler {method!r}; use ddpm or ddim.")
+        raise UserError(f"unknown DiT sampler {method!r}; use ddpm or ddim.")
     respacing = f"ddim{num_steps}" if method == "ddim" else str(num_steps)
     diffusion = create_diffusion(respacing, learn_sigma=learn_sigma)
     loop = diffusion.ddim_sample_loop if method == "ddim" else diffusion.p_sample_loop
@@ -107,7 +106,7 @@ def transport_sampler(transport, mode: str = "ODE", num_steps: int = 250, sampli
             return sde_fn(z, model_fn, generator=generators, **model_kwargs)[-1]
 
         return sample
-    raise SamplingError(f"unknown SiT sampling mode {mode!r}; use ODE or SDE.")
+    raise UserError(f"unknown SiT sampling mode {mode!r}; use ODE or SDE.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ def index_inputs(global_seed: int, indices: Sequence[int], num_classes: int, lat
         noises.append(torch.randn(tuple(latent_shape), generator=generator))
     y = torch.tensor(drawn if labels is None else [int(label) for label in labels], dtype=torch.long)
     if labels is not None and (len(y) != len(indices) or y.min() < 0 or y.max() >= num_classes):
-        raise SamplingError(f"labels must be one class in 0..{num_classes - 1} per index; got {len(y)} labels "
+        raise UserError(f"labels must be one class in 0..{num_classes - 1} per index; got {len(y)} labels "
                             f"for {len(indices)} indices.")
     return torch.stack(noises), y
 
@@ -252,9 +251,9 @@ def read_png(path: Path) -> tuple[np.ndarray, int]:
             label = image.text.get(LABEL_KEY)
             array = np.asarray(image.convert("RGB"))
     except OSError as error:
-        raise SamplingError(f"{path} is not a readable PNG ({error}); delete it and rerun to regenerate it.")
+        raise UserError(f"{path} is not a readable PNG ({error}); delete it and rerun to regenerate it.")
     if label is None:
-        raise SamplingError(f"{path} has no {LABEL_KEY!r} text chunk, so it was not written by this sampler; "
+        raise UserError(f"{path} has no {LABEL_KEY!r} text chunk, so it was not written by this sampler; "
                             "delete it and rerun to regenerate it.")
     return array, int(label)
 
@@ -298,7 +297,7 @@ def _compare_sampling_config(sample_dir: Path, saved: dict, config: dict) -> Non
     changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
     if changed:
         key = changed[0]
-        raise SamplingError(
+        raise UserError(
             f"{sample_dir} holds samples made with {key}={saved.get(key)!r} but this run has "
             f"{key}={config.get(key)!r}{f' (and {len(changed) - 1} more differences)' if len(changed) > 1 else ''}; "
             "use another --sample-dir or the original settings to resume it.")
@@ -348,7 +347,7 @@ def create_npz_from_sample_folder(sample_dir, num_samples: int, workers: int = 8
     sample_dir = Path(sample_dir)
     missing = [i for i in range(num_samples) if not png_path(sample_dir, i).exists()]
     if missing:
-        raise SamplingError(f"{len(missing)} of {num_samples} samples are missing in {sample_dir} (first: "
+        raise UserError(f"{len(missing)} of {num_samples} samples are missing in {sample_dir} (first: "
                             f"{png_path(sample_dir, missing[0]).name}); rerun the same command to generate them.")
     first, _ = read_png(png_path(sample_dir, 0))
     images = np.empty((num_samples, *first.shape), dtype=np.uint8)
@@ -357,7 +356,7 @@ def create_npz_from_sample_folder(sample_dir, num_samples: int, workers: int = 8
     def load(index):
         image, label = read_png(png_path(sample_dir, index))
         if image.shape != first.shape:
-            raise SamplingError(f"{png_path(sample_dir, index)} is {image.shape} but sample 0 is {first.shape}; "
+            raise UserError(f"{png_path(sample_dir, index)} is {image.shape} but sample 0 is {first.shape}; "
                                 "the folder mixes runs, so sample into an empty --sample-dir.")
         images[index], labels[index] = image, label
 

@@ -35,7 +35,7 @@ from generation.train_utils import (ALL_MODELS, CHECKPOINT_PATTERN, LIGHTNINGDIT
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.data import build_loader
 from util.distributed import add_dist_timeout_arg, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--global-batch-size", type=int, default=256)
     add_flags(parser, "--global-seed", "--vae")
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--strict-data", "--strict_data", dest="strict_data", action="store_true",
+    parser.add_argument("--strict-data", action="store_true",
                         help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
@@ -125,7 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
     add_repa_flags(parser)
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from generation.repa import RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, feature
 from generation.train_data import GenerationTrainSet
 from generation.train_utils import build_latent_norm, check_model_args, check_vae_args, vae_source
 from models.vae import vae_identity
-from util.checkpoint import CheckpointError, args_to_dict, require_training_state
+from util.checkpoint import args_to_dict, require_training_state
 from util.data import SeededDataset, build_image_folder, generation_transform
 from util.disk import ensure_writable_dir
 from util.errors import UserError
@@ -74,7 +74,7 @@ def check_resume(args, checkpoint: dict, path: Path) -> None:
     require_training_state(checkpoint, path, keys=("model", "ema", "opt"),
                            hint="to start from these weights use --finetune.")
     if read_record(checkpoint) is None:
-        raise CheckpointError(f"--resume {path} records no training position (a released DiT/SiT checkpoint?); "
+        raise UserError(f"--resume {path} records no training position (a released DiT/SiT checkpoint?); "
                               "to start from these weights use --finetune.")
 
 

@@ -42,7 +42,6 @@ DINOV2_MODELS = {
 }
 
 
-EncoderWeightsError = UserError  # DINOv2 weights that are neither a readable file nor a timm hub tag
 
 def file_sha256(path) -> str:
     """SHA-256 of a weights file (it names the encoder in caches, whatever the file is called)."""
@@ -82,12 +81,12 @@ def _hub_interpolated_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Ten
 
 def weights_source(model_name: str, weights) -> str:
     """"file" for an existing file, "hub" for a timm hub tag of `model_name` (only for online users), else a
-    one-sentence EncoderWeightsError (checked before any network is built)."""
+    one-sentence UserError (checked before any network is built)."""
     if Path(str(weights)).is_file():
         return "file"
     if str(weights).split(".")[0] == model_name or str(weights).startswith("hf-hub:"):
         return "hub"
-    raise EncoderWeightsError(f"DINOv2 weights {weights} do not exist; pass a local file (e.g. "
+    raise UserError(f"DINOv2 weights {weights} do not exist; pass a local file (e.g. "
                               f"{model_name.replace('vit_', 'dinov2_')}.pth or timm's model.safetensors) or, when "
                               f"online, the timm hub tag {model_name}.lvd142m.")
 
@@ -116,11 +115,11 @@ def build_dinov2(model_name: str, weights, image_size: int, pos_embed_mode: str 
         state = checkpoint_filter_fn(state, model)  # hub -> timm names; "repa": timm's antialiased resample
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise EncoderWeightsError(f"{path} does not hold {model_name} weights (missing {sorted(missing)[:3]}, "
+            raise UserError(f"{path} does not hold {model_name} weights (missing {sorted(missing)[:3]}, "
                                       f"unexpected {sorted(unexpected)[:3]}); pass the matching DINOv2 file.")
     else:
         if pos_embed_mode == "hub":
-            raise EncoderWeightsError(f"{weights}: the hub's position interpolation needs the weights as a file; "
+            raise UserError(f"{weights}: the hub's position interpolation needs the weights as a file; "
                                       "download them once and pass the path.")
         model = timm.create_model(str(weights), pretrained=True, **kwargs)
     return model.eval().requires_grad_(False)

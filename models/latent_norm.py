@@ -21,7 +21,6 @@ import torch.nn as nn
 from util.errors import UserError
 from util.latent_stats import LATENT_STATS_FILENAME
 
-LatentStatsError = UserError  # a statistics file that is missing or not {"mean", "std"} per channel (util/errors.py)
 
 
 class ChannelNorm(nn.Module):
@@ -32,7 +31,7 @@ class ChannelNorm(nn.Module):
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         channels = mean.numel()
         if std.numel() != channels or not torch.all(std > 0):
-            raise LatentStatsError(f"latent statistics need a positive std per channel matching the {channels} means "
+            raise UserError(f"latent statistics need a positive std per channel matching the {channels} means "
                                    f"(got {std.numel()} stds, min {float(std.min()):.3g}); recompute latents_stats.pt.")
         self.register_buffer("mean", mean.reshape(1, channels, 1, 1))
         self.register_buffer("std", std.reshape(1, channels, 1, 1))
@@ -49,12 +48,12 @@ class ChannelNorm(nn.Module):
         """Reads LightningDiT's latents_stats.pt ({"mean", "std"}, any shape holding C values each)."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise LatentStatsError(f"latent statistics file {str(path)!r} was not found; download latents_stats.pt "
+            raise UserError(f"latent statistics file {str(path)!r} was not found; download latents_stats.pt "
                                    f"(released with the VA-VAE weights) or compute it with "
                                    f"`python -m util.latent_stats` on your training set.")
         stats = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
-            raise LatentStatsError(f"{str(path)!r} is not a latent statistics file: it needs 'mean' and 'std' "
+            raise UserError(f"{str(path)!r} is not a latent statistics file: it needs 'mean' and 'std' "
                                    f"tensors (LightningDiT's latents_stats.pt layout).")
         return cls(stats["mean"], stats["std"], multiplier=multiplier, latent_norm=latent_norm)
 

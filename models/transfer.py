@@ -19,7 +19,7 @@ Position embeddings are resized bicubically when the grids differ (pretraining a
 model's own initialisation (DiT's adaLN-Zero, the classifier head, fc_norm).
 
 Loading is non-strict but verified: a name present on both sides with an unexpected shape (another
-width, another MLP ratio) is a `TransferError`, as is a checkpoint that provides nothing at all.
+width, another MLP ratio) is a `UserError`, as is a checkpoint that provides nothing at all.
 """
 import logging
 import math
@@ -52,7 +52,6 @@ _HEADS = ("head.",)
 _SIZE_OF_WIDTH = {384: "S", 768: "B", 1024: "L", 1152: "XL", 1280: "H"}
 
 
-TransferError = UserError  # a pretrained checkpoint that cannot initialise this model; one type for every user error (util/errors.py)
 
 
 @dataclass
@@ -154,17 +153,17 @@ def _checkpoint_state_dict(checkpoint) -> Tuple[Dict[str, torch.Tensor], str]:
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise TransferError(f"pretrained checkpoint {path} does not exist; check the --finetune path.")
+            raise UserError(f"pretrained checkpoint {path} does not exist; check the --finetune path.")
         source = str(path)
         checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
-        raise TransferError(f"the pretrained checkpoint is a {type(checkpoint).__name__}, not a dict; "
+        raise UserError(f"the pretrained checkpoint is a {type(checkpoint).__name__}, not a dict; "
                             f"pass a USP/MAE checkpoint (with a 'model' entry) or a state dict.")
     if isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]
     state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not state_dict:
-        raise TransferError(f"the pretrained checkpoint holds no tensors (top-level keys: "
+        raise UserError(f"the pretrained checkpoint holds no tensors (top-level keys: "
                             f"{sorted(checkpoint)[:8]}); pass a USP/MAE checkpoint with a 'model' state dict.")
     # Checkpoints saved from a DDP-wrapped model carry a "module." prefix.
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}, source
@@ -193,7 +192,7 @@ def _resize_pos_embed(pos_embed: torch.Tensor, target: torch.Tensor,
     source_prefix = tokens - side * side
     target_prefix = target.shape[1] - target_grid[0] * target_grid[1]
     if source_prefix < 0 or target_prefix < 0:
-        raise TransferError(f"pretrained pos_embed {tuple(pos_embed.shape)} is not a square grid plus cls tokens.")
+        raise UserError(f"pretrained pos_embed {tuple(pos_embed.shape)} is not a square grid plus cls tokens.")
     grid = pos_embed[:, source_prefix:]
     changes = []
     if source_prefix > target_prefix:
@@ -216,7 +215,7 @@ def _width(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
     return None
 
 
-def _mismatch_error(mismatches, checkpoint_sd, target_sd) -> TransferError:
+def _mismatch_error(mismatches, checkpoint_sd, target_sd) -> UserError:
     # A block matrix shows the width difference most plainly (pos_embed also differs in token count).
     name, model_name, old, new = min(mismatches, key=lambda m: (not m[0].startswith("blocks."), len(m[2]) < 2))
     message = f"checkpoint {name} is {old} but the model expects {new}"
@@ -229,7 +228,7 @@ def _mismatch_error(mismatches, checkpoint_sd, target_sd) -> TransferError:
     else:
         message += (f" ({len(mismatches)} tensors differ in shape): the checkpoint comes from another architecture "
                     f"(MLP ratio, heads or family); use a checkpoint pretrained for this model.")
-    return TransferError(message)
+    return UserError(message)
 
 
 def _check_block_family(checkpoint_sd, target_sd, report: TransferReport) -> None:
@@ -237,7 +236,7 @@ def _check_block_family(checkpoint_sd, target_sd, report: TransferReport) -> Non
     foreign = [name for name in checkpoint_sd if re.match(r"^blocks\.\d+\.", name) and name not in target_sd
                and "beyond --use-pretrain-layer" not in report.reasons.get(name, "")]
     if foreign:
-        raise TransferError(f"the checkpoint's encoder blocks have tensors LightningDiT does not (e.g. {foreign[0]}): "
+        raise UserError(f"the checkpoint's encoder blocks have tensors LightningDiT does not (e.g. {foreign[0]}): "
                             f"they are not LightningDiT blocks, so pretrain with a lightningdit_*_patch_vae model "
                             f"(or build LightningDiT with the same use_swiglu / use_rmsnorm / use_qknorm flags).")
 
@@ -264,11 +263,11 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
     checkpoint_sd, source = _checkpoint_state_dict(checkpoint)
     is_dit = _is_dit_like(model)
     if not is_dit and not hasattr(model, "patch_embed"):
-        raise TransferError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
+        raise UserError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
     target_sd = model.state_dict()
     depth = len({int(m[1]) for k in checkpoint_sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
     if use_pretrain_layer is not None and not 1 <= use_pretrain_layer <= depth:
-        raise TransferError(f"--use-pretrain-layer {use_pretrain_layer} is outside 1..{depth}, the number of blocks "
+        raise UserError(f"--use-pretrain-layer {use_pretrain_layer} is outside 1..{depth}, the number of blocks "
                             f"in the pretrained checkpoint.")
 
     target_name = f"{type(model).__name__} (depth {len(model.blocks)}, width {_width(target_sd)})"
@@ -313,7 +312,7 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
         del selected[model_name]
     report.renamed = {origin[n]: n for n in selected if origin[n] != n}
     if not selected:
-        raise TransferError(f"no tensor of the pretrained checkpoint matches the model {type(model).__name__} "
+        raise UserError(f"no tensor of the pretrained checkpoint matches the model {type(model).__name__} "
                             f"(checkpoint names like {sorted(checkpoint_sd)[:3]}, model names like "
                             f"{sorted(target_sd)[:3]}); pass a USP/MAE pretraining checkpoint.")
 

@@ -50,7 +50,6 @@ _MISSING_WEIGHTS = {
 }
 
 
-VAEWeightsError = UserError  # VAE weights that are missing or do not fit the requested latent space; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,12 +65,12 @@ def _resolve_ldm_path(vae_version: str, vae_path) -> Path:
     name: kl16.ckpt, vavae-imagenet256-f16d32-dinov2.pt); raises if missing."""
     filename = LDM_CODECS[vae_version]["filename"]
     if vae_path is None:
-        raise VAEWeightsError(_MISSING_WEIGHTS[vae_version].format(path=filename))
+        raise UserError(_MISSING_WEIGHTS[vae_version].format(path=filename))
     path = Path(vae_path).expanduser()
     if path.is_dir():
         path = path / filename
     if not path.is_file():
-        raise VAEWeightsError(_MISSING_WEIGHTS[vae_version].format(path=str(path)))
+        raise UserError(_MISSING_WEIGHTS[vae_version].format(path=str(path)))
     return path
 
 
@@ -95,7 +94,7 @@ def load_latent_norm(vae_version: str, vae_path=None, latent_stats=None, require
         return ChannelNorm.scalar(spec.scale, spec.channels)
     norm = ChannelNorm.load(path, multiplier=spec.scale)
     if norm.channels != spec.channels:
-        raise VAEWeightsError(f"{str(path)!r} holds statistics for {norm.channels} channels but {vae_version} latents "
+        raise UserError(f"{str(path)!r} holds statistics for {norm.channels} channels but {vae_version} latents "
                               f"have {spec.channels}; pass the latents_stats.pt of this VAE.")
     return norm
 
@@ -106,11 +105,11 @@ def _load_d8_autoencoder(vae_path):
 
     source = str(Path(vae_path).expanduser()) if vae_path is not None else DEFAULT_D8_HUB_ID
     if Path(source).is_file():
-        raise VAEWeightsError(f"the d8 VAE {source!r} is a file, but d8 needs a diffusers AutoencoderKL folder "
+        raise UserError(f"the d8 VAE {source!r} is a file, but d8 needs a diffusers AutoencoderKL folder "
                               "(config.json + diffusion_pytorch_model.safetensors); pass that folder with "
                               "--vae_path / --vae-path (a kl16.ckpt file goes with --vae_version d16).")
     if not (Path(source).is_dir() or _looks_like_hub_id(source)):
-        raise VAEWeightsError(_MISSING_WEIGHTS["d8"].format(path=source))
+        raise UserError(_MISSING_WEIGHTS["d8"].format(path=source))
     if Path(source).is_dir():
         _check_diffusers_folder(Path(source))
     try:
@@ -120,7 +119,7 @@ def _load_d8_autoencoder(vae_path):
     except (OSError, ValueError) as error:
         # Offline machine without the hub cache, or weights that do not decode.
         detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise VAEWeightsError(f"could not load the d8 VAE from {source!r} ({detail[:160]}); pass a local "
+        raise UserError(f"could not load the d8 VAE from {source!r} ({detail[:160]}); pass a local "
                               f"diffusers AutoencoderKL folder (e.g. a download of the huggingface.co/"
                               f"stabilityai/sd-vae-ft-ema repo) with --vae_path / --vae-path.") from None
 
@@ -135,15 +134,15 @@ def _check_diffusers_folder(folder: Path) -> None:
     before diffusers reports all of them as the same OSError."""
     config = folder / "config.json"
     if not config.is_file():
-        raise VAEWeightsError(f"the d8 VAE folder {str(folder)!r} has no config.json, so it is not a diffusers "
+        raise UserError(f"the d8 VAE folder {str(folder)!r} has no config.json, so it is not a diffusers "
                               "AutoencoderKL folder; pass the folder that holds config.json and the weights.")
     try:
         json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise VAEWeightsError(f"{config} is not valid JSON ({error}); re-download the VAE folder.") from None
+        raise UserError(f"{config} is not valid JSON ({error}); re-download the VAE folder.") from None
     weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model*.bin"))
     if not weights:
-        raise VAEWeightsError(f"the d8 VAE folder {str(folder)!r} has config.json but no diffusion_pytorch_model "
+        raise UserError(f"the d8 VAE folder {str(folder)!r} has config.json but no diffusion_pytorch_model "
                               ".safetensors/.bin weights; re-download the VAE folder.")
     for path in weights:
         if path.suffix == ".safetensors":
@@ -151,7 +150,7 @@ def _check_diffusers_folder(folder: Path) -> None:
                 with safe_open(str(path), framework="pt"):
                     pass
             except Exception as error:  # safetensors raises its own SafetensorError for any malformed header
-                raise VAEWeightsError(f"the VAE weights {path} are not a readable safetensors file ({error}); "
+                raise UserError(f"the VAE weights {path} are not a readable safetensors file ({error}); "
                                       "re-download the VAE folder.") from None
 
 
@@ -167,7 +166,7 @@ class LatentCodec(nn.Module):
         super().__init__()
         factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
         if autoencoder.config.latent_channels != spec.channels or factor != spec.factor:
-            raise VAEWeightsError(
+            raise UserError(
                 f"the VAE has {autoencoder.config.latent_channels} latent channels and factor {factor}, but the "
                 f"latent space expects {spec.channels} channels and factor {spec.factor}; pass the VAE that "
                 f"matches --vae_version (d8: SD-VAE, d16: kl16.ckpt, vavae_f16d32: VA-VAE).")
@@ -310,4 +309,4 @@ def vae_identity(vae_version: str, vae_path=None) -> str:
         return f"d8:folder:sha256={_file_digest(files)}"
     if _looks_like_hub_id(source):
         return f"d8:hub:{source}"
-    raise VAEWeightsError(_MISSING_WEIGHTS["d8"].format(path=source))
+    raise UserError(_MISSING_WEIGHTS["d8"].format(path=source))

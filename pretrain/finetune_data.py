@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.finetune_setup import UsageError
 from pretrain.robustness import GaussianNoise
 from util.data import build_image_folder, build_loader, eval_transform
 from util.sampler import ResumableDistributedSampler
+from util.errors import UserError
 
 
 def posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
@@ -52,7 +52,7 @@ def image_mean_std(pixel: bool):
 
 def check_class_count(dataset, nb_classes: int, root) -> None:
     if len(dataset.classes) != nb_classes:
-        raise UsageError(f"--nb_classes {nb_classes} does not match the {len(dataset.classes)} class folders in "
+        raise UserError(f"--nb_classes {nb_classes} does not match the {len(dataset.classes)} class folders in "
                          f"{root}; pass --nb_classes {len(dataset.classes)}.")
 
 
@@ -104,7 +104,7 @@ def build_train_loader(args, train_dataset, dist_env) -> TrainData:
                                           shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = sampler.num_samples // (args.batch_size * args.accum_iter)
     if steps_per_epoch == 0:
-        raise UsageError(f"{sampler.num_samples} training images per rank do not fill one optimizer step of "
+        raise UserError(f"{sampler.num_samples} training images per rank do not fill one optimizer step of "
                          f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; lower them.")
     loader = build_loader(train_dataset, sampler, args.batch_size, args.num_workers,
                           pin_memory=args.pin_mem and dist_env.device.type == "cuda",

@@ -13,11 +13,10 @@ import torch.nn as nn
 
 from pretrain.engine_finetune import Run, evaluate, train_one_epoch
 from pretrain.finetune_data import TrainData
-from pretrain.finetune_setup import UsageError
 from pretrain.latent_classifier import LatentClassifier
 from util.checkpoint import args_to_dict, load_checkpoint, require_training_state, save_checkpoint
 from util.distributed import cleanup
-from util.errors import CommandLineExit, run_cli
+from util.errors import UserError, run_cli
 from util.loop import LoopPosition
 from util.precision import make_grad_scaler
 from util.preemption import PreemptionHandler
@@ -59,7 +58,7 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
     try:
         classifier.vit.load_state_dict(state["model"], strict=True)
     except (KeyError, RuntimeError) as error:
-        raise UsageError(f"--resume {path} does not hold weights of --model {args.model} with these flags "
+        raise UserError(f"--resume {path} does not hold weights of --model {args.model} with these flags "
                          f"({str(error).splitlines()[0][:160]}); pass the matching checkpoint or model flags.") from None
     if "vae_encoder" in state:
         classifier.codec.autoencoder.load_state_dict(state["vae_encoder"], strict=False)
@@ -206,7 +205,7 @@ def run_main(main_fn, args) -> int:
     1 after a diverged loss, each reported as one line on stderr) for `sys.exit`."""
     try:
         run_cli(main_fn, args, prog="")
-    except CommandLineExit as stopped:
+    except SystemExit as stopped:
         if args.output_dir:  # a later run in this process (tests, the demo) may use the folder again
             release_output_dir(args.output_dir)
         return stopped.code

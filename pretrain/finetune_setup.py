@@ -15,7 +15,6 @@ from util.precision import add_determinism_arg, add_precision_arg, configure_bac
 from util.run_dir import claim_output_dir
 from util.run_log import require_wandb
 
-UsageError = UserError  # a command-line problem of the understanding entry points; one type for every user error (util/errors.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,9 +103,9 @@ def validate_args(args) -> None:
     try:
         pixel = is_pixel_model(args.model)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UserError(str(error)) from None
     if pixel and args.vae_version is not None:
-        raise UsageError(f"--model {args.model} is a pixel-space preset and has no VAE variant, so --vae_version "
+        raise UserError(f"--model {args.model} is a pixel-space preset and has no VAE variant, so --vae_version "
                          f"{args.vae_version} cannot be used with it; drop --vae_version or pick a *_vae preset "
                          f"({', '.join(n for n in VIT_MODEL_NAMES if n.endswith('_vae'))}).")
     if not pixel:
@@ -114,17 +113,17 @@ def validate_args(args) -> None:
         try:
             get_latent_spec(args.vae_version).latent_size(args.input_size)
         except ValueError as error:
-            raise UsageError(str(error)) from None
+            raise UserError(str(error)) from None
     if getattr(args, "train_vae", False) and pixel:
-        raise UsageError(f"--train_vae needs a *_vae preset, but --model {args.model} reads pixels; drop --train_vae.")
+        raise UserError(f"--train_vae needs a *_vae preset, but --model {args.model} reads pixels; drop --train_vae.")
     try:
         args.model_kwargs_dict = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 64, "depth": 2}')
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UserError(str(error)) from None
     if args.wandb:
         require_wandb()
     if args.eval and not args.resume:
-        raise UsageError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
+        raise UserError("--eval evaluates a trained checkpoint; pass it with --resume PATH.")
     if args.model not in DIT_CLASSIFIERS:  # DiT backbones are checked as they are built (build_dit_probe)
         check_model_builds(lambda: create_vit(args.model, args.input_size, vae_version=args.vae_version,
                                               num_classes=args.nb_classes, global_pool=args.global_pool,
@@ -132,7 +131,7 @@ def validate_args(args) -> None:
                            "--model_kwargs", args.model, args.model_kwargs_dict)
     for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
 
 
 def start(args):

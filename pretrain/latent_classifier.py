@@ -9,11 +9,11 @@ import torch.nn as nn
 from models.dit_classifier import DIT_CLASSIFIERS, load_dit_backbone
 from models.latent_spec import get_latent_spec
 from models.vit import create_vit
-from pretrain.finetune_setup import UsageError
 from pretrain.robustness import ddpm_alpha_bar, diffuse_latents
 from util.checkpoint import load_checkpoint
 from util.distributed import rank_seed, seed_everything
 from util.precision import autocast
+from util.errors import UserError
 
 
 class LatentClassifier(nn.Module):
@@ -60,7 +60,7 @@ def t_noise_alpha_bar(args, pixel: bool):
     if not getattr(args, "add_t_noise", False):
         return None
     if pixel:
-        raise UsageError(f"--add_t_noise diffuses VAE latents but --model {args.model} reads pixels; use a *_vae preset.")
+        raise UserError(f"--add_t_noise diffuses VAE latents but --model {args.model} reads pixels; use a *_vae preset.")
     return ddpm_alpha_bar(args.t)
 
 
@@ -70,12 +70,12 @@ def build_vit(args, head_init_std: float) -> nn.Module:
     The classifier head starts as trunc_normal(std=head_init_std) with zero bias (MAE: 2e-5 for
     fine-tuning, 0.01 for the linear probe), whether or not pretrained weights are loaded.
     """
-    from models.transfer import TransferError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
+    from models.transfer import UserError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
 
     if args.model in DIT_CLASSIFIERS:
         return build_dit_probe(args, head_init_std)
     if getattr(args, "skip_depth", 0):
-        raise UsageError(f"--skip_depth probes an intermediate block of a DiT backbone (dit_*); --model {args.model} "
+        raise UserError(f"--skip_depth probes an intermediate block of a DiT backbone (dit_*); --model {args.model} "
                          "is a ViT.")
     vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
                      drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
@@ -85,8 +85,8 @@ def build_vit(args, head_init_std: float) -> nn.Module:
     if args.finetune and not args.eval:
         try:
             report = transfer_pretrained(vit, args.finetune, head_init_std=head_init_std)
-        except TransferError as error:
-            raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
+        except UserError as error:
+            raise UserError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
         print(f"Initialised from {args.finetune}:\n{report}")
     return vit
 
@@ -99,14 +99,14 @@ def build_dit_probe(args, head_init_std: float) -> nn.Module:
                                             patch_size=max(1, 16 // spec.factor), num_classes=args.nb_classes,
                                             skip_depth=getattr(args, "skip_depth", 0), **args.model_kwargs_dict)
     except (TypeError, ValueError) as error:
-        raise UsageError(f"--model {args.model} cannot be built from these flags: {error}") from None
+        raise UserError(f"--model {args.model} cannot be built from these flags: {error}") from None
     nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
     if args.finetune and not args.eval:
         try:
             fresh = load_dit_backbone(model, load_checkpoint(args.finetune))
         except ValueError as error:
-            raise UsageError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
+            raise UserError(f"--finetune {args.finetune} cannot initialise --model {args.model}: {error}") from None
         print(f"Initialised the DiT trunk from {args.finetune}; left at initialisation: {', '.join(fresh)}")
     return model
 

@@ -28,12 +28,13 @@ from models.vit import is_pixel_model
 from pretrain.finetune_data import (build_eval_loader, build_train_loader, check_class_count, guard_posterize,
                                     image_mean_std)
 from pretrain.finetune_loop import evaluate_only, run_main, train
-from pretrain.finetune_setup import UsageError, add_common_args, start
+from pretrain.finetune_setup import add_common_args, start
 from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.data import SeededDataset, build_image_folder
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
+from util.errors import UserError
 
 HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wreck the pretrained features
 
@@ -76,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how to apply mixup/cutmix params: per batch, pair or element")
     parser.add_argument("--model_ema", action="store_true", help="keep (and evaluate) an EMA of the weights")
     parser.add_argument("--model_ema_decay", type=float, default=0.9999)
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def build_train_dataset(args, pixel: bool) -> SeededDataset:
@@ -98,7 +99,7 @@ def build_mixup(args):
     if not active:
         return None
     if args.batch_size % 2:
-        raise UsageError(f"mixup/cutmix pairs images inside a batch, so --batch_size must be even (got "
+        raise UserError(f"mixup/cutmix pairs images inside a batch, so --batch_size must be even (got "
                          f"{args.batch_size}); use {args.batch_size + 1}.")
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -133,7 +134,7 @@ def build_criterion(args, mixup_fn) -> torch.nn.Module:
 
 def main(args) -> dict:
     if args.model in DIT_CLASSIFIERS:
-        raise UsageError(f"--model {args.model} is a DiT backbone for linear probing (USP probes, not fine-tunes, "
+        raise UserError(f"--model {args.model} is a DiT backbone for linear probing (USP probes, not fine-tunes, "
                          "them); use pretrain.main_linprobe.")
     dist_env = start(args)
     pixel = is_pixel_model(args.model)

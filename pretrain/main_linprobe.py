@@ -25,13 +25,14 @@ from timm.optim import Lars
 from models.vit import is_pixel_model
 from pretrain.finetune_data import build_eval_loader, build_train_loader, check_class_count, image_mean_std
 from pretrain.finetune_loop import evaluate_only, run_main, train
-from pretrain.finetune_setup import UsageError, add_common_args, start
+from pretrain.finetune_setup import add_common_args, start
 from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
 from pretrain.pretrain_data import check_cache_flags
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.data import SeededDataset, build_image_folder
 from util.lr_sched import effective_lr
 from util.tf_crop import RandomResizedCrop
+from util.errors import UserError
 
 HEAD_INIT_STD = 0.01  # MAE's linear probe head init
 
@@ -46,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
                              "block depth - skip_depth (USP)")
     parser.add_argument("--image_mix", action="store_true", help=argparse.SUPPRESS)  # USP accepts it; no effect
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def build_train_dataset(args, pixel: bool):
@@ -63,7 +64,7 @@ def build_train_dataset(args, pixel: bool):
         dataset = LatentCacheDataset(args.cached_path, expect=expect, use_mean=True, seed=args.seed,
                                      normalize=normalize)
         if len(dataset.manifest["classes"]) != args.nb_classes:
-            raise UsageError(f"--nb_classes {args.nb_classes} does not match the {len(dataset.manifest['classes'])} "
+            raise UserError(f"--nb_classes {args.nb_classes} does not match the {len(dataset.manifest['classes'])} "
                              f"classes of the latent cache {args.cached_path}; pass --nb_classes "
                              f"{len(dataset.manifest['classes'])}.")
         return dataset

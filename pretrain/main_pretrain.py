@@ -27,7 +27,7 @@ from models.mae import create_mae, is_pixel_model
 from pretrain.engine_pretrain import train_one_epoch
 from pretrain.pretrain_data import build_codec, build_dataset
 from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
-from util.cli import check_model_builds, default_num_workers, parse_json_object, show_defaults
+from util.cli import check_model_builds, default_num_workers, parse_json_object, finish_parser
 from util.data import build_loader
 from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
@@ -134,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "into overwritten-<time>/, not deleted)")
     # torch.distributed.launch passes --local_rank; torchrun's LOCAL_RANK environment variable is what we use.
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def build_model(args) -> torch.nn.Module:

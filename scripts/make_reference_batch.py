@@ -27,8 +27,8 @@ from tqdm import tqdm
 from generation.adm_metrics import StatisticsAccumulator
 from generation.fd_dinov2 import DinoV2FeatureExtractor
 from generation.inception import InceptionFeatureExtractor
-from util.data import CenterCropArr, DataError, build_image_folder
-from util.errors import run_cli
+from util.data import CenterCropArr, build_image_folder
+from util.errors import UserError, run_cli
 
 ADM_ARR_IMAGES = 10000
 
@@ -131,7 +131,7 @@ def main(argv=None):
 def write_reference_batch(args) -> None:
     num_images = len(build_image_folder(args.data_path))  # a bad path costs seconds, not an Inception load
     if num_images < 4:
-        raise DataError(f"{args.data_path} has {num_images} images; a reference batch needs at least 4.")
+        raise UserError(f"{args.data_path} has {num_images} images; a reference batch needs at least 4.")
     extractor = InceptionFeatureExtractor(args.inception_weights, args.device)
     dinov2 = DinoV2FeatureExtractor(args.fd_dinov2_weights, args.device) if args.fd_dinov2_weights else None
     arrays = build_reference_batch(args.data_path, args.image_size, extractor, args.max_images,

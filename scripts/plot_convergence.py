@@ -27,13 +27,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
+from util.errors import UserError
+
 EVENT_GLOB = "events.out.tfevents.*"
-
-
-class ConvergenceError(ValueError):
-    """Bad input (missing log, unknown metric, reference not among the runs): one sentence for the user."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,7 @@ def read_jsonl(path: Path, metric: str) -> dict:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            raise ConvergenceError(f"{path}, line {number}, is not valid JSON; pass a JSON-lines log.") from None
+            raise UserError(f"{path}, line {number}, is not valid JSON; pass a JSON-lines log.") from None
         if metric in entry and "step" in entry:
             points[int(entry["step"])] = float(entry[metric])
     return points
@@ -100,9 +101,9 @@ def read_curve(path, metric: str) -> tuple[np.ndarray, np.ndarray]:
         points = read_events([path], metric) if path.name.startswith("events.out.tfevents") \
             else read_jsonl(path, metric)
     else:
-        raise ConvergenceError(f"{path} does not exist; pass a log.txt / .jsonl file, an event file or a run folder.")
+        raise UserError(f"{path} does not exist; pass a log.txt / .jsonl file, an event file or a run folder.")
     if not points:
-        raise ConvergenceError(f"{path} has no '{metric}' values; check --metric (e.g. fid, loss, heldout_loss).")
+        raise UserError(f"{path} has no '{metric}' values; check --metric (e.g. fid, loss, heldout_loss).")
     steps = np.array(sorted(points), dtype=float)
     return steps, np.array([points[int(step)] for step in steps], dtype=float)
 
@@ -140,9 +141,9 @@ def parse_runs(specs: list) -> dict:
     for spec in specs:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
-            raise ConvergenceError(f"--run {spec}: expected LABEL=PATH, e.g. --run usp=results/000-DiT-XL-2-usp.")
+            raise UserError(f"--run {spec}: expected LABEL=PATH, e.g. --run usp=results/000-DiT-XL-2-usp.")
         if label in runs:
-            raise ConvergenceError(f"--run label {label!r} is used twice; give every run its own label.")
+            raise UserError(f"--run label {label!r} is used twice; give every run its own label.")
         runs[label] = path
     return runs
 
@@ -150,9 +151,9 @@ def parse_runs(specs: list) -> dict:
 def images_per_step(args, count: int) -> list:
     given = args.images_per_step
     if args.x == "images" and not given:
-        raise ConvergenceError("--x images needs --images-per-step (the global batch size), once or once per --run.")
+        raise UserError("--x images needs --images-per-step (the global batch size), once or once per --run.")
     if len(given) not in (0, 1, count):
-        raise ConvergenceError(f"--images-per-step was given {len(given)} times for {count} runs; give it once "
+        raise UserError(f"--images-per-step was given {len(given)} times for {count} runs; give it once "
                                "for all runs or once per --run.")
     return (given * count if len(given) == 1 else given) or [1.0] * count
 
@@ -166,7 +167,7 @@ def compare(curves: dict, reference: Optional[str], target: Optional[float], hig
         reference_name = reference if reference is not None else split_label(next(iter(curves)))[1]
         reference_label = f"{group}/{reference_name}" if group else reference_name
         if reference_label not in curves:
-            raise ConvergenceError(f"--reference {reference_name}: no run labelled {reference_label!r} "
+            raise UserError(f"--reference {reference_name}: no run labelled {reference_label!r} "
                                    f"(labels: {', '.join(curves)}).")
         ref_steps, ref_values = curves[reference_label]
         goal = target if target is not None else float(ref_values[-1])
@@ -257,5 +258,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConvergenceError as error:
+    except UserError as error:
         sys.exit(f"plot_convergence: error: {error}")

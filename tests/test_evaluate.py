@@ -13,8 +13,8 @@ from scipy.spatial.distance import cdist
 from conftest import run_python
 from generation import adm_metrics
 from generation import evaluate as ev
-from generation.inception import (SPATIAL_DIM, InceptionFeatureExtractor, InceptionWeightsError,
-                                  load_inception_state_dict, random_inception_state_dict, spatial_features)
+from generation.inception import SPATIAL_DIM, InceptionFeatureExtractor, load_inception_state_dict, random_inception_state_dict, spatial_features
+from util.errors import UserError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,21 +190,21 @@ def test_extractor_hooks_mixed_6d_branch1x1_and_accepts_nhwc_and_nchw(random_wei
 
 
 def test_weights_file_errors(tmp_path, random_weights):
-    with pytest.raises(InceptionWeightsError, match="does not exist.*github.com/toshas/torch-fidelity"):
+    with pytest.raises(UserError, match="does not exist.*github.com/toshas/torch-fidelity"):
         load_inception_state_dict(tmp_path / "missing.pth")
     state = torch.load(random_weights, weights_only=True)
     wrong_classes = dict(state, **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
     torch.save(wrong_classes, tmp_path / "torchvision_like.pth")
-    with pytest.raises(InceptionWeightsError, match=r"fc.weight has shape \(1000, 2048\)"):
+    with pytest.raises(UserError, match=r"fc.weight has shape \(1000, 2048\)"):
         load_inception_state_dict(tmp_path / "torchvision_like.pth")
     torch.save({name: value for name, value in state.items() if "Mixed_5b" not in name}, tmp_path / "partial.pth")
-    with pytest.raises(InceptionWeightsError, match="does not match the 2015-12-05 FID Inception layout"):
+    with pytest.raises(UserError, match="does not match the 2015-12-05 FID Inception layout"):
         InceptionFeatureExtractor(tmp_path / "partial.pth")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a pickled module, not a state dict
-    with pytest.raises(InceptionWeightsError, match="weights-only state dict"):
+    with pytest.raises(UserError, match="weights-only state dict"):
         load_inception_state_dict(tmp_path / "module.pth")
     for error_case in ["missing.pth", "torchvision_like.pth"]:
-        with pytest.raises(InceptionWeightsError) as info:
+        with pytest.raises(UserError) as info:
             load_inception_state_dict(tmp_path / error_case)
         assert "\n" not in str(info.value)
 
@@ -229,7 +229,7 @@ def _images(count, size=8, seed=0):
 def test_bad_npz_refused_with_one_sentence(tmp_path, arrays, message):
     path = tmp_path / "batch.npz"
     np.savez(path, **arrays)
-    with pytest.raises(ev.NpzError, match=message) as info:
+    with pytest.raises(ev.UserError, match=message) as info:
         ev.NpzBatch(path)
     assert "\n" not in str(info.value)
 

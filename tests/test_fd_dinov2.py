@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dinov2_reference import TINY_VIT, hub_state_dict, reference_tokens
 from generation.evaluate import NpzBatch, fd_dinov2
 from generation.fd_dinov2 import DinoV2FeatureExtractor
-from models.dinov2 import EncoderWeightsError
+from util.errors import UserError
 
 HUB_GRID = 37  # the official 518-px table
 
@@ -77,7 +77,7 @@ def test_fd_dinov2_matches_an_independent_frechet_computation(setup):
 
 
 def test_missing_dinov2_weights_are_one_sentence(tmp_path):
-    with pytest.raises(EncoderWeightsError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         DinoV2FeatureExtractor(tmp_path / "nope.pth")
 
 

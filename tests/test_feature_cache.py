@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from dinov2_reference import TINY_VIT, hub_state_dict
-from models.dinov2 import EncoderWeightsError
 from models.repa import DinoV2Target, encoder_identity
 from util.data import build_image_folder
-from util.feature_cache import FeatureCache, FeatureCacheError, extract_feature_cache, get_args_parser, main
+from util.feature_cache import FeatureCache, extract_feature_cache, get_args_parser, main
 from util.latent_cache import cache_transform
+from util.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def test_cache_holds_the_features_of_each_image_and_its_flip(tiny_image_folder, 
     again = extract_feature_cache(root, tmp_path / "features", target, identity, image_size=32, batch_size=5,
                                   shard_size=24, dtype="float32", show_progress=False)
     assert again["count"] == 64
-    with pytest.raises(FeatureCacheError, match="made with encoder="):
+    with pytest.raises(UserError, match="made with encoder="):
         FeatureCache(tmp_path / "features", expect={"encoder": "dinov2-vit-l:0123"})
-    with pytest.raises(FeatureCacheError, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         extract_feature_cache(root, tmp_path / "features", target, "other", image_size=32, shard_size=24,
                               dtype="float32", show_progress=False)
 
@@ -52,7 +52,7 @@ def test_cli_refuses_bad_input_before_writing_and_unfinished_caches(tiny_image_f
     args = get_args_parser().parse_args([
         "--data_path", str(tiny_image_folder / "val"), "--cached_path", str(out), "--encoder_path",
         str(tmp_path / "missing.pth"), "--input_size", "32", "--device", "cpu", "--num_workers", "0"])
-    with pytest.raises(EncoderWeightsError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         main(args)
     assert not out.exists()  # refused before any output was written
     with pytest.raises(ValueError, match="divisible by 16"):
@@ -61,5 +61,5 @@ def test_cli_refuses_bad_input_before_writing_and_unfinished_caches(tiny_image_f
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "manifest.json").write_text(json.dumps({"complete": False}))
-    with pytest.raises(FeatureCacheError, match="incomplete"):
+    with pytest.raises(UserError, match="incomplete"):
         FeatureCache(unfinished)

@@ -6,7 +6,8 @@ import torch
 from models.lightningdit import LightningDiT
 from models.mae import MaskedAutoencoderViT
 from models.mae import LATENT_MODELS, MaskedAutoencoderLightningDiT
-from models.transfer import TransferError, transfer_pretrained
+from models.transfer import transfer_pretrained
+from util.errors import UserError
 
 TINY_ENC = dict(img_size=4, patch_size=1, in_chans=32, embed_dim=32, depth=2, num_heads=2,
                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -77,7 +78,7 @@ def test_usp_checkpoint_transfers_every_encoder_tensor_into_lightningdit():
 def test_vit_encoder_is_refused_for_lightningdit():
     vit = MaskedAutoencoderViT(img_size=4, patch_size=1, in_chans=32, embed_dim=32, depth=2, num_heads=2,
                                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    with pytest.raises(TransferError, match=r"not LightningDiT blocks.*lightningdit_\*_patch_vae"):
+    with pytest.raises(UserError, match=r"not LightningDiT blocks.*lightningdit_\*_patch_vae"):
         transfer_pretrained(LightningDiT(**TINY_DIT), {"model": vit.state_dict()})
 
 

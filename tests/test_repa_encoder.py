@@ -13,7 +13,8 @@ from timm.layers import resample_abs_pos_embed
 from generation.repa import projection_loss
 from models.repa import DinoV2Target, encoder_resolution, parse_encoder_list, preprocess_raw_image
 from dinov2_reference import DIM, TINY_VIT, hub_state_dict, reference_tokens
-from models.dinov2 import EncoderWeightsError, build_dinov2
+from models.dinov2 import build_dinov2
+from util.errors import UserError
 
 
 def test_projection_loss_is_the_negative_mean_cosine():
@@ -64,10 +65,10 @@ def test_dinov2_target_loads_hub_weights_and_returns_normed_patch_tokens(tmp_pat
 
 
 def test_bad_encoder_arguments_are_refused(tmp_path):
-    with pytest.raises(EncoderWeightsError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         build_dinov2("vit_base_patch14_dinov2", tmp_path / "missing.pth", 28)
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(EncoderWeightsError, match="does not hold"):
+    with pytest.raises(UserError, match="does not hold"):
         build_dinov2("vit_base_patch14_dinov2", tmp_path / "other.pth", 28, model_kwargs=TINY_VIT)
     with pytest.raises(ValueError, match="not supported"):
         DinoV2Target("clip-vit-L", "x", 32)

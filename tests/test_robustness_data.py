@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from util.data import (DataError, SeededDataset, build_image_folder, build_loader, generation_transform)
+from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
 from util.sampler import ResumableDistributedSampler
+from util.errors import UserError
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_item4_decompression_bomb_in_strict_mode_is_named(folder_with_bad_images
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
     folder = build_image_folder(root, strict=True)
     index = [path for path, _ in folder.samples].index(str(big))
-    with pytest.raises(DataError, match=f"image {big} cannot be read \\(it exceeds PIL's decompression-bomb limit"):
+    with pytest.raises(UserError, match=f"image {big} cannot be read \\(it exceeds PIL's decompression-bomb limit"):
         folder.load(index)
 
 
@@ -66,7 +67,7 @@ def test_item5_strict_data_through_workers_is_one_sentence(folder_with_bad_image
     """--strict_data on a corrupt image: the sentence, not DataLoader's 70-line worker traceback."""
     root, truncated, _ = folder_with_bad_images
     folder = build_image_folder(root, strict=True)
-    with pytest.raises(DataError) as info:
+    with pytest.raises(UserError) as info:
         _one_epoch(folder, num_workers=1)
     message = str(info.value)
     assert message.startswith(f"image {truncated[0]} cannot be read (")
@@ -79,7 +80,7 @@ def test_item5_folder_with_nothing_readable_is_one_sentence(tmp_path):
     for index in range(8):  # one full batch
         (tmp_path / "cat" / f"{index}.png").write_bytes(b"not a png")
     folder = build_image_folder(tmp_path)
-    with pytest.raises(DataError) as info:
+    with pytest.raises(UserError) as info:
         _one_epoch(folder, num_workers=1)
     assert str(info.value).startswith(f"no image under {tmp_path} can be read (8 files tried")
     assert "Traceback" not in str(info.value)
@@ -99,21 +100,21 @@ def tiny_cache(tiny_image_folder, tiny_vae_dir, tmp_path):
 
 
 def test_item7_corrupt_manifest_names_the_file_and_says_rebuild(tiny_cache):
-    from util.latent_cache import LatentCacheDataset, LatentCacheError
+    from util.latent_cache import LatentCacheDataset, UserError
 
     (tiny_cache / "manifest.json").write_text('{"complete": tru')
-    with pytest.raises(LatentCacheError) as info:
+    with pytest.raises(UserError) as info:
         LatentCacheDataset(tiny_cache)
     assert str(info.value).startswith(f"the latent cache manifest {tiny_cache / 'manifest.json'} is corrupt (")
     assert "rebuild it" in str(info.value)
 
 
 def test_item7_truncated_shard_names_the_shard_and_says_rebuild(tiny_cache):
-    from util.latent_cache import LatentCacheDataset, LatentCacheError, shard_path
+    from util.latent_cache import LatentCacheDataset, UserError, shard_path
 
     shard = shard_path(tiny_cache, 1)
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(LatentCacheError) as info:
+    with pytest.raises(UserError) as info:
         LatentCacheDataset(tiny_cache)
     message = str(info.value)
     assert message.startswith(f"latent cache shard {shard} is ") and "rebuild it" in message
@@ -121,10 +122,10 @@ def test_item7_truncated_shard_names_the_shard_and_says_rebuild(tiny_cache):
 
 
 def test_item7_garbage_shard_header_names_the_shard(tiny_cache):
-    from util.latent_cache import LatentCacheDataset, LatentCacheError, shard_path
+    from util.latent_cache import LatentCacheDataset, UserError, shard_path
 
     shard = shard_path(tiny_cache, 0)
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
-    with pytest.raises(LatentCacheError, match=f"latent cache shard {shard} is "):
+    with pytest.raises(UserError, match=f"latent cache shard {shard} is "):
         LatentCacheDataset(tiny_cache)
     json.loads((tiny_cache / "manifest.json").read_text())  # the manifest itself is untouched

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from util.data import DataError, build_image_folder
+from util.checkpoint import load_checkpoint, save_checkpoint
+from util.data import build_image_folder
+from util.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_item3_settings_check_is_atomic_against_a_run_started_at_the_same_moment
             record.write_text(json.dumps({"cfg_scale": 4.0, "seed": 0}))
 
     monkeypatch.setattr(sampling.Path, "mkdir", other_run_records_its_settings)
-    with pytest.raises(sampling.SamplingError, match=r"holds samples made with cfg_scale=4.0 but this run has "
+    with pytest.raises(sampling.UserError, match=r"holds samples made with cfg_scale=4.0 but this run has "
                                                      r"cfg_scale=1.0"):
         sampling.check_sample_folder(sample_dir, {"cfg_scale": 1.0, "seed": 0}, is_main=True)
     assert json.loads(record.read_text())["cfg_scale"] == 4.0  # the other run's record is intact
@@ -75,26 +76,26 @@ def test_item6_full_disk_while_sampling_leaves_no_partial_png(tmp_path, monkeypa
 def test_item7_vae_path_messages_name_the_real_problem(tmp_path, tiny_vae_dir):
     import shutil
 
-    from models.vae import LatentCodec, VAEWeightsError
+    from models.vae import LatentCodec, UserError
 
     garbage = tmp_path / "vae.bin"
     garbage.write_bytes(b"garbage" * 10)
-    with pytest.raises(VAEWeightsError, match="is a file, but d8 needs a diffusers AutoencoderKL folder"):
+    with pytest.raises(UserError, match="is a file, but d8 needs a diffusers AutoencoderKL folder"):
         LatentCodec.load("d8", garbage)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VAEWeightsError, match="has no config.json"):
+    with pytest.raises(UserError, match="has no config.json"):
         LatentCodec.load("d8", tmp_path / "empty")
     bad_json = tmp_path / "bad_json"
     shutil.copytree(tiny_vae_dir, bad_json)
     (bad_json / "config.json").write_text("{oops")
-    with pytest.raises(VAEWeightsError, match="config.json is not valid JSON"):
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
         LatentCodec.load("d8", bad_json)
     bad_weights = tmp_path / "bad_weights"
     shutil.copytree(tiny_vae_dir, bad_weights)
     (bad_weights / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
-    with pytest.raises(VAEWeightsError, match="are not a readable safetensors file"):
+    with pytest.raises(UserError, match="are not a readable safetensors file"):
         LatentCodec.load("d8", bad_weights)
-    with pytest.raises(VAEWeightsError, match="holds a diffusers AutoencoderKL \\(the d8 SD-VAE layout\\), not the "
+    with pytest.raises(UserError, match="holds a diffusers AutoencoderKL \\(the d8 SD-VAE layout\\), not the "
                                               "LDM KL-16 checkpoint"):
         LatentCodec.load("d16", tiny_vae_dir / "diffusion_pytorch_model.safetensors")
 
@@ -110,7 +111,7 @@ def test_item10_vae_load_prints_no_accelerate_warning(tiny_vae_dir):
 def test_item7_checkpoint_given_a_run_directory(tmp_path):
     save_checkpoint({"model": {}}, tmp_path / "checkpoints" / "0000100.pt")
     save_checkpoint({"model": {}}, tmp_path / "checkpoints" / "0000200.pt")
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(UserError) as info:
         load_checkpoint(tmp_path)
     assert str(info.value) == (f"{tmp_path} is a folder; a checkpoint file is needed here, so pass one such as "
                                f"{tmp_path / 'checkpoints' / '0000200.pt'}.")
@@ -129,7 +130,7 @@ def test_item7_legacy_pickle_that_would_run_code_is_refused_not_called_corrupt(t
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"model": {}, "payload": _RunsCode(marker)}, protocol=protocol))
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(UserError) as info:
         load_checkpoint(path)
     assert "refused: it would run code when loaded (it references posix.mkdir)" in str(info.value)
     assert "truncated or corrupt" not in str(info.value)
@@ -139,12 +140,12 @@ def test_item7_legacy_pickle_that_would_run_code_is_refused_not_called_corrupt(t
 def test_item7_truncated_checkpoint_is_still_called_corrupt(tmp_path):
     save_checkpoint({"model": {"w": torch.zeros(100)}}, tmp_path / "ok.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:300])
-    with pytest.raises(CheckpointError, match="is truncated or corrupt"):
+    with pytest.raises(UserError, match="is truncated or corrupt"):
         load_checkpoint(tmp_path / "cut.pth")
 
 
 def test_item7_data_root_with_splits_says_point_at_train(tiny_image_folder):
-    with pytest.raises(DataError) as info:
+    with pytest.raises(UserError) as info:
         build_image_folder(tiny_image_folder)  # holds train/ and val/
     assert str(info.value) == (f"data folder {tiny_image_folder} holds the splits train/, val/ rather than class "
                                f"folders; point the data path at {tiny_image_folder / 'train'} instead.")
@@ -158,10 +159,10 @@ def _npz(path, count, size, seed=0):
 
 
 def test_item8_resolution_mismatch_is_refused_unless_allowed(tmp_path):
-    from generation.evaluate import NpzBatch, NpzError, comparison_warnings
+    from generation.evaluate import NpzBatch, UserError, comparison_warnings
 
     ref, samples = NpzBatch(_npz(tmp_path / "ref.npz", 8, 16)), NpzBatch(_npz(tmp_path / "s.npz", 8, 8))
-    with pytest.raises(NpzError, match="the samples are 8x8 px but the reference images are 16x16 px, so the "
+    with pytest.raises(UserError, match="the samples are 8x8 px but the reference images are 16x16 px, so the "
                                        "scores would measure the resizing"):
         comparison_warnings(ref, samples)
     notes = comparison_warnings(ref, samples, allow_resolution_mismatch=True)
@@ -182,7 +183,7 @@ def test_item8_too_few_samples_and_fewer_than_reference_are_warned(tmp_path, mon
     assert ev.comparison_warnings(ref, ev.NpzBatch(_npz(tmp_path / "s12.npz", 12, 8))) == []
 
 
-def test_item6_evaluate_checks_the_json_path_before_any_work(tmp_path):
+def test_item6_evaluate_checks_the_json_path_before_any_work(tmp_path, capsys):
     import generation.evaluate as ev
 
     _npz(tmp_path / "ref.npz", 8, 8)
@@ -191,7 +192,8 @@ def test_item6_evaluate_checks_the_json_path_before_any_work(tmp_path):
     with pytest.raises(SystemExit) as info:  # the weights do not exist either: the JSON path is checked first
         ev.main([str(tmp_path / "ref.npz"), str(tmp_path / "s.npz"), "--inception-weights", str(tmp_path / "no.pth"),
                  "--output-json", str(tmp_path / "blocker" / "m.json")])
-    assert "--output-json" in str(info.value) and "is a file, not a folder" in str(info.value)
+    message = capsys.readouterr().err
+    assert info.value.code == 2 and "--output-json" in message and "is a file, not a folder" in message
 
 
 # ------------------------------------------------------------------------------------------- item 9

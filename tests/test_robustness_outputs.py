@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from util.checkpoint import CheckpointManager, atomic_open, resolve_resume, save_checkpoint
-from util.disk import DiskFullError, OutputPathError, ensure_writable_dir, ensure_writable_file
+from util.disk import DiskFullError, ensure_writable_dir, ensure_writable_file
 from util.run_dir import LOCK_NAME, RunLock, claim_output_dir
+from util.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,7 @@ def test_item1_rotation_still_keeps_the_newest_k_of_one_run(tmp_path):
 def test_item1_folder_with_another_runs_checkpoints_is_refused(tmp_path):
     """The same scenario is stopped before any training: the folder belongs to the old run."""
     _old_run(tmp_path, [10, 11, 12])
-    with pytest.raises(OutputPathError) as info:
+    with pytest.raises(UserError) as info:
         claim_output_dir(tmp_path)
     message = str(info.value)
     assert "already holds another run's checkpoints" in message and f"--resume {tmp_path}" in message
@@ -71,7 +72,7 @@ def test_item2_rerun_is_refused_unless_resume_or_overwrite(tmp_path):
     folder = tmp_path / "finetune"
     folder.mkdir()
     save_checkpoint({"acc1": 58.3}, folder / "checkpoint-best.pth")  # finetune's best-so-far file
-    with pytest.raises(OutputPathError, match="already holds another run's checkpoints"):
+    with pytest.raises(UserError, match="already holds another run's checkpoints"):
         claim_output_dir(folder)
     lock = claim_output_dir(folder, resume=str(folder))  # continuing the run is fine
     lock.release()
@@ -86,7 +87,7 @@ def test_item2_rerun_is_refused_unless_resume_or_overwrite(tmp_path):
 
 def test_item2_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     first = claim_output_dir(tmp_path)
-    with pytest.raises(OutputPathError, match="is in use by another running process"):
+    with pytest.raises(UserError, match="is in use by another running process"):
         claim_output_dir(tmp_path)
     first.release()
     claim_output_dir(tmp_path).release()  # free again once the first run ends
@@ -105,7 +106,7 @@ def test_item2_lock_dies_with_a_killed_process(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputPathError, match=f"pid {holder.pid}"):
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
             RunLock(tmp_path)
         holder.kill()
         holder.wait(timeout=30)
@@ -161,11 +162,11 @@ def test_item6_atomic_open_keeps_other_errors(tmp_path):
 def test_item6_file_where_a_folder_should_be_is_one_sentence(tmp_path):
     blocker = tmp_path / "output"
     blocker.write_text("a file")
-    with pytest.raises(OutputPathError) as info:
+    with pytest.raises(UserError) as info:
         ensure_writable_dir(blocker / "run1", flag="--output_dir")
     assert str(info.value) == (f"--output_dir {blocker / 'run1'} cannot be created because {blocker} is a file, "
                                "not a folder; choose another path or move that file away.")
-    with pytest.raises(OutputPathError, match="is a folder; pass a file name"):
+    with pytest.raises(UserError, match="is a folder; pass a file name"):
         ensure_writable_file(tmp_path, "--output-json")
 
 
@@ -181,7 +182,7 @@ def test_item6_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(disk, "open", read_only, raising=False)
-    with pytest.raises(OutputPathError, match=r"is not writable \(Read-only file system\); choose a folder"):
+    with pytest.raises(UserError, match=r"is not writable \(Read-only file system\); choose a folder"):
         ensure_writable_dir(tmp_path / "out", flag="--results-dir")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the probe file is not left behind
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.checkpoint import (CheckpointError, CheckpointManager, args_to_dict, load_checkpoint, resolve_resume,
-                             save_checkpoint)
+from util.checkpoint import CheckpointManager, args_to_dict, load_checkpoint, resolve_resume, save_checkpoint
+from util.errors import UserError
 
 
 def test_truncated_checkpoint_is_refused_and_previous_one_used(tmp_path):
@@ -16,12 +16,12 @@ def test_truncated_checkpoint_is_refused_and_previous_one_used(tmp_path):
         manager.save({"model": {"w": torch.full((64,), float(epoch))}, "epoch": epoch}, epoch)
     newest = tmp_path / "checkpoint-2.pth"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn copy / full disk
-    with pytest.raises(CheckpointError, match="checkpoint-2.pth is truncated or corrupt"):
+    with pytest.raises(UserError, match="checkpoint-2.pth is truncated or corrupt"):
         load_checkpoint(newest)
     with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
         path, state = resolve_resume(tmp_path)
     assert path.name == "checkpoint-1.pth" and state["epoch"] == 1
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(UserError, match="truncated or corrupt"):
         resolve_resume(newest)  # an explicit file is never silently replaced by another
 
 
@@ -37,7 +37,7 @@ def test_pickle_that_executes_code_is_refused(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match=r"refused: it would run code when loaded "
+    with pytest.raises(UserError, match=r"refused: it would run code when loaded "
                                               r"\(it references posix.mkdir\)"):
         load_checkpoint(path)
     assert not marker.exists()
@@ -55,9 +55,9 @@ def test_official_namespace_args_load_and_our_args_are_plain(tmp_path):
 
 
 def test_missing_file_and_empty_dir_messages(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist; check the --resume"):
+    with pytest.raises(UserError, match="does not exist; check the --resume"):
         load_checkpoint(tmp_path / "none.pth")
-    with pytest.raises(CheckpointError, match="no loadable checkpoint"):
+    with pytest.raises(UserError, match="no loadable checkpoint"):
         resolve_resume(tmp_path)
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from util.data import (DataError, SeededDataset, build_image_folder, build_loader, center_crop_arr,
-                       generation_transform, pretrain_transform)
+from util.data import SeededDataset, build_image_folder, build_loader, center_crop_arr, generation_transform, pretrain_transform
 from util.ema import update_ema
 from util.run_log import RunLogger
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.rng import capture_rng_state, restore_rng_state, sample_generator
 from util.sampler import ResumableDistributedSampler
+from util.errors import UserError
 
 
 @pytest.fixture
@@ -40,17 +40,17 @@ def test_corrupt_image_is_skipped_and_counted_even_in_workers(folder_with_corrup
 def test_strict_data_raises_on_corrupt_image(folder_with_corrupt_image):
     root, victim = folder_with_corrupt_image
     folder = build_image_folder(root, strict=True)
-    with pytest.raises(DataError, match=f"image {victim} cannot be read"):
+    with pytest.raises(UserError, match=f"image {victim} cannot be read"):
         folder[5]
 
 
 def test_missing_or_empty_folder_is_one_sentence(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         build_image_folder(tmp_path / "missing")
-    with pytest.raises(DataError, match="has no class subfolders"):
+    with pytest.raises(UserError, match="has no class subfolders"):
         build_image_folder(tmp_path)
     (tmp_path / "cat").mkdir()
-    with pytest.raises(DataError, match="contains no images"):
+    with pytest.raises(UserError, match="contains no images"):
         build_image_folder(tmp_path)
 
 

@@ -10,8 +10,8 @@ from conftest import run_torchrun
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec, vae_identity
 from util.data import build_image_folder
-from util.latent_cache import (LatentCacheDataset, LatentCacheError, cache_transform, extract_latent_cache,
-                               shard_path)
+from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache, shard_path
+from util.errors import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
 
@@ -55,7 +55,7 @@ def test_interrupted_extraction_resumes_to_byte_identical_shards(tiny_image_fold
     with pytest.raises(RuntimeError, match="simulated preemption"):
         extract_latent_cache(tiny_image_folder / "train", tmp_path, CrashingCodec(codec, 14), **kwargs)
     assert [shard_path(tmp_path, k).is_file() for k in range(6)] == [True, True, False, False, False, False]
-    with pytest.raises(LatentCacheError, match="is incomplete"):
+    with pytest.raises(UserError, match="is incomplete"):
         LatentCacheDataset(tmp_path)
     first_shard_mtime = shard_path(tmp_path, 0).stat().st_mtime_ns
     manifest = extract_latent_cache(tiny_image_folder / "train", tmp_path, codec, **kwargs)
@@ -97,13 +97,13 @@ def test_cache_dataset_draws_per_sample_flip_and_noise(ddp_cache):
 
 
 def test_cache_for_other_settings_is_refused(tiny_image_folder, codec, ddp_cache, tmp_path):
-    with pytest.raises(LatentCacheError, match=r"was made with image_size=32 \(needed 64\)"):
+    with pytest.raises(UserError, match=r"was made with image_size=32 \(needed 64\)"):
         LatentCacheDataset(ddp_cache, expect={"image_size": 64})
-    with pytest.raises(LatentCacheError, match=r"vae_identity='d8:folder"):
+    with pytest.raises(UserError, match=r"vae_identity='d8:folder"):
         LatentCacheDataset(ddp_cache, expect={"vae_identity": "d8:hub:stabilityai/sd-vae-ft-ema"})
     copy = tmp_path / "cache"
     shutil.copytree(ddp_cache, copy)
-    with pytest.raises(LatentCacheError, match=r"already holds a latent cache made with other settings \(.*crop="):
+    with pytest.raises(UserError, match=r"already holds a latent cache made with other settings \(.*crop="):
         extract_latent_cache(tiny_image_folder / "train", copy, codec, **dict(SETTINGS, crop="eval"))
 
 

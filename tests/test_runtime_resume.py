@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO_ROOT, free_port, run_torchrun
 from util.checkpoint import load_checkpoint
-from util.data import DataError
 from util.preemption import NonFiniteLossError
+from util.errors import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
 
@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tiny_image_folder
 
 
 def test_missing_data_folder_is_one_sentence_before_any_model(tmp_path):
-    with pytest.raises(DataError, match=r"^data folder .*nope does not exist; pass a folder") as error:
+    with pytest.raises(UserError, match=r"^data folder .*nope does not exist; pass a folder") as error:
         run_toy_in_process("--data_path", tmp_path / "nope", "--output_dir", tmp_path / "out")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()  # stopped before touching outputs or building the model

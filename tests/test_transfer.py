@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from models.dit import DiT_models
 from models.mae import create_mae
 from models.sit import SiT_models
-from models.transfer import TransferError, transfer_pretrained
+from models.transfer import transfer_pretrained
 from models.vit import create_vit
+from util.errors import UserError
 
 WIDTH, HEADS = 32, 2
 
@@ -84,7 +85,7 @@ def test_sit_from_file_with_layer_cut(tmp_path):
     # Plain SiT has non-affine LayerNorms, so MAE's norm1/norm2 have nowhere to go.
     assert report.reasons["blocks.0.norm1.weight"] == "not in the model"
     assert "beyond --use-pretrain-layer 1" in str(report)
-    with pytest.raises(TransferError, match=r"--use-pretrain-layer 5 is outside 1\.\.2"):
+    with pytest.raises(UserError, match=r"--use-pretrain-layer 5 is outside 1\.\.2"):
         transfer_pretrained(sit, path, use_pretrain_layer=5)
 
 
@@ -127,7 +128,7 @@ def test_patch_embedding_with_other_channels_is_skipped_whole():
 
 def test_checkpoint_of_another_width_names_both_shapes():
     mae, dit = _mae(width=32), _dit(width=48)
-    with pytest.raises(TransferError) as error:
+    with pytest.raises(UserError) as error:
         transfer_pretrained(dit, mae.state_dict())
     message = str(error.value)
     assert "checkpoint blocks.0.attn.qkv.weight is (96, 32) but the model expects (144, 48)" in message
@@ -135,9 +136,9 @@ def test_checkpoint_of_another_width_names_both_shapes():
 
 
 def test_unrelated_checkpoints_are_refused(tmp_path):
-    with pytest.raises(TransferError, match="no tensor of the pretrained checkpoint matches"):
+    with pytest.raises(UserError, match="no tensor of the pretrained checkpoint matches"):
         transfer_pretrained(_dit(), {"model": {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}})
-    with pytest.raises(TransferError, match="does not exist; check the --finetune path"):
+    with pytest.raises(UserError, match="does not exist; check the --finetune path"):
         transfer_pretrained(_dit(), tmp_path / "missing.pth")
-    with pytest.raises(TransferError, match="holds no tensors"):
+    with pytest.raises(UserError, match="holds no tensors"):
         transfer_pretrained(_dit(), {"epoch": 3})

@@ -7,8 +7,9 @@ import torch
 
 from models.latent_spec import LATENT_SPECS
 from models.ldm_autoencoder import ldm_autoencoder_config, ldm_to_diffusers_state_dict, load_ldm_autoencoder
-from models.vae import LatentCodec, VAEWeightsError, vae_identity
+from models.vae import LatentCodec, vae_identity
 from conftest import build_tiny_autoencoder_kl
+from util.errors import UserError
 
 
 def _images(n=2, size=32, seed=0):
@@ -67,7 +68,7 @@ def test_scale_override_and_spec_check(tiny_vae_dir):
     assert codec.spec.scale == 0.5 and codec.spec.channels == 4
     images = _images()
     torch.testing.assert_close(codec.encode(images), codec.encode_moments(images)[0] * 0.5)
-    with pytest.raises(VAEWeightsError, match="16 channels and factor 16"):
+    with pytest.raises(UserError, match="16 channels and factor 16"):
         LatentCodec.from_autoencoder(build_tiny_autoencoder_kl(), LATENT_SPECS["d16"])
 
 
@@ -79,14 +80,14 @@ def test_train_encoder_lets_gradients_reach_the_encoder_only(tiny_vae_dir):
 
 
 def test_missing_weights_messages(tmp_path):
-    with pytest.raises(VAEWeightsError, match=r"kl16\.ckpt.*MAR.*--vae_path"):
+    with pytest.raises(UserError, match=r"kl16\.ckpt.*MAR.*--vae_path"):
         LatentCodec.load("d16", None)
-    with pytest.raises(VAEWeightsError, match=r"kl16\.ckpt.*--vae_path"):
+    with pytest.raises(UserError, match=r"kl16\.ckpt.*--vae_path"):
         LatentCodec.load("d16", tmp_path / "missing.ckpt")
-    with pytest.raises(VAEWeightsError, match=r"sd-vae-ft-ema.*--vae_path"):
+    with pytest.raises(UserError, match=r"sd-vae-ft-ema.*--vae_path"):
         LatentCodec.load("d8", tmp_path / "no_such_folder")
     (tmp_path / "empty_vae").mkdir()
-    with pytest.raises(VAEWeightsError, match=r"empty_vae' has no config.json, so it is not a diffusers"):
+    with pytest.raises(UserError, match=r"empty_vae' has no config.json, so it is not a diffusers"):
         LatentCodec.load("d8", tmp_path / "empty_vae")
     with pytest.raises(ValueError, match="unknown --vae_version"):
         LatentCodec.load("d4", None)
@@ -185,7 +186,7 @@ def test_ldm_checkpoint_converts_to_identical_autoencoder(tmp_path):
 def test_non_ldm_file_is_refused(tmp_path):
     path = tmp_path / "kl16.ckpt"
     torch.save({"model": {"blocks.0.weight": torch.zeros(1)}}, path)
-    with pytest.raises(VAEWeightsError, match="not an LDM KL autoencoder"):
+    with pytest.raises(UserError, match="not an LDM KL autoencoder"):
         LatentCodec.load("d16", path)
 
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.latent_norm import ChannelNorm, LatentStatsError
-from models.vae import VAVAE_FILENAME, LatentCodec, VAEWeightsError, vae_identity
+from models.latent_norm import ChannelNorm
+from models.vae import VAVAE_FILENAME, LatentCodec, vae_identity
+from util.errors import UserError
 
 
 def gn(channels):
@@ -201,7 +202,7 @@ def test_channel_norm_round_trip_and_official_formula():
     scalar = ChannelNorm.scalar(0.2325, channels=2)
     x = torch.randn(2, 2, 3, 3)
     assert torch.equal(scalar.normalize(x), x * 0.2325) and torch.equal(scalar.denormalize(x), x / 0.2325)
-    with pytest.raises(LatentStatsError, match="positive std"):
+    with pytest.raises(UserError, match="positive std"):
         ChannelNorm(mean, torch.tensor([1.0, 0.0]))
 
 
@@ -212,7 +213,7 @@ def test_stats_file_save_load_and_missing(tmp_path, vavae_folder):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / VAVAE_FILENAME).write_bytes((folder / VAVAE_FILENAME).read_bytes())
-    with pytest.raises(LatentStatsError, match=r"latents_stats\.pt.*util\.latent_stats"):
+    with pytest.raises(UserError, match=r"latents_stats\.pt.*util\.latent_stats"):
         LatentCodec.load("vavae_f16d32", bare)
     unnormalised = LatentCodec.load("vavae_f16d32", bare, require_stats=False)  # to compute the statistics
     images = torch.zeros(1, 3, 32, 32)
@@ -224,7 +225,7 @@ def test_stats_file_save_load_and_missing(tmp_path, vavae_folder):
 def test_wrong_layout_is_refused_in_one_sentence(tmp_path):
     kl16_like = _seeded(lambda: LDMAutoencoderKL(embed_dim=16))
     torch.save({"state_dict": kl16_like.state_dict()}, tmp_path / VAVAE_FILENAME)
-    with pytest.raises(VAEWeightsError, match=r"16 latent channels .* needs 32 channels and ch_mult \(1, 1, 2, 2, 4\)"):
+    with pytest.raises(UserError, match=r"16 latent channels .* needs 32 channels and ch_mult \(1, 1, 2, 2, 4\)"):
         LatentCodec.load("vavae_f16d32", tmp_path)
-    with pytest.raises(VAEWeightsError, match=r"vavae-imagenet256-f16d32-dinov2\.pt.*--vae_path"):
+    with pytest.raises(UserError, match=r"vavae-imagenet256-f16d32-dinov2\.pt.*--vae_path"):
         LatentCodec.load("vavae_f16d32", tmp_path / "missing")

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from util.checkpoint import CheckpointError, CheckpointManager, args_to_dict, resolve_resume
-from util.data import DataError, SeededDataset, build_image_folder, build_loader, pretrain_transform
+from util.checkpoint import CheckpointManager, args_to_dict, resolve_resume
+from util.data import SeededDataset, build_image_folder, build_loader, pretrain_transform
 from util.distributed import all_reduce_mean, cleanup, init_distributed, rank_seed, seed_everything
 from util.ema import requires_grad, update_ema
 from util.run_log import RunLogger, Throughput
@@ -28,6 +28,7 @@ from util.precision import add_precision_arg, autocast, make_grad_scaler
 from util.preemption import NonFiniteLossError, PreemptionHandler, check_finite
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
+from util.errors import UserError
 
 
 class ToyNet(nn.Module):
@@ -155,5 +156,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (DataError, CheckpointError, NonFiniteLossError) as error:
+    except (UserError, UserError, NonFiniteLossError) as error:
         sys.exit(f"error: {error}")

@@ -23,7 +23,6 @@ from util.disk import reporting_disk_full
 from util.errors import UserError
 
 
-CheckpointError = UserError  # a checkpoint that is missing, truncated/corrupt, or unsafe to load; one type for every user error (util/errors.py)
 
 
 def args_to_dict(args) -> dict:
@@ -87,7 +86,7 @@ def save_checkpoint(state: dict, path) -> Path:
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
-    """Loads a checkpoint with weights_only=True; raises CheckpointError with one clear sentence.
+    """Loads a checkpoint with weights_only=True; raises UserError with one clear sentence.
 
     `mmap=True` maps the file instead of reading it: tensors are paged in only when touched, so a
     sampler that keeps only `ema` never reads the optimizer state, and the ranks of one node share the
@@ -98,9 +97,9 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
     if path.is_dir():
         newest = (_numbered_files(path, DEFAULT_PATTERN) + _numbered_files(path / "checkpoints", DEFAULT_PATTERN))
         example = f" such as {max(newest, key=lambda item: item[0])[1]}" if newest else ""
-        raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here, so pass one{example}.")
+        raise UserError(f"{path} is a folder; a checkpoint file is needed here, so pass one{example}.")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the --resume/--ckpt path.")
+        raise UserError(f"checkpoint {path} does not exist; check the --resume/--ckpt path.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             if mmap and zipfile.is_zipfile(path):
@@ -114,7 +113,7 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
         if culprit is None:
             raise _corrupt(path, error) from error
         culprit = f" (it references {culprit})"
-        raise CheckpointError(
+        raise UserError(
             f"checkpoint {path} refused: it would run code when loaded{culprit}; "
             "only tensors and plain Python values are loaded, so re-save it from a trusted environment "
             "as a state dict."
@@ -163,17 +162,17 @@ def require_training_state(checkpoint, path, keys=("model",), hint: str = "") ->
     if missing:
         bare = isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values())
         kind = "a bare state dict" if bare else f"a file without {', '.join(repr(k) for k in missing)}"
-        raise CheckpointError(f"--resume {path} is not a training checkpoint (it is {kind}); "
+        raise UserError(f"--resume {path} is not a training checkpoint (it is {kind}); "
                               f"{hint or 'resume from a checkpoint this script wrote.'}")
     return checkpoint
 
 
-def _corrupt(path: Path, error: Exception) -> CheckpointError:
+def _corrupt(path: Path, error: Exception) -> UserError:
     # torch's weights-only errors wrap the useful line in boilerplate; keep the specific one.
     lines = [line.strip() for line in str(error).splitlines()
              if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
     detail = (lines[-1] if isinstance(error, pickle.UnpicklingError) and lines else (lines or [""])[0])[:100]
-    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}"
+    return UserError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}"
                            f"{': ' + detail if detail else ''}); delete it or resume from an earlier checkpoint.")
 
 
@@ -197,7 +196,7 @@ def _newest_loadable(candidates: list[tuple[int, Path]], map_location):
     for _, path in reversed(candidates):
         try:
             return path, load_checkpoint(path, map_location)
-        except CheckpointError as error:
+        except UserError as error:
             warnings.warn(f"skipping unusable checkpoint: {error}")
     return None
 
@@ -252,20 +251,20 @@ class CheckpointManager:
 def resolve_resume(path_or_dir, pattern: str = DEFAULT_PATTERN, map_location="cpu"):
     """(path, state) for --resume given a checkpoint file or a run directory.
 
-    A file must load (CheckpointError otherwise). A directory (or its `checkpoints/` subfolder,
+    A file must load (UserError otherwise). A directory (or its `checkpoints/` subfolder,
     DiT's layout) yields its newest checkpoint that loads; truncated ones are skipped with a
-    warning, and finding none is a CheckpointError.
+    warning, and finding none is a UserError.
     """
     target = Path(path_or_dir)
     if target.is_file():
         return target, load_checkpoint(target, map_location)
     if not target.is_dir():
-        raise CheckpointError(f"--resume {target} is neither a checkpoint file nor a run directory.")
+        raise UserError(f"--resume {target} is neither a checkpoint file nor a run directory.")
     candidates = _numbered_files(target, pattern) + _numbered_files(target / "checkpoints", pattern)
     candidates.sort(key=lambda item: (item[0], item[1].stat().st_mtime))
     found = _newest_loadable(candidates, map_location)
     if found is None:
-        raise CheckpointError(f"no loadable checkpoint matching {pattern!r} in {target}"
+        raise UserError(f"no loadable checkpoint matching {pattern!r} in {target}"
                               f"{' (all candidates were corrupt)' if candidates else ''}; "
                               "check the --resume path or start a fresh run.")
     return found

@@ -20,13 +20,22 @@ def parse_json_object(text: str, flag: str, example: str = '{"depth": 2}') -> di
     return value
 
 
-def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Appends "(default: X)" to the help of every option that has a default, so --help shows them.
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What every entry point's parser gets last: both spellings of each long flag, and defaults in --help.
 
-    argparse.ArgumentDefaultsHelpFormatter does the same only for options that already have help text;
-    this covers every option (on/off switches excepted: their default is always off or on as named).
+    MAE/USP's pretraining flags use underscores (`--data_path`), DiT/SiT's use dashes (`--data-path`); each
+    command accepts both, so a command pasted from either upstream style works. "(default: X)" is appended to
+    the help of every option that has a default (argparse's ArgumentDefaultsHelpFormatter skips options
+    without help text); on/off switches are left alone, their name says their default.
     """
     for action in parser._actions:
+        for name in list(action.option_strings):
+            if not name.startswith("--"):
+                continue
+            other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+            if other not in parser._option_string_actions:
+                action.option_strings.append(other)
+                parser._option_string_actions[other] = action
         if (action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS)
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                                        argparse._HelpAction, argparse._VersionAction))

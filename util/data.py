@@ -21,25 +21,6 @@ from util.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-DataError = UserError  # a missing/empty data folder, or an unreadable image in strict mode; one type for every user error (util/errors.py)
-
-
-class UnreadableDataError(DataError):
-    """An image (or a whole folder) that cannot be read, in strict mode; raised inside DataLoader workers.
-
-    A DataLoader re-raises a worker's exception in the main process as `type(error)(text)` where the text is
-    "Caught X in DataLoader worker process N. Original Traceback ...": 70 lines with the sentence last.
-    Keeping only that sentence makes the error read the same with or without workers.
-    """
-
-    def __init__(self, message: str):
-        if "Original Traceback" in message:
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if ": " in last else last
-        super().__init__(message)
-
-
 SKIP_UNREADABLE, SKIP_TOO_LARGE = 1, 2  # reasons recorded in SafeImageFolder.bad
 SPLIT_NAMES = {"train", "val", "validation", "test"}
 
@@ -123,7 +104,7 @@ class SafeImageFolder(datasets.ImageFolder):
     because DataLoader workers inherit shared tensors) with its reason (`SKIP_UNREADABLE`, or
     `SKIP_TOO_LARGE` for an image over PIL's decompression-bomb limit) and replaced by the next
     readable image, so batch shapes stay fixed; `skip_report()` is the line trainers print and log
-    at the end of each epoch. `strict=True` raises `UnreadableDataError` instead.
+    at the end of each epoch. `strict=True` raises `UserError` instead.
     """
 
     def __init__(self, root, transform=None, strict: bool = False):
@@ -159,7 +140,7 @@ class SafeImageFolder(datasets.ImageFolder):
         return {"skipped_images": count, "too_large_images": too_large, "message": message}
 
     def try_load(self, index: int):
-        """(RGB image or None if unreadable, label) for `index`; raises UnreadableDataError in strict mode."""
+        """(RGB image or None if unreadable, label) for `index`; raises UserError in strict mode."""
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
@@ -169,7 +150,7 @@ class SafeImageFolder(datasets.ImageFolder):
         except (OSError, ValueError, SyntaxError) as error:
             reason, why = SKIP_UNREADABLE, str(error)
         if self.strict:
-            raise UnreadableDataError(f"image {path} cannot be read ({why}); remove or replace it, "
+            raise UserError(f"image {path} cannot be read ({why}); remove or replace it, "
                                       "or drop --strict_data to skip unreadable images.")
         self.bad[index] = reason
         return None, label
@@ -180,7 +161,7 @@ class SafeImageFolder(datasets.ImageFolder):
             image, label = self.try_load((index + offset) % len(self.samples))
             if image is not None:
                 return image, label
-        raise UnreadableDataError(f"no image under {self.root} can be read ({len(self.samples)} files tried, "
+        raise UserError(f"no image under {self.root} can be read ({len(self.samples)} files tried, "
                                   f"first: {self.samples[0][0]}); check the files or the data path.")
 
     def __getitem__(self, index: int):
@@ -209,21 +190,21 @@ def build_image_folder(path, split: str | None = None, transform=None, strict: b
     """
     root = Path(path) / split if split else Path(path)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass a folder laid out as <class>/<image> "
+        raise UserError(f"data folder {root} does not exist; pass a folder laid out as <class>/<image> "
                         + (f"with a '{split}' subfolder " if split else "") + "to the data path flag.")
     class_dirs = [entry for entry in os.scandir(root) if entry.is_dir()]
     if not class_dirs:
-        raise DataError(f"data folder {root} has no class subfolders; expected ImageFolder layout "
+        raise UserError(f"data folder {root} has no class subfolders; expected ImageFolder layout "
                         "<root>/<class_name>/<image>.jpg.")
     names = {entry.name for entry in class_dirs}
     if names <= SPLIT_NAMES and "train" in names:
         # The split folders would become the classes (e.g. "--num-classes 2" for train/ and val/).
-        raise DataError(f"data folder {root} holds the splits {', '.join(name + '/' for name in sorted(names))} rather than class "
+        raise UserError(f"data folder {root} holds the splits {', '.join(name + '/' for name in sorted(names))} rather than class "
                         f"folders; point the data path at {root / 'train'} instead.")
     try:
         return SafeImageFolder(root, transform=transform, strict=strict)
     except FileNotFoundError as error:
-        raise DataError(f"data folder {root} contains no images with a supported extension "
+        raise UserError(f"data folder {root} contains no images with a supported extension "
                         f"({', '.join(datasets.folder.IMG_EXTENSIONS)}).") from error
 
 

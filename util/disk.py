@@ -19,11 +19,7 @@ from util.errors import UserError
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class OutputPathError(UserError):
-    """An output path that cannot be written: a file where a folder should be, no permission, a full disk."""
-
-
-class DiskFullError(OutputPathError):
+class DiskFullError(UserError):
     """A write that failed because the disk or the user's quota is full."""
 
 
@@ -73,7 +69,7 @@ def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
     path = Path(path).expanduser()
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise OutputPathError(f"{flag} {path} cannot be created because {blocker} is a file, not a folder; "
+        raise UserError(f"{flag} {path} cannot be created because {blocker} is a file, not a folder; "
                               "choose another path or move that file away.")
     probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
@@ -86,7 +82,7 @@ def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
     except DiskFullError:
         raise
     except OSError as error:
-        raise OutputPathError(f"{flag} {path} is not writable ({error.strerror or error}); choose a folder you "
+        raise UserError(f"{flag} {path} is not writable ({error.strerror or error}); choose a folder you "
                               "can write to.") from None
     finally:
         with contextlib.suppress(OSError):
@@ -98,6 +94,6 @@ def ensure_writable_file(path, flag: str) -> Path:
     """`ensure_writable_dir` for the folder that will hold the output file `path` (e.g. an evaluation JSON)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a folder; pass a file name for the output.")
+        raise UserError(f"{flag} {path} is a folder; pass a file name for the output.")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), flag=flag)
     return path

@@ -6,7 +6,7 @@ exits with `EXIT_USER_ERROR` (2, the code argparse uses for a bad command line).
 (`util.preemption.NonFiniteLossError`) is reported the same way with `EXIT_DIVERGED` (1): the command was
 right, the run was not. Every other exception is a bug and keeps its traceback.
 
-The older, more specific names (`CheckpointError`, `DataError`, `TransferError`, ...) are subclasses of
+The older, more specific names (`UserError`, `UserError`, `UserError`, ...) are subclasses of
 `UserError`, so code that catches them keeps working and the wrapper needs no list of them.
 """
 import os
@@ -19,18 +19,18 @@ EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 
 
 
 class UserError(ValueError):
-    """A problem with the command line or the files it names, reported as one sentence, no traceback."""
+    """A problem with the command line or the files it names, reported as one sentence, no traceback.
 
+    A DataLoader re-raises a worker's exception in the main process as `type(error)(text)`, where the text is
+    "Caught X in DataLoader worker process N. Original Traceback ...": 70 lines with the sentence last.
+    Keeping only that sentence makes the error read the same with or without workers.
+    """
 
-class CommandLineExit(SystemExit):
-    """`SystemExit` with a numeric `code` whose `str()` is the sentence that was printed (handy in tests)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(code)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    def __init__(self, message: str = ""):
+        if isinstance(message, str) and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 def _is_rank_zero() -> bool:
@@ -45,13 +45,13 @@ def _is_rank_zero() -> bool:
 
 
 def exit_with(error: BaseException, prog: str, code: int, cleanup: Optional[Callable[[], None]] = None):
-    """Prints `<prog>: error: <sentence>` on rank 0, runs `cleanup`, and raises `CommandLineExit(code)`."""
+    """Prints `<prog>: error: <sentence>` on rank 0, runs `cleanup`, and raises `SystemExit(code)`."""
     message = f"{prog}: error: {error}" if prog else f"error: {error}"
     if _is_rank_zero():
         print(message, file=sys.stderr, flush=True)
     if cleanup is not None:
         cleanup()
-    raise CommandLineExit(code, message) from None
+    raise SystemExit(code) from None
 
 
 def run_cli(main_fn: Callable, *args, prog: str = "", cleanup: Optional[Callable[[], None]] = None, **kwargs):

@@ -44,7 +44,6 @@ from util.run_log import progress
 
 FEATURE_CACHE_FORMAT = 1
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FeatureCacheError = UserError  # a feature cache that is missing, unfinished, or made for other settings
 
 
 def read_manifest(cache_dir) -> dict:
@@ -72,7 +71,7 @@ def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str,
     if (cache_dir / MANIFEST).is_file():
         differences = manifest_differences(read_manifest(cache_dir), settings)
         if differences:
-            raise FeatureCacheError(f"{cache_dir} already holds a feature cache made with other settings "
+            raise UserError(f"{cache_dir} already holds a feature cache made with other settings "
                                     f"({', '.join(differences)}); choose another --cached_path or delete it.")
     elif rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)

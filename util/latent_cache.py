@@ -40,7 +40,7 @@ from safetensors import safe_open
 from torchvision import transforms
 
 from util.checkpoint import atomic_open
-from util.cli import show_defaults
+from util.cli import finish_parser
 from util.disk import ensure_writable_dir
 from util.data import CenterCropArr, build_image_folder, eval_crop
 from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
@@ -58,7 +58,6 @@ MOMENTS_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
 
 
-LatentCacheError = UserError  # a latent cache that is missing, unfinished, or made for other settings; one type for every user error (util/errors.py)
 
 
 def shard_path(cache_dir, shard: int) -> Path:
@@ -68,7 +67,7 @@ def shard_path(cache_dir, shard: int) -> Path:
 def cache_transform(image_size: int, crop: str = "center") -> transforms.Compose:
     """Deterministic crop of the cache (no flip: both orientations are stored), to [-1, 1]."""
     if crop not in CROPS:
-        raise LatentCacheError(f"unknown crop {crop!r} for the latent cache; choose one of {sorted(CROPS)}.")
+        raise UserError(f"unknown crop {crop!r} for the latent cache; choose one of {sorted(CROPS)}.")
     return transforms.Compose([
         CROPS[crop](image_size), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3),
     ])
@@ -92,12 +91,12 @@ def read_manifest(cache_dir, what: str = "latent cache", command: str = "util.la
     says to rebuild."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise LatentCacheError(f"no {what} at {cache_dir} ({MANIFEST} is missing); create it with "
+        raise UserError(f"no {what} at {cache_dir} ({MANIFEST} is missing); create it with "
                                f"`python -m {command} --data_path ... --cached_path ...`.")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LatentCacheError(f"the {what} manifest {path} is corrupt ({error}); delete the cache folder and "
+        raise UserError(f"the {what} manifest {path} is corrupt ({error}); delete the cache folder and "
                                f"rebuild it with `python -m {command} --data_path ... --cached_path ...`.") from None
 
 
@@ -106,11 +105,11 @@ def read_complete_manifest(cache_dir, expect: dict | None = None, what: str = "l
     """The manifest of a finished cache whose settings include `expect`; otherwise one sentence saying why not."""
     manifest = read_manifest(cache_dir, what, command)
     if not manifest.get("complete"):
-        raise LatentCacheError(f"the {what} at {cache_dir} is incomplete (its extraction was interrupted); "
+        raise UserError(f"the {what} at {cache_dir} is incomplete (its extraction was interrupted); "
                                f"rerun the same `python -m {command}` command to finish it.")
     differences = manifest_differences(manifest, expect or {})
     if differences:
-        raise LatentCacheError(f"the {what} at {cache_dir} was made with {', '.join(differences)}; "
+        raise UserError(f"the {what} at {cache_dir} was made with {', '.join(differences)}; "
                                "extract a cache for these settings or change the run's flags.")
     return manifest
 
@@ -156,7 +155,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     `strict=True` raises instead. `moments_dtype` "fp16" stores mean/logvar in half precision.
     """
     if moments_dtype not in MOMENTS_DTYPES:
-        raise LatentCacheError(f"unknown moments dtype {moments_dtype!r}; choose one of {sorted(MOMENTS_DTYPES)}.")
+        raise UserError(f"unknown moments dtype {moments_dtype!r}; choose one of {sorted(MOMENTS_DTYPES)}.")
     store_dtype = MOMENTS_DTYPES[moments_dtype]
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     is_main = rank == 0
@@ -174,7 +173,7 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     if (cache_dir / MANIFEST).is_file():
         differences = manifest_differences({"moments_dtype": "fp32", **read_manifest(cache_dir)}, settings)
         if differences:
-            raise LatentCacheError(f"{cache_dir} already holds a latent cache made with other settings "
+            raise UserError(f"{cache_dir} already holds a latent cache made with other settings "
                                    f"({', '.join(differences)}); choose another --cached_path or delete it.")
     elif is_main:
         write_manifest(cache_dir, {**settings, "complete": False})
@@ -218,13 +217,13 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
 
 
 def _open_shard(path: Path):
-    """safe_open of a shard; a missing, truncated or garbled one is a LatentCacheError naming the file."""
+    """safe_open of a shard; a missing, truncated or garbled one is a UserError naming the file."""
     try:
         return safe_open(str(path), framework="np")
     except FileNotFoundError:
-        raise LatentCacheError(f"latent cache shard {path} is missing; {REBUILD}") from None
+        raise UserError(f"latent cache shard {path} is missing; {REBUILD}") from None
     except Exception as error:  # safetensors' own SafetensorError: truncated file, bad header
-        raise LatentCacheError(f"latent cache shard {path} is truncated or corrupt ({error}); {REBUILD}") from None
+        raise UserError(f"latent cache shard {path} is truncated or corrupt ({error}); {REBUILD}") from None
 
 
 def _read_whole(path: Path, name: str) -> np.ndarray:
@@ -330,7 +329,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
                         help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk; see README for the "
                              "measured difference)")
-    return show_defaults(parser)
+    return finish_parser(parser)
 
 
 def main(args) -> dict:

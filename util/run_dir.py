@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from util.checkpoint import TMP_PATTERN
-from util.disk import OutputPathError, ensure_writable_dir
+from util.disk import ensure_writable_dir
+from util.errors import UserError
 
 LOCK_NAME = ".run.lock"
 # Checkpoint names of every trainer: MAE/USP "checkpoint-{epoch}.pth" (+ finetune's -last / -best),
@@ -44,7 +45,7 @@ class RunLock:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip()
             os.close(self._fd)
             self._fd = None
-            raise OutputPathError(f"{folder} is in use by another running process ({holder or 'unknown pid'}); "
+            raise UserError(f"{folder} is in use by another running process ({holder or 'unknown pid'}); "
                                   "wait for it to finish or choose another output folder.") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -136,7 +137,7 @@ def claim_output_dir(folder, resume: Optional[str] = None, overwrite: bool = Fal
     """Checks and locks `folder` for this run (see the module docstring); returns the lock (None off rank 0).
 
     resume: the run's --resume value (a folder being continued may hold checkpoints); overwrite: the
-    user's --overwrite. Raises `OutputPathError` with one sentence when the folder cannot be used.
+    user's --overwrite. Raises `UserError` with one sentence when the folder cannot be used.
     """
     if not is_main:
         return None
@@ -146,7 +147,7 @@ def claim_output_dir(folder, resume: Optional[str] = None, overwrite: bool = Fal
         previous = existing_checkpoints(folder, names)
         if previous and not resume:
             if not overwrite:
-                raise OutputPathError(
+                raise UserError(
                     f"{flag} {folder} already holds another run's checkpoints ({previous[-1].name}, "
                     f"{len(previous)} in all); continue that run with --resume {folder}, choose another "
                     "folder, or pass --overwrite to start over (the old files are moved aside, not deleted).")
