@@ -6,8 +6,9 @@ exits with `EXIT_USER_ERROR` (2, the code argparse uses for a bad command line).
 (`util.preemption.NonFiniteLossError`) is reported the same way with `EXIT_DIVERGED` (1): the command was
 right, the run was not. Every other exception is a bug and keeps its traceback.
 
-The older, more specific names (`UserError`, `UserError`, `UserError`, ...) are subclasses of
-`UserError`, so code that catches them keeps working and the wrapper needs no list of them.
+The project has four exception classes: `UserError`, `util.disk.DiskFullError` (a `UserError` that the
+writers catch to remove a half-written file), `util.preemption.NonFiniteLossError` and the GPU check's
+`CheckFailed`.
 """
 import os
 import sys
