@@ -79,7 +79,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                           cfg.data_seed)
 
     def cache(split: str, target: Path):
-        return lambda: [py, "-m", "util.latent_cache", "--data_path", str(data / split), "--cached_path", str(target),
+        return lambda: [py, "-m", "pretrain.cache_latents", "--data_path", str(data / split), "--cached_path", str(target),
                         *common_vae, "--batch_size", "250", "--shard_size", "4096", "--num_workers", "0",
                         "--device", "cpu"]
 
