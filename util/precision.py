@@ -67,11 +67,6 @@ def tf32_enabled(enabled: bool):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def enable_tf32() -> None:
-    """Lets fp32 matmuls/convs use TF32 tensor cores on Ampere+ (DiT/MAE train with this on)."""
-    set_tf32(True)
-
-
 def add_determinism_arg(parser: argparse.ArgumentParser, flag: str = "--deterministic") -> None:
     parser.add_argument(flag, action="store_true",
                         help="deterministic CUDA kernels (bit-exact GPU resume, slower: no flash-attention "
