@@ -1,9 +1,9 @@
-"""Build a latent cache: encode an ImageFolder and its flips through the frozen VAE once (layout: util/latent_cache.py).
+"""Build a latent cache: encode an ImageFolder and its flips through the frozen VAE once.
 
 Extraction is one DDP pass (shard k belongs to rank k % world_size). Each shard is written
 atomically when complete and skipped if already present, so an interrupted extraction resumes
 where it stopped; a shard's bytes depend only on its images and the batch size, not on the rank,
-world size or resume point. Training reads the cache with `util.latent_cache.LatentCacheDataset`.
+world size or resume point. The layout and the reader (`LatentCacheDataset`) are in util/latent_cache.py.
 
     torchrun --nproc_per_node=8 -m pretrain.cache_latents --data_path DIR --cached_path OUT --vae_version d8 \
         --vae_path VAE --input_size 256
@@ -135,8 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="images the statistics use (a seeded random choice, as LightningDiT); 0 = all")
     add_dist_timeout_arg(parser, "--dist_timeout_minutes")
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
-                        help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk; see README for the "
-                             "measured difference)")
+                        help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk, rounding at most "
+                             "2^-11 relative)")
     return finish_parser(parser)
 
 
