@@ -79,9 +79,9 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                           cfg.data_seed)
 
     def cache(split: str, target: Path):
-        return lambda: [py, "-m", "util.latent_cache", "--data_path", str(data / split), "--cached_path", str(target),
-                        *common_vae, "--batch_size", "250", "--shard_size", "4096", "--num_workers", "0",
-                        "--device", "cpu"]
+        return lambda: [py, "-m", "pretrain.cache_latents", "--data_path", str(data / split),
+                        "--cached_path", str(target), *common_vae, "--batch_size", "250", "--shard_size", "4096",
+                        "--num_workers", "0", "--device", "cpu"]
 
     steps_per_epoch = num_train // cfg.pretrain_batch
     pretrain_epochs = math.ceil(cfg.pretrain_steps / steps_per_epoch)

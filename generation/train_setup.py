@@ -37,7 +37,7 @@ def check_args(args) -> dict:
     if args.cached_path is None and args.data_path is None:
         raise UserError("give --data-path (an ImageFolder root) or --cached-path (a latent cache).")
     if args.cached_path is not None and not Path(args.cached_path).is_dir():
-        raise UserError(f"--cached-path {args.cached_path} does not exist; build it with util/latent_cache.py first.")
+        raise UserError(f"--cached-path {args.cached_path} does not exist; build it with `python -m pretrain.cache_latents` first.")
     if args.finetune is not None and args.resume is None and not Path(args.finetune).is_file():
         raise UserError(f"--finetune {args.finetune} does not exist; pass the USP pretraining checkpoint file.")
     for flag in ("global_batch_size", "log_every", "epochs", "eval_images", "num_sampling_steps"):

@@ -27,8 +27,10 @@ has no counterpart for it (its `norm` sits after the last block, not under an ad
 """
 import torch
 import torch.nn as nn
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention
 
-from models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from models.layers import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 from models.repa import build_mlp
 from models.sizes import TRANSFORMER_SIZES
 from util.errors import UserError

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from util.errors import UserError
-from util.latent_stats import LATENT_STATS_FILENAME
 
 
 

@@ -1,6 +1,6 @@
 """Building blocks shared by the MAE, ViT, DiT and SiT networks.
 
-Attention, MLP, patch embedding and the pre-norm transformer block are timm's
+Attention, MLP, patch embedding and the pre-norm transformer block are timm's, imported where they are used
 (`Attention`/`Block` from `timm.models.vision_transformer`, `Mlp`/`PatchEmbed` from `timm.layers`):
 their parameter names (`attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, `patch_embed.proj`) are the
 ones the official DiT, SiT and MAE checkpoints use, and timm's attention goes through
@@ -15,14 +15,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, PatchEmbed
-from timm.models.vision_transformer import Attention, Block
-
-__all__ = [
-    "Attention", "Block", "Mlp", "PatchEmbed", "modulate", "get_2d_sincos_pos_embed",
-    "get_2d_sincos_pos_embed_from_grid", "get_1d_sincos_pos_embed_from_grid",
-    "TimestepEmbedder", "LabelEmbedder",
-]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

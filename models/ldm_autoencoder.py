@@ -3,7 +3,7 @@
 MAR's KL-16 and LightningDiT's VA-VAE release their weights in the LDM ("taming") key layout; this module reads the
 architecture off such a state dict (`ldm_autoencoder_config`), renames its keys into diffusers' layout
 (`ldm_to_diffusers_state_dict`) and builds the autoencoder (`load_ldm_autoencoder`), so `models.vae.LatentCodec` has a
-single encode/decode path for every codec. Every public name here is also importable from `models.vae`.
+single encode/decode path for every codec.
 """
 import dataclasses
 import pickle

@@ -22,10 +22,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import DiT, check_sizes
-from models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
+from models.layers import LabelEmbedder, TimestepEmbedder
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, VisionRotaryEmbeddingFast
 from models.sizes import TRANSFORMER_SIZES
 

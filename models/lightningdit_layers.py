@@ -20,10 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from timm.layers import DropPath
-
-from models.layers import Mlp
+from timm.layers import DropPath, Mlp
 
 Rope = Callable[[torch.Tensor], torch.Tensor]
 

@@ -33,9 +33,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 
 from models.latent_spec import get_latent_spec
-from models.layers import Block, PatchEmbed, get_2d_sincos_pos_embed
+from models.layers import get_2d_sincos_pos_embed
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, apply_rope, rope_tables
 from models.sizes import size_kwargs
 from util.errors import UserError

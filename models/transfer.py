@@ -251,27 +251,11 @@ def _head_init(model: nn.Module, std: float) -> Optional[str]:
     return f"head newly initialised with trunc_normal(std={std:g}) weights and zero bias (MAE fine-tuning)"
 
 
-def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], use_pretrain_layer: Optional[int] = None,
-                        head_init_std: Optional[float] = 2e-5) -> TransferReport:
-    """Copies a USP/MAE encoder's weights into `model` (DiT, SiT or ViT) in place; returns the report.
-
-    checkpoint: a file path, a {"model": state_dict, ...} training checkpoint, or a raw state dict.
-    use_pretrain_layer: N -> only the first N pretrained blocks are used (DiT/SiT --use-pretrain-layer).
-    head_init_std: classifier targets get their head re-initialised with this std when the checkpoint
-        does not provide it (MAE fine-tuning: 2e-5; None leaves the model's own head init).
-    """
-    checkpoint_sd, source = _checkpoint_state_dict(checkpoint)
-    is_dit = _is_dit_like(model)
-    if not is_dit and not hasattr(model, "patch_embed"):
-        raise UserError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
-    target_sd = model.state_dict()
-    depth = len({int(m[1]) for k in checkpoint_sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
-    if use_pretrain_layer is not None and not 1 <= use_pretrain_layer <= depth:
-        raise UserError(f"--use-pretrain-layer {use_pretrain_layer} is outside 1..{depth}, the number of blocks "
-                            f"in the pretrained checkpoint.")
-
-    target_name = f"{type(model).__name__} (depth {len(model.blocks)}, width {_width(target_sd)})"
-    report = TransferReport(source=source, target=target_name)
+def _select_tensors(model: nn.Module, checkpoint_sd: dict, target_sd: dict, is_dit: bool,
+                    use_pretrain_layer: Optional[int], report: TransferReport):
+    """Matches checkpoint tensors to model names (renaming MAE's patch_embed for DiT, resizing pos_embed); the
+    ones left out get a reason in `report`. Returns ({model name: tensor}, {model name: checkpoint name},
+    shape mismatches [(name, model name, shape, expected shape)], prefixes of embeddings/heads that do not fit)."""
     selected, origin, mismatches, skipped_embeddings = {}, {}, [], set()
     for name, tensor in checkpoint_sd.items():
         model_name = name
@@ -300,6 +284,32 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
             report.reasons[name] = f"shape {tuple(tensor.shape)} but the model has {tuple(expected.shape)}"
             continue
         selected[model_name], origin[model_name] = tensor, name
+    return selected, origin, mismatches, skipped_embeddings
+
+
+def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], use_pretrain_layer: Optional[int] = None,
+                        head_init_std: Optional[float] = 2e-5) -> TransferReport:
+    """Copies a USP/MAE encoder's weights into `model` (DiT, SiT or ViT) in place; returns the report.
+
+    checkpoint: a file path, a {"model": state_dict, ...} training checkpoint, or a raw state dict.
+    use_pretrain_layer: N -> only the first N pretrained blocks are used (DiT/SiT --use-pretrain-layer).
+    head_init_std: classifier targets get their head re-initialised with this std when the checkpoint
+        does not provide it (MAE fine-tuning: 2e-5; None leaves the model's own head init).
+    """
+    checkpoint_sd, source = _checkpoint_state_dict(checkpoint)
+    is_dit = _is_dit_like(model)
+    if not is_dit and not hasattr(model, "patch_embed"):
+        raise UserError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
+    target_sd = model.state_dict()
+    depth = len({int(m[1]) for k in checkpoint_sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
+    if use_pretrain_layer is not None and not 1 <= use_pretrain_layer <= depth:
+        raise UserError(f"--use-pretrain-layer {use_pretrain_layer} is outside 1..{depth}, the number of blocks "
+                            f"in the pretrained checkpoint.")
+
+    target_name = f"{type(model).__name__} (depth {len(model.blocks)}, width {_width(target_sd)})"
+    report = TransferReport(source=source, target=target_name)
+    selected, origin, mismatches, skipped_embeddings = _select_tensors(
+        model, checkpoint_sd, target_sd, is_dit, use_pretrain_layer, report)
     if mismatches:
         raise _mismatch_error(mismatches, checkpoint_sd, target_sd)
     if len(model.blocks) and isinstance(model.blocks[0], LightningEncoderBlock):

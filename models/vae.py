@@ -6,7 +6,7 @@ USP works in two latent spaces (see `models.latent_spec`):
   vavae_f16d32 - VA-VAE (hustvl/LightningDiT), the same LDM layout with 32 latent channels, whose latents
         are normalised per channel with released statistics (`latents_stats.pt`, see models.latent_norm).
 All end up in one diffusers `AutoencoderKL`: the LDM-layout weights are renamed into diffusers' layout by
-`models.ldm_autoencoder` (its names are re-exported here), so there is a single encode/decode path for every codec.
+`models.ldm_autoencoder`, so there is a single encode/decode path for every codec.
 
 The posterior moments (mean, logvar) are returned UNscaled, because that is what the latent cache stores:
 sampling and scaling happen later (per sample, per epoch) in `latents_from_moments`.
@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from models.latent_norm import LATENT_STATS_FILENAME, ChannelNorm
+from models.latent_norm import ChannelNorm
 from models.latent_spec import LatentSpec, get_latent_spec
-# The LDM-layout names stay importable from models.vae, where callers found them before they moved.
-from models.ldm_autoencoder import (KL16_FILENAME, LDM_CODECS, VAVAE_FILENAME, LDMAutoencoderConfig,  # noqa: F401
-                                    ldm_autoencoder_config, ldm_to_diffusers_state_dict, load_ldm_autoencoder)
+from models.ldm_autoencoder import LDM_CODECS, VAVAE_FILENAME, load_ldm_autoencoder
 from util.errors import UserError
+from util.latent_stats import LATENT_STATS_FILENAME
 
 DEFAULT_D8_HUB_ID = "stabilityai/sd-vae-ft-ema"
 # Codecs whose latents are standardised per channel (LightningDiT's latent_norm), not by one scale.

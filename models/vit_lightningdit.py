@@ -12,8 +12,9 @@ patch 1) and to the released block configuration (SwiGLU, RoPE, RMSNorm).
 """
 import torch
 import torch.nn as nn
+from timm.layers import PatchEmbed
 
-from models.layers import PatchEmbed, get_2d_sincos_pos_embed
+from models.layers import get_2d_sincos_pos_embed
 from models.sizes import TRANSFORMER_SIZES
 from models.lightningdit_layers import LightningEncoderBlock, RMSNorm, apply_rope, rope_tables
 

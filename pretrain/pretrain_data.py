@@ -56,7 +56,7 @@ def check_cache_flags(args, pixel: bool) -> None:
                         "use a latent preset (vit_*_patch_vae*, *_vae) or drop --use_cached.")
     if not args.cached_path:
         raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
-                        "(made with `python -m util.latent_cache`).")
+                        "(made with `python -m pretrain.cache_latents`).")
 
 
 def build_dataset(args, model, pixel: bool):
@@ -72,7 +72,7 @@ def build_dataset(args, model, pixel: bool):
         if is_npz_latent_folder(args.cached_path):
             if args.vae_version in PER_CHANNEL_CODECS:
                 raise UserError(f"--cached_path {args.cached_path} is a per-image .npz folder, which holds one-scale "
-                                f"latents; {args.vae_version} needs a latent cache from util.latent_cache.")
+                                f"latents; {args.vae_version} needs a latent cache from `python -m pretrain.cache_latents`.")
             spec = get_latent_spec(args.vae_version)
             base = NpzLatentFolder(args.cached_path, scale=spec.scale, use_mean=use_mean, seed=args.seed,
                                    expect_shape=(spec.channels, spec.latent_size(args.input_size),

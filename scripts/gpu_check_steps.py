@@ -271,7 +271,8 @@ def latent_cache_precision(scale, assets: dict, work: Path) -> dict:
     """The same images cached with fp32 and fp16 moments: how far apart the stored moments and the
     training latents (mean + std * noise, times the scale factor) are, absolute and relative."""
     from models.vae import LatentCodec
-    from util.latent_cache import LatentCacheDataset, extract_latent_cache
+    from pretrain.cache_latents import extract_latent_cache
+    from util.latent_cache import LatentCacheDataset
 
     codec = LatentCodec.load("d8", str(assets["vae"]), device=torch.device(scale.device))
     data = {}

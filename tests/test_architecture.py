@@ -5,10 +5,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Folder -> its layer; a module may import its own folder or a lower layer, never a higher one.
 LAYERS = {"util": 0, "models": 1, "generation": 2, "pretrain": 2, "demo": 3, "scripts": 3}
-# The documented exceptions: `python -m util.latent_cache` and `python -m util.feature_cache` are commands, whose
-# main() loads the VAE codec / the REPA target encoder.
-ALLOWED_UPWARD = {("util.latent_cache", "models.latent_spec"), ("util.latent_cache", "models.vae"),
-                  ("util.feature_cache", "models.repa")}
 
 
 def project_modules() -> dict:
@@ -20,26 +16,46 @@ def project_modules() -> dict:
     return modules
 
 
+def imported_names(path: Path) -> set:
+    """Every absolute module name `path` imports, anywhere in the file (function bodies included)."""
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets.add(node.module)
+            targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+    return targets
+
+
 def import_graph() -> dict:
     """module -> set of project modules it imports (anywhere in the file, function bodies included)."""
     modules = project_modules()
-    graph = {}
-    for name, path in modules.items():
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets.add(node.module)
-                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
-            elif isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-        graph[name] = {target for target in targets if target in modules and target != name}
-    return graph
+    return {name: {target for target in imported_names(path) if target in modules and target != name}
+            for name, path in modules.items()}
+
+
+def foreign_imports(folder: Path) -> list:
+    """(file, module) for each import in `folder` of another project package (LAYERS) than util."""
+    others = set(LAYERS) - {"util"}
+    return sorted((path.name, target) for path in folder.rglob("*.py")
+                  for target in imported_names(path) if target.split(".")[0] in others)
+
+
+def test_util_is_a_leaf():
+    """util/ imports no other package of the project, not even lazily inside a function."""
+    violations = foreign_imports(ROOT / "util")
+    assert not violations, violations
+
+
+def test_the_leaf_check_sees_an_import_inside_a_function(tmp_path):
+    (tmp_path / "cache.py").write_text("import torch\n\ndef main():\n    from models.vae import LatentCodec\n")
+    assert foreign_imports(tmp_path) == [("cache.py", "models.vae"), ("cache.py", "models.vae.LatentCodec")]
 
 
 def test_no_folder_imports_a_higher_layer():
     violations = sorted((source, target) for source, targets in import_graph().items() for target in targets
-                        if LAYERS[target.split(".")[0]] > LAYERS[source.split(".")[0]]
-                        and (source, target) not in ALLOWED_UPWARD)
+                        if LAYERS[target.split(".")[0]] > LAYERS[source.split(".")[0]])
     assert not violations, violations
 
 

@@ -7,7 +7,8 @@ import torch
 from dinov2_reference import TINY_VIT, hub_state_dict
 from models.repa import DinoV2Target, encoder_identity
 from util.data import build_image_folder
-from util.feature_cache import FeatureCache, extract_feature_cache, get_args_parser, main
+from generation.cache_features import extract_feature_cache, get_args_parser, main
+from util.feature_cache import FeatureCache
 from util.latent_cache import cache_transform
 from util.errors import UserError
 

@@ -8,7 +8,8 @@ from diffusers import AutoencoderKL
 from models.latent_norm import ChannelNorm
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec
-from util.latent_cache import LatentCacheDataset, extract_latent_cache
+from pretrain.cache_latents import extract_latent_cache
+from util.latent_cache import LatentCacheDataset
 from util.latent_stats import RunningChannelStats, chosen_indices, compute_latent_stats, save_latent_stats
 from util.rng import sample_generator
 

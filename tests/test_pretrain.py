@@ -22,7 +22,8 @@ from pretrain import main_generate, main_pretrain
 from pretrain.engine_pretrain import prepare_batch
 from pretrain.pretrain_data import MaskedModelingDataset
 from util.data import SeededDataset, build_image_folder
-from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache
+from pretrain.cache_latents import extract_latent_cache
+from util.latent_cache import LatentCacheDataset, cache_transform
 
 pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
 

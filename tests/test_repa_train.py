@@ -144,18 +144,20 @@ def test_resume_with_repa_continues_the_exact_run(tmp_path, tiny_image_folder, t
 def test_feature_cache_gives_the_same_alignment_loss_as_online_features(tmp_path, tiny_image_folder, tiny_vae_dir,
                                                                         encoder_weights):
     from generation.train_data import GenerationTrainSet
+    from generation.cache_features import extract_feature_cache
+    from pretrain import cache_latents
     from util import feature_cache, latent_cache
     from util.data import build_image_folder
 
     root = tiny_image_folder / "train"
     cache, features = tmp_path / "latents", tmp_path / "features"
-    latent_cache.main(latent_cache.get_args_parser().parse_args([
+    cache_latents.main(cache_latents.get_args_parser().parse_args([
         "--data_path", str(root), "--cached_path", str(cache), "--vae_path", str(tiny_vae_dir), "--input_size", "32",
         "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]))
     target = DinoV2Target("dinov2-vit-b", str(encoder_weights), 32, model_kwargs=TINY_VIT)
     from models.repa import encoder_identity
-    feature_cache.extract_feature_cache(root, features, target, encoder_identity("dinov2-vit-b", encoder_weights),
-                                        image_size=32, dtype="float32", show_progress=False)
+    extract_feature_cache(root, features, target, encoder_identity("dinov2-vit-b", encoder_weights),
+                          image_size=32, dtype="float32", show_progress=False)
 
     base = latent_cache.LatentCacheDataset(cache, seed=3)
     dataset = GenerationTrainSet(base, (4, 4, 4), seed=3, class_dropout_prob=0.1, online_vae=False,

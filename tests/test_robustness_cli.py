@@ -172,7 +172,7 @@ def test_item6_file_where_the_output_folder_should_be(tiny_image_folder, tiny_va
         "finetune": lambda: finetune_argv(tiny_image_folder, tiny_vae_dir, out),
         "linprobe": lambda: finetune_argv(tiny_image_folder, tiny_vae_dir, out, module="pretrain.main_linprobe"),
         "generation": lambda: train_argv(tiny_image_folder / "train", tiny_vae_dir, out),
-        "latent_cache": lambda: ["-m", "util.latent_cache", "--data_path", tiny_image_folder / "train",
+        "latent_cache": lambda: ["-m", "pretrain.cache_latents", "--data_path", tiny_image_folder / "train",
                                  "--cached_path", out, "--vae_path", tiny_vae_dir, "--input_size", "32",
                                  "--device", "cpu"],
     }[entry]()
@@ -244,7 +244,7 @@ def test_item10_log_does_not_repeat_steps_after_resume(tiny_image_folder, tiny_v
     ["-m", "generation.train", "--data-path", "/no/such/folder", "--device", "cpu"],
     ["-m", "generation.sample_ddp", "--ckpt", "/no/such/file.pt", "--device", "cpu"],
     ["-m", "generation.evaluate", "/no/such/ref.npz", "/no/such/s.npz", "--inception-weights", "/no/w.pth"],
-    ["-m", "util.latent_cache", "--data_path", "/no/such/folder", "--cached_path", "/tmp/x", "--device", "cpu"],
+    ["-m", "pretrain.cache_latents", "--data_path", "/no/such/folder", "--cached_path", "/tmp/x", "--device", "cpu"],
 ])
 def test_item10_one_exit_code_for_user_errors(argv, tmp_path):
     argv = [str(tmp_path) if a == "/tmp/x" else a for a in argv]

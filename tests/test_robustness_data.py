@@ -91,7 +91,7 @@ def test_item5_folder_with_nothing_readable_is_one_sentence(tmp_path):
 @pytest.fixture
 def tiny_cache(tiny_image_folder, tiny_vae_dir, tmp_path):
     from models.vae import LatentCodec
-    from util.latent_cache import extract_latent_cache
+    from pretrain.cache_latents import extract_latent_cache
 
     codec = LatentCodec.load("d8", tiny_vae_dir)
     cache = tmp_path / "cache"

@@ -8,6 +8,8 @@ import torch
 
 from util.checkpoint import CheckpointManager, args_to_dict, load_checkpoint, resolve_resume, save_checkpoint
 from util.errors import UserError
+from util.loop import LoopPosition
+from util.train_state import resume_position
 
 
 def test_truncated_checkpoint_is_refused_and_previous_one_used(tmp_path):
@@ -92,3 +94,17 @@ def test_load_checkpoint_maps_the_file_and_still_reads_legacy_files(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save(state, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(load_checkpoint(legacy)["opt"]["m"], torch.ones(4))
+
+
+def test_resume_position_of_our_loop_record_and_of_official_layouts():
+    """Hand-worked: a loop record of 3 batches x 4 images x 2 ranks is 24 images, i.e. batch 3 of a one-process run
+    of 8 images per batch; an official MAE/USP checkpoint (only `epoch`, the finished one) continues at the next
+    epoch; released weights (DiT, SiT) record no position."""
+    loop = {"epoch": 2, "batch": 3, "global_step": 11, "batch_size": 4, "world_size": 2, "rng": None}
+    position = resume_position({"model": {}, "loop": loop}, "ckpt.pth", batch_size=8, accum=1, batches_per_epoch=10)
+    assert position == LoopPosition(epoch=2, batch=3, global_step=11)
+    with pytest.raises(UserError, match="not a whole number of global batches of 16"):
+        resume_position({"loop": loop}, "ckpt.pth", batch_size=8, accum=2, batches_per_epoch=10)
+    official = {"model": {}, "optimizer": {}, "epoch": 4, "scaler": {}, "args": {}}
+    assert resume_position(official, "mae.pth", batch_size=8, accum=1, batches_per_epoch=10) == LoopPosition(epoch=5)
+    assert resume_position({"model": {}}, "DiT-XL-2-256x256.pt", batch_size=8, accum=1, batches_per_epoch=10) is None

@@ -10,7 +10,8 @@ from conftest import run_torchrun
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec, vae_identity
 from util.data import build_image_folder
-from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache, shard_path
+from pretrain.cache_latents import extract_latent_cache
+from util.latent_cache import LatentCacheDataset, cache_transform, shard_path
 from util.errors import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
@@ -27,7 +28,7 @@ def codec(tiny_vae_dir):
 def ddp_cache(tiny_image_folder, tiny_vae_dir, tmp_path_factory):
     """The cache made by the CLI under torchrun with 2 gloo ranks."""
     out = tmp_path_factory.mktemp("ddp_cache")
-    run_torchrun(["-m", "util.latent_cache", "--data_path", tiny_image_folder / "train", "--cached_path", out,
+    run_torchrun(["-m", "pretrain.cache_latents", "--data_path", tiny_image_folder / "train", "--cached_path", out,
                   "--vae_version", "d8", "--vae_path", tiny_vae_dir, "--input_size", "32", "--batch_size", "4",
                   "--shard_size", "12", "--num_workers", "0", "--device", "cpu"])
     return out

@@ -193,10 +193,10 @@ def test_bad_input_stops_with_one_sentence(tmp_path, tiny_image_folder, tiny_vae
 
 def test_trains_from_the_latent_cache(tmp_path, tiny_image_folder, tiny_vae_dir, capsys):
     """--cached-path feeds stored moments (posterior noise per sample) instead of encoding online."""
-    from util import latent_cache
+    from pretrain import cache_latents
 
     cache = tmp_path / "cache"
-    latent_cache.main(latent_cache.get_args_parser().parse_args([
+    cache_latents.main(cache_latents.get_args_parser().parse_args([
         "--data_path", str(tiny_image_folder / "train"), "--cached_path", str(cache), "--vae_path", str(tiny_vae_dir),
         "--input_size", "32", "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]))
     results = tmp_path / "results"

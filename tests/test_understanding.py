@@ -197,7 +197,7 @@ def test_finetune_torchrun_then_eval(odd_val_folder, tiny_vae_dir, tiny_usp_chec
 def test_linprobe_torchrun_from_latent_cache(odd_val_folder, tiny_vae_dir, tiny_usp_checkpoint, tmp_path):
     """2-process linear probe reading training latents from the cache; only the BN + linear head moves."""
     from models.vae import LatentCodec, vae_identity
-    from util.latent_cache import extract_latent_cache
+    from pretrain.cache_latents import extract_latent_cache
 
     cache = tmp_path / "cache"
     codec = LatentCodec.load("d8", tiny_vae_dir)
@@ -296,7 +296,7 @@ def test_linear_probe_usp_beats_random_init(tiny_vae_dir, tmp_path_factory):
     """
     from models.vae import LatentCodec, vae_identity
     from pretrain import main_linprobe, main_pretrain
-    from util.latent_cache import extract_latent_cache
+    from pretrain.cache_latents import extract_latent_cache
     from demo.toy_dataset import write_toy_dataset
 
     work = tmp_path_factory.mktemp("probe")

@@ -74,7 +74,7 @@ def test_latent_cache_statistics_under_torchrun_match_one_process(vavae_dir, tmp
         folder = data / f"class{index % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
-    common = ["-m", "util.latent_cache", "--data_path", data, "--vae_version", "vavae_f16d32", "--vae_path",
+    common = ["-m", "pretrain.cache_latents", "--data_path", data, "--vae_version", "vavae_f16d32", "--vae_path",
               vavae_dir, "--input_size", "32", "--batch_size", "4", "--shard_size", "4", "--num_workers", "0",
               "--device", "cpu", "--latent_stats", "--stats_max_samples", "10"]
     run_torchrun([*common, "--cached_path", tmp_path / "two"])

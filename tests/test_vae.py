@@ -188,12 +188,3 @@ def test_non_ldm_file_is_refused(tmp_path):
     torch.save({"model": {"blocks.0.weight": torch.zeros(1)}}, path)
     with pytest.raises(UserError, match="not an LDM KL autoencoder"):
         LatentCodec.load("d16", path)
-
-
-def test_ldm_names_stay_importable_from_models_vae():
-    """The LDM-layout converter moved to models.ldm_autoencoder; callers that import it from models.vae still work."""
-    from models import ldm_autoencoder, vae
-
-    for name in ("KL16_FILENAME", "VAVAE_FILENAME", "LDM_CODECS", "LDMAutoencoderConfig", "ldm_autoencoder_config",
-                 "ldm_to_diffusers_state_dict", "load_ldm_autoencoder"):
-        assert getattr(vae, name) is getattr(ldm_autoencoder, name), name

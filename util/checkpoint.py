@@ -154,10 +154,8 @@ def _code_running_global(path: Path):
 
 
 def require_training_state(checkpoint, path, keys=("model",), hint: str = "") -> dict:
-    """`checkpoint` if it is a dict holding `keys`; else one sentence saying it is not a training checkpoint.
-
-    A bare state dict (parameter name -> tensor) passed to --resume used to fail as `KeyError: 'model'`.
-    """
+    """`checkpoint` if it is a dict holding `keys`; else one sentence saying it is not a training checkpoint
+    (e.g. a bare state dict, parameter name -> tensor, passed to --resume)."""
     missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         bare = isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values())

@@ -1,114 +1,28 @@
-"""REPA feature cache: the frozen target encoder's patch tokens of every image and of its flip, computed once.
+"""REPA feature cache, read side: the frozen target encoder's patch tokens of every image and of its flip.
 
-It sits next to a latent cache (`util/latent_cache.py`) and is indexed the same way: image k of the
+It sits next to a latent cache (util/latent_cache.py) and is indexed the same way: image k of the
 ImageFolder (sorted order), orientation 0 = the image, 1 = its horizontal flip. Training reads the
 latent of (k, flip) and the features of (k, flip) for the same draw, so a flipped latent is aligned
-with the flipped image's features. Images go through the latent cache's crop (`cache_transform`) so both
-caches see the same pixels.
+with the flipped image's features.
 
-Layout of `<cache_dir>`:
+Layout of `<cache_dir>` (written by `python -m generation.cache_features`):
   manifest.json             encoder identity, image size, crop, classes, file list hash, token grid,
                             dtype, shard size + `complete`, `count` once finished
   shard-00000.safetensors   for images [k*S, (k+1)*S): features (n, 2, T, D) (float16 by default),
                             valid (n,) uint8 (0 = unreadable image)
-
-Size: T * D * 2 orientations * 2 bytes per image; DINOv2-B at 256 px is 256 * 768 * 4 B = 786 KB, about
-1 TB for ImageNet-1k. Extraction is one pass under torchrun (shard k belongs to rank k % world size),
-each shard written atomically and skipped when present, so an interrupted extraction resumes.
-
-CLI:
-  python -m util.feature_cache --data_path DIR --cached_path OUT --enc_type dinov2-vit-b \
-      --encoder_path dinov2_vitb14_pretrain.pth --input_size 256
 """
-import argparse
-import math
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import safetensors
-import safetensors.torch
 import torch
 
-from util.checkpoint import atomic_open
-from util.data import build_image_folder
-from util.distributed import barrier, cleanup, init_distributed
-from util.errors import UserError, run_cli
-from util.latent_cache import (MANIFEST, CroppedImages, cache_transform, files_digest, manifest_differences,
-                               read_complete_manifest, shard_path, write_manifest)
-from util.latent_cache import read_manifest as read_cache_manifest
-from util.precision import add_precision_arg, autocast
-from util.run_log import progress
+from util.latent_cache import read_complete_manifest, read_manifest as read_cache_manifest, shard_path
 
-FEATURE_CACHE_FORMAT = 1
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+COMMAND = "generation.cache_features"
 
 
 def read_manifest(cache_dir) -> dict:
-    return read_cache_manifest(cache_dir, "feature cache", "util.feature_cache")
-
-
-@torch.no_grad()
-def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str, image_size: int,
-                          crop: str = "center", batch_size: int = 64, dist=None, num_workers: int = 0,
-                          shard_size: int = 1024, dtype: str = "float16", precision: str = "fp32",
-                          show_progress: bool = True) -> dict:
-    """Writes `encoder(images in [-1, 1]) -> (B, T, D)` of every image and its flip to `cache_dir`.
-
-    encoder: a frozen target (e.g. `models.repa.DinoV2Target`) on `dist.device`; encoder_identity names it
-    in the manifest (training refuses a cache of another encoder). All ranks must call this.
-    """
-    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    device = dist.device if dist is not None else torch.device("cpu")
-    transform = cache_transform(image_size, crop)
-    folder = build_image_folder(image_root)
-    cache_dir = Path(cache_dir)
-    settings = {"format": FEATURE_CACHE_FORMAT, "encoder": encoder_identity, "image_size": image_size, "crop": crop,
-                "dtype": dtype, "shard_size": shard_size, "num_images": len(folder), "classes": list(folder.classes),
-                "files_sha256": files_digest(folder)}
-    if (cache_dir / MANIFEST).is_file():
-        differences = manifest_differences(read_manifest(cache_dir), settings)
-        if differences:
-            raise UserError(f"{cache_dir} already holds a feature cache made with other settings "
-                                    f"({', '.join(differences)}); choose another --cached_path or delete it.")
-    elif rank == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(cache_dir, {**settings, "complete": False})
-    barrier()
-
-    num_shards = math.ceil(len(folder) / shard_size)
-    pending = [k for k in range(rank, num_shards, world_size) if not shard_path(cache_dir, k).is_file()]
-    for shard in progress(pending, rank == 0 and show_progress, desc="feature cache"):
-        indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(folder))))
-        # Fixed batches inside the shard: its bytes depend on its images and the batch size only.
-        batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-        shard_loader = torch.utils.data.DataLoader(CroppedImages(folder, transform, image_size),
-                                                   batch_sampler=batches, num_workers=num_workers)
-        features, valid = [], []
-        for images, _, ok in shard_loader:
-            images = images.to(device)
-            with autocast(device, precision):
-                both = [encoder(images), encoder(images.flip(-1))]  # each (B, T, D)
-            features.append(torch.stack(both, dim=1).to(DTYPES[dtype]).cpu())
-            valid.append(ok.to(torch.uint8))
-        tensors = {"features": torch.cat(features).contiguous(), "valid": torch.cat(valid)}
-        with atomic_open(shard_path(cache_dir, shard)) as handle:
-            handle.write(safetensors.torch.save(tensors))
-    barrier()
-
-    manifest = {**settings, "complete": True}
-    if rank == 0:
-        first = FeatureCache._open(shard_path(cache_dir, 0))
-        tokens, dim = first.get_slice("features").get_shape()[2:]
-        count = sum(int(FeatureCache._open(shard_path(cache_dir, k)).get_tensor("valid").sum())
-                    for k in range(num_shards))
-        manifest.update(tokens=int(tokens), dim=int(dim), count=count)
-        write_manifest(cache_dir, manifest)
-        print(f"feature cache {cache_dir}: {count} images ({tokens} tokens x {dim}) for {encoder_identity}")
-    barrier()
-    return manifest
+    return read_cache_manifest(cache_dir, "feature cache", COMMAND)
 
 
 class FeatureCache:
@@ -120,56 +34,19 @@ class FeatureCache:
 
     def __init__(self, cache_dir, expect: dict | None = None):
         self.cache_dir = Path(cache_dir)
-        self.manifest = read_complete_manifest(self.cache_dir, expect, "feature cache", "util.feature_cache")
+        self.manifest = read_complete_manifest(self.cache_dir, expect, "feature cache", COMMAND)
         self.shard_size = int(self.manifest["shard_size"])
         self._handles = {}  # per process: DataLoader workers open their own
 
     @staticmethod
-    def _open(path: Path):
+    def open_shard(path: Path):
         return safetensors.safe_open(str(path), framework="pt")
 
     def features(self, image_index: int, flip: int) -> torch.Tensor:
         shard, row = divmod(int(image_index), self.shard_size)
         if shard not in self._handles:
-            self._handles[shard] = self._open(shard_path(self.cache_dir, shard))
+            self._handles[shard] = self.open_shard(shard_path(self.cache_dir, shard))
         return self._handles[shard].get_slice("features")[row, flip].float()  # (T, D)
 
     def __getstate__(self):  # safetensors handles do not pickle; workers reopen them
         return {**self.__dict__, "_handles": {}}
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Extract a REPA feature cache (target encoder tokens of each image and its flip)")
-    parser.add_argument("--data_path", required=True, help="ImageFolder root (the latent cache's)")
-    parser.add_argument("--cached_path", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--enc_type", default="dinov2-vit-b", help="REPA's encoder name (models.dinov2.DINOV2_MODELS)")
-    parser.add_argument("--encoder_path", required=True, help="local encoder weights (or a timm hub tag when online)")
-    parser.add_argument("--input_size", type=int, default=256, help="image size of the training run")
-    parser.add_argument("--crop", default="center", choices=["center", "eval"], help="the latent cache's crop")
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored feature dtype")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--shard_size", type=int, default=1024)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="cuda")
-    add_precision_arg(parser, "--precision", default="fp32")
-    return parser
-
-
-def main(args) -> dict:
-    from models.repa import DinoV2Target, encoder_identity, encoder_resolution
-
-    encoder_resolution(args.input_size)  # cheap checks before loading anything
-    build_image_folder(args.data_path)
-    env = init_distributed(args.device)
-    try:
-        target = DinoV2Target(args.enc_type, args.encoder_path, args.input_size).to(env.device)
-        return extract_feature_cache(
-            args.data_path, args.cached_path, target, encoder_identity(args.enc_type, args.encoder_path),
-            args.input_size, crop=args.crop, batch_size=args.batch_size, dist=env, num_workers=args.num_workers,
-            shard_size=args.shard_size, dtype=args.dtype, precision=args.precision)
-    finally:
-        cleanup()
-
-
-if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args(), prog="util.feature_cache", cleanup=cleanup)

@@ -9,7 +9,7 @@ squares per channel in float64 over its share of the chosen images, one all-redu
 The chosen images (a seeded permutation) and each image's posterior noise (`sample_generator(seed, 0,
 index)`) do not depend on the number of ranks, so 1 and 8 processes give the same statistics.
 
-The command is the latent cache's: `python -m util.latent_cache ... --latent_stats` (see there).
+The command is the latent cache's: `python -m pretrain.cache_latents ... --latent_stats` (see there).
 """
 from pathlib import Path
 from typing import Iterable, Optional

@@ -8,7 +8,7 @@ optimizer step.
 
 Used by every trainer: pretrain/engine_pretrain.py, pretrain/engine_finetune.py and generation/engine.py (whose
 `TrainStep` does its own optimizer step, with the EMA update). What a checkpoint stores of a `LoopPosition`, and
-how an old checkpoint's position is read, is util/train_state.py.
+how a checkpoint's position is read back, is util/train_state.py.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class NpzLatentFolder(torch.utils.data.Dataset):
                  random_flip: bool = True):
         self.root = Path(root)
         if not is_npz_latent_folder(self.root):
-            raise UserError(f"{root} is not a latent cache: expected manifest.json (util.latent_cache) or "
+            raise UserError(f"{root} is not a latent cache: expected manifest.json (pretrain.cache_latents) or "
                             "<class>/<image>.npz files with 'moments' and 'moments_flip' (MAR's main_cache.py).")
         classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
         class_to_idx = {name: i for i, name in enumerate(classes)}

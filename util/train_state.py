@@ -10,10 +10,8 @@ A training checkpoint of this project is a dict with
   continue at batch B (per-rank batches of b images already consumed on each of the W ranks) of epoch E,
   after S optimizer steps; an epoch that was trained to its end is recorded as (E + 1, 0).
 
-`resume_position` also reads the layouts written before this record existed (tests/data/legacy_checkpoints/):
-generation's top-level `step`/`epoch`/`batch_in_epoch`/`rng`, pretraining's `resume: {epoch, samples, global_step,
-rng}`, fine-tuning's top-level `epoch`/`epoch_batch`/`global_step`/`world_size`/`rng`, and official MAE/USP files
-whose only position is `epoch` (a finished epoch). Everything here loads with `torch.load(weights_only=True)`.
+`resume_position` also reads official MAE/USP checkpoints, whose only position is `epoch` (a finished epoch).
+Everything here loads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -58,27 +56,14 @@ def load_parts(checkpoint: dict, parts: dict) -> None:
 
 
 def read_record(checkpoint: dict) -> dict | None:
-    """The resume position of any layout above as {"epoch", "samples" (images of that epoch consumed over all
-    ranks; None = the epoch was finished), "global_step", "rng" (None when absent)}; None if it holds none."""
+    """The resume position of a checkpoint as {"epoch", "samples" (images of that epoch consumed over all ranks;
+    None = the epoch was finished), "global_step", "rng" (None when absent)}; None if it holds none."""
     if LOOP_KEY in checkpoint:
         loop = checkpoint[LOOP_KEY]
         return {"epoch": int(loop["epoch"]), "samples": int(loop["batch"]) * loop["batch_size"] * loop["world_size"],
                 "global_step": int(loop["global_step"]), "rng": loop["rng"]}
-    args = checkpoint.get("args") or {}
-    if isinstance(checkpoint.get("resume"), dict):  # pretraining before the loop record
-        old = checkpoint["resume"]
-        return {"epoch": int(old["epoch"]), "samples": int(old["samples"]), "global_step": int(old["global_step"]),
-                "rng": old["rng"]}
-    if "batch_in_epoch" in checkpoint:  # generation before the loop record: per-rank batches of one global batch
-        return {"epoch": int(checkpoint["epoch"]),
-                "samples": int(checkpoint["batch_in_epoch"]) * int(args["global_batch_size"]),
-                "global_step": int(checkpoint["step"]), "rng": checkpoint["rng"]}
-    if "epoch" in checkpoint:  # fine-tuning before the loop record, or an official MAE/USP checkpoint
-        samples = None
-        if checkpoint.get("epoch_batch", -1) >= 0:
-            samples = int(checkpoint["epoch_batch"]) * int(args["batch_size"]) * int(checkpoint.get("world_size", 1))
-        return {"epoch": int(checkpoint["epoch"]), "samples": samples,
-                "global_step": int(checkpoint.get("global_step", 0)), "rng": checkpoint.get("rng")}
+    if "epoch" in checkpoint:  # an official MAE/USP checkpoint: the epoch it trained to its end
+        return {"epoch": int(checkpoint["epoch"]), "samples": None, "global_step": 0, "rng": None}
     return None
 
 
