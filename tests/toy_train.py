@@ -156,5 +156,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (UserError, UserError, NonFiniteLossError) as error:
+    except (UserError, NonFiniteLossError) as error:
         sys.exit(f"error: {error}")
