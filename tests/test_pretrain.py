@@ -19,8 +19,7 @@ from models.transfer import transfer_pretrained
 from models.vae import LatentCodec, vae_identity
 from models.vit import create_vit
 from pretrain import main_generate, main_pretrain
-from pretrain.engine_pretrain import prepare_batch
-from pretrain.pretrain_data import MaskedModelingDataset
+from pretrain.engine_pretrain import MaskedModelingDataset, prepare_batch
 from util.data import SeededDataset, build_image_folder
 from util.latent_cache import LatentCacheDataset, cache_transform, extract_latent_cache
 
