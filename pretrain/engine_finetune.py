@@ -1,24 +1,32 @@
-"""The classification loop (MAE's engine_finetune): one epoch of training, and exact top-k evaluation.
+"""The classification loop (MAE's engine_finetune), shared by main_finetune and main_linprobe: one epoch of
+training, exact top-k evaluation, and the run around them (epochs, checkpoints last + best, resume, --eval).
 
-Shared by fine-tuning and linear probing; the setup around it is pretrain/finetune_setup.py (flags),
-pretrain/latent_classifier.py (the model), pretrain/finetune_data.py (loaders) and pretrain/finetune_loop.py
-(the epoch loop, checkpoints, resume and the two endings).
+Checkpoints use the one schema of util/train_state.py: MAE's keys (`model` = the ViT's state dict, loadable with
+strict=True into the preset, `optimizer`, `epoch`, `scaler`, `args`) [+ `model_ema`, `vae_encoder`], `best_acc1`,
+and the `loop` resume record.
 """
 import argparse
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pretrain.latent_classifier import unwrap
-from util.distributed import is_dist
+from pretrain.latent_classifier import LatentClassifier, unwrap
+from util.checkpoint import args_to_dict, load_checkpoint, require_training_state, save_checkpoint
+from util.distributed import cleanup, is_dist
+from util.errors import UserError, run_cli
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
-from util.precision import autocast
-
+from util.precision import autocast, make_grad_scaler
+from util.preemption import PreemptionHandler
+from util.run_dir import release_output_dir
+from util.run_log import RunLogger
+from util.sampler import ResumableDistributedSampler
+from util.train_state import load_parts, resume_position, training_state
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
     """Number of samples whose label is among the k highest logits, for each k.
@@ -30,6 +38,25 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> tor
     predictions = logits.topk(maxk, dim=1).indices  # (N, maxk), best first
     hits = predictions.eq(target.view(-1, 1))  # (N, maxk)
     return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
+class EvalShardSampler(torch.utils.data.Sampler):
+    """Rank r takes indices r, r + W, r + 2W, ... of the dataset, without padding.
+
+    torch's DistributedSampler pads the last round with repeated images so every rank gets the
+    same count; summing correct predictions over ranks would then count those images twice.
+    Here every image is evaluated exactly once; ranks may differ by one image, which is fine
+    because evaluation has no per-step collectives.
+    """
+
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, dataset_len, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 @torch.no_grad()
@@ -59,14 +86,23 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, precision: str
             "images": int(totals[3].item())}
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
+class TrainData:
+    """The training sampler (resumable, keyed by (epoch, index)), its loader, and optimizer steps per epoch."""
+
+    sampler: ResumableDistributedSampler
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+
+
+@dataclass
 class Run:
-    """Everything the loop needs, built by finetune_loop.train from what main_finetune / main_linprobe made
-    (the fine-tuning counterpart of generation/train.py's `Run` and main_pretrain's `setup`)."""
+    """Everything the loop needs, built by `train` from what main_finetune / main_linprobe made."""
 
     args: argparse.Namespace
     device: torch.device
@@ -74,7 +110,7 @@ class Run:
     logger: object  # util.run_log.RunLogger
     preemption: object  # util.preemption.PreemptionHandler
     base_lr: float
-    data: "TrainData"  # pretrain/finetune_data.py: resumable sampler, loader, optimizer steps per epoch
+    data: TrainData
     criterion: nn.Module
     mixup_fn: object = None  # timm.data.Mixup or None
     model_ema: object = None  # timm.utils.ModelEmaV3 or None
@@ -154,3 +190,191 @@ def train_one_epoch(model, data_loader, optimizer, scaler, position: LoopPositio
 
     epoch_mean = losses.read_epoch(position.global_step)
     return {"lr": lr, "loss": math.nan if epoch_mean is None else epoch_mean}, stop_reason
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: epochs, checkpoints, resume, and the two endings (`evaluate_only` for --eval, `train`)
+# ----------------------------------------------------------------------------------------------
+
+LAST_NAME = "checkpoint-last.pth"  # full training state, overwritten (atomically) every epoch
+BEST_NAME = "checkpoint-best.pth"  # weights of the best top-1 epoch so far
+
+
+def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, eval_model: LatentClassifier,
+          eval_loader, optimizer, base_lr: float, criterion: nn.Module, *, mixup_fn=None, model_ema=None,
+          clip_grad: float | None = None) -> dict:
+    """Grad scaler, DDP, --resume, logging and preemption around `fit`; leaves the process group at the end.
+
+    `classifier` is what trains (its codec may be None when training reads cached latents);
+    `eval_model` is what evaluates (see `fit`). Returns the last evaluation's metrics.
+    """
+    device = dist_env.device
+    scaler = make_grad_scaler(device, args.precision)
+    model = classifier
+    if dist_env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+    position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
+    if args.resume:
+        position, best_acc1 = resume_from(args, classifier, optimizer, scaler, model_ema,
+                                          train_data.steps_per_epoch * args.accum_iter)
+    effective_batch = args.batch_size * args.accum_iter * dist_env.world_size
+    # MAE's two lines: the base lr (--blr, per 256 images) and the absolute lr it gives for this batch.
+    print(f"base lr: {base_lr * 256 / effective_batch:.3e}  actual lr: {base_lr:.3e}  effective batch: "
+          f"{effective_batch}  steps/epoch: {train_data.steps_per_epoch}")
+
+    wandb_run = {"project": "usp-understanding", "name": Path(args.output_dir).name, "config": vars(args)}
+    # A resumed run redoes the steps after its checkpoint: their old log lines go (log.txt never repeats a step).
+    logger = RunLogger(args.output_dir, dist_env.is_main, log_dir=args.log_dir,
+                       wandb_run=wandb_run if args.wandb else None,
+                       resume_step=position.global_step if position.global_step > 0 else None)
+    run = Run(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
+              base_lr=base_lr, data=train_data, criterion=criterion, mixup_fn=mixup_fn, model_ema=model_ema,
+              clip_grad=clip_grad)
+    try:
+        metrics = fit(classifier, model, eval_model, eval_loader, optimizer, scaler, position, best_acc1, run)
+    finally:
+        logger.close()
+        run.preemption.restore()
+        release_output_dir(args.output_dir)
+    cleanup()
+    return metrics
+
+
+def fit(classifier: LatentClassifier, model, eval_model, eval_loader, optimizer, scaler, position: LoopPosition,
+        best_acc1: float, run: Run) -> dict:
+    """Epoch loop: train, evaluate, save last (+ best); stops early on --max_steps or preemption.
+
+    `model` is what trains (DDP-wrapped `classifier` or the classifier itself); `eval_model`
+    evaluates (the classifier, or one that sees images when training reads cached latents).
+    Returns the last evaluation's metrics.
+    """
+    args, logger = run.args, run.logger
+    output_dir = Path(args.output_dir)
+    metrics = {}
+    reduce = args.dist_eval and run.dist.world_size > 1
+    start_time = time.time()
+    while position.epoch < args.epochs:
+        if args.max_steps is not None and position.global_step >= args.max_steps:
+            break
+        run.data.sampler.set_epoch(position.epoch, start_batch=position.batch, batch_size=args.batch_size)
+        stats, stop_reason = train_one_epoch(model, run.data.loader, optimizer, scaler, position, run)
+        images = getattr(run.data.loader.dataset, "base", None)  # the SafeImageFolder (None for a latent cache)
+        if hasattr(images, "skip_report"):  # every rank: the report merges their records
+            logger.report_skips(images.skip_report(), position.global_step)
+        if stop_reason == "preempted":
+            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
+            logger.info(f"Stopped on {run.preemption.signal_name or 'a preemption signal'} at step "
+                        f"{position.global_step}; resume with --resume {output_dir}.")
+            return metrics
+        last_epoch = position.epoch + 1 >= args.epochs or stop_reason == "max_steps"
+        is_best = False
+        if last_epoch or (position.epoch + 1) % args.eval_freq == 0:
+            metrics = evaluate_all(eval_model, eval_loader, run, reduce)
+            is_best = metrics["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, metrics["acc1"])
+            logger.log(position.global_step, {"epoch": position.epoch, "train_loss": stats["loss"],
+                                              **{k: v for k, v in metrics.items() if k != "images"},
+                                              "best_acc1": best_acc1}, prefix="eval")
+            logger.info(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.1f}% "
+                        f"(top-5 {metrics['acc5']:.1f}%, best top-1 {best_acc1:.2f}%)")
+        if args.output_dir:
+            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
+            if is_best and run.dist.is_main:
+                save_checkpoint({"model": classifier.vit.state_dict(), "epoch": position.epoch,
+                                 "acc1": metrics["acc1"], "args": args_to_dict(args)}, output_dir / BEST_NAME)
+        if stop_reason == "max_steps":
+            break
+        position.epoch, position.batch = position.epoch + 1, 0
+    logger.info(f"Training time {time.time() - start_time:.1f}s; best top-1 {best_acc1:.2f}%")
+    metrics["best_acc1"] = best_acc1
+    return metrics
+
+
+def evaluate_all(eval_model, eval_loader, run: Run, reduce: bool) -> dict:
+    """`evaluate` for the model and, with --model_ema, for its EMA weights (as ema_acc1, ...)."""
+    metrics = evaluate(eval_model, eval_loader, run.device, run.args.precision, reduce)
+    if run.model_ema is not None:
+        ema_model = LatentClassifier(run.model_ema.module, eval_model.codec, eval_model.vae_precision,
+                                     eval_model.t_noise_alpha_bar)
+        ema_metrics = evaluate(ema_model, eval_loader, run.device, run.args.precision, reduce)
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
+    return metrics
+
+
+def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: Run) -> None:
+    """Saves the full training state atomically on rank 0 (every rank joins the RNG gather)."""
+    state = checkpoint_state(classifier, optimizer, scaler, position, args, best_acc1,
+                             run.steps_per_epoch * args.accum_iter, run.model_ema)
+    if run.dist.is_main:
+        save_checkpoint(state, path)
+
+
+def checkpoint_state(classifier: LatentClassifier, optimizer, scaler, position: LoopPosition, args, best_acc1: float,
+                     batches_per_epoch: int, model_ema=None) -> dict:
+    """Everything needed to continue the run exactly (a collective: gathers every rank's RNG)."""
+    extra = {}
+    if getattr(args, "train_vae", False):
+        extra["vae_encoder"] = {k: v for k, v in classifier.codec.autoencoder.state_dict().items()
+                                if k.startswith(("encoder.", "quant_conv."))}
+    return training_state({"model": classifier.vit, "optimizer": optimizer, "scaler": scaler,
+                           "model_ema": None if model_ema is None else model_ema.module}, args, position,
+                          epoch=position.epoch, best_acc1=best_acc1, batch_size=args.batch_size,
+                          batches_per_epoch=batches_per_epoch, **extra)
+
+
+def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None, model_ema=None,
+                batches_per_epoch: int = 0) -> tuple:
+    """Loads --resume (file or run dir) into the model (and optimizer, scaler, EMA, RNG when given).
+
+    Returns (LoopPosition to continue from, best_acc1). A checkpoint whose epoch was finished
+    continues at the next epoch's first batch. Official MAE/USP fine-tuned checkpoints (no
+    resume position) count as finished epochs.
+    """
+    path = Path(args.resume)
+    if path.is_dir():
+        path = path / LAST_NAME
+    state = require_training_state(load_checkpoint(path), path,
+                                   hint="to start from these weights use --finetune instead of --resume.")
+    try:
+        classifier.vit.load_state_dict(state["model"], strict=True)
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"--resume {path} does not hold weights of --model {args.model} with these flags "
+                         f"({str(error).splitlines()[0][:160]}); pass the matching checkpoint or model flags.") from None
+    if "vae_encoder" in state:
+        classifier.codec.autoencoder.load_state_dict(state["vae_encoder"], strict=False)
+    print(f"Resumed weights from {path}")
+    position = LoopPosition(epoch=args.start_epoch)
+    best_acc1 = float(state.get("best_acc1", 0.0))
+    if optimizer is None or "optimizer" not in state or "epoch" not in state:
+        return position, best_acc1
+    load_parts(state, {"optimizer": optimizer, "scaler": scaler,
+                       "model_ema": None if model_ema is None else model_ema.module})
+    position = resume_position(state, path, batch_size=args.batch_size, accum=args.accum_iter,
+                               batches_per_epoch=batches_per_epoch)
+    return position, best_acc1
+
+
+def evaluate_only(args, eval_model: LatentClassifier, eval_loader, dist_env) -> dict:
+    """--eval: loads the --resume weights, prints MAE's accuracy line and leaves the process group."""
+    resume_from(args, eval_model)
+    metrics = evaluate(eval_model, eval_loader, dist_env.device, args.precision,
+                       args.dist_eval and dist_env.world_size > 1)
+    print(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.2f}% "
+          f"(top-5 {metrics['acc5']:.2f}%)")
+    cleanup()
+    return metrics
+
+
+def run_main(main_fn, args) -> int:
+    """Runs `main_fn(args)` under `util.errors.run_cli` and returns the exit code (0; 2 after a user error,
+    1 after a diverged loss, each reported as one line on stderr) for `sys.exit`."""
+    try:
+        run_cli(main_fn, args, prog="")
+    except SystemExit as stopped:
+        if args.output_dir:  # a later run in this process (tests, the demo) may use the folder again
+            release_output_dir(args.output_dir)
+        return stopped.code
+    return 0

@@ -1,9 +1,9 @@
 """The pretraining loop: one epoch of masked (latent) modeling (MAE's engine_pretrain, USP's variant).
 
 Everything random about a batch (crop, flip, which patches are masked, the --add_noise level and
-noise) arrives from the data loader, drawn on CPU workers from per-sample generators keyed by
-(seed, epoch, index). The loop itself draws nothing, so 1 process and N processes with the same
-global batch take the same steps, and a resumed run continues the exact curve.
+noise) arrives from the data loader (`MaskedModelingDataset`), drawn on CPU workers from per-sample
+generators keyed by (seed, epoch, index). The loop itself draws nothing, so 1 process and N processes
+with the same global batch take the same steps, and a resumed run continues the exact curve.
 """
 from dataclasses import dataclass
 
@@ -13,6 +13,42 @@ from util.run_log import Throughput, peak_memory_mb, progress
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.precision import autocast
+from util.rng import sample_generator, sample_seed
+
+
+class MaskedModelingDataset(torch.utils.data.Dataset):
+    """Adds the per-sample randomness of a masked-modeling step to a keyed dataset.
+
+    `base[(epoch, index)]` -> (input (C, H, W), label, index): images (SeededDataset) or
+    scaled latents (LatentCacheDataset). This returns a dict with
+      images     (C, H, W)  the base item,
+      mask_noise (L,)       uniform values, the smallest (1 - mask_ratio) * L patches stay visible,
+      t          ()         --add_noise level in [0.5, 1),
+      eps        (C, h, w)  --add_noise Gaussian noise, shaped like the model input,
+    all drawn in the loader's CPU workers from a generator keyed by (epoch, index) on a stream of
+    its own, so they depend neither on the rank nor on where the run was resumed.
+    """
+
+    def __init__(self, base, num_patches: int, model_input_shape: tuple, add_noise: bool, seed: int):
+        self.base = base
+        self.num_patches = num_patches
+        self.model_input_shape = tuple(model_input_shape)
+        self.add_noise = add_noise
+        # A hashed stream seed: the crop/flip stream uses `seed` itself, so the two never coincide.
+        self.stream_seed = sample_seed(seed, -1, 0x4D41534B)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key
+        images, _, _ = self.base[key]
+        generator = sample_generator(self.stream_seed, epoch, index)
+        item = {"images": images, "mask_noise": torch.rand(self.num_patches, generator=generator)}
+        if self.add_noise:
+            item["t"] = 0.5 + 0.5 * torch.rand((), generator=generator)
+            item["eps"] = torch.randn(self.model_input_shape, generator=generator)
+        return item
 
 
 @dataclass

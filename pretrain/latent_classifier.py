@@ -8,12 +8,14 @@ import torch.nn as nn
 
 from models.dit_classifier import DIT_CLASSIFIERS, load_dit_backbone
 from models.latent_spec import get_latent_spec
+from models.transfer import transfer_pretrained
+from models.vae import LatentCodec
 from models.vit import create_vit
 from pretrain.robustness import ddpm_alpha_bar, diffuse_latents
 from util.checkpoint import load_checkpoint
 from util.distributed import rank_seed, seed_everything
-from util.precision import autocast
 from util.errors import UserError
+from util.precision import autocast
 
 
 class LatentClassifier(nn.Module):
@@ -70,8 +72,6 @@ def build_vit(args, head_init_std: float) -> nn.Module:
     The classifier head starts as trunc_normal(std=head_init_std) with zero bias (MAE: 2e-5 for
     fine-tuning, 0.01 for the linear probe), whether or not pretrained weights are loaded.
     """
-    from models.transfer import UserError, transfer_pretrained  # lazily: it pulls in DiT/SiT too
-
     if args.model in DIT_CLASSIFIERS:
         return build_dit_probe(args, head_init_std)
     if getattr(args, "skip_depth", 0):
@@ -127,8 +127,6 @@ def build_models(args, dist_env, pixel: bool, head_init_std: float, adapt_vit=No
     seed_everything(rank_seed(args.seed, dist_env.rank))
     codec = None
     if not pixel:
-        from models.vae import LatentCodec
-
         codec = LatentCodec.load(args.vae_version, args.vae_path, device=dist_env.device,
                                  latent_stats=args.latent_stats)
     return vit, codec

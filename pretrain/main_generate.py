@@ -28,8 +28,9 @@ from models.mae import is_pixel_model
 from models.vae import LatentCodec
 from pretrain.main_pretrain import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import resolve_resume
-from util.errors import run_cli
+from util.cli import finish_parser
 from util.data import IMAGENET_MEAN, IMAGENET_STD, build_image_folder, eval_transform
+from util.errors import run_cli
 
 GREY = 0.5  # colour of removed patches in the "masked" column, in [0, 1]
 
@@ -48,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae_path", default=None, help="default: the checkpoint's --vae_path")
     parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
     parser.add_argument("--device", default="cuda")
-    return parser
+    return finish_parser(parser)
 
 
 def model_settings(cli, checkpoint_args) -> SimpleNamespace:

@@ -7,7 +7,7 @@
 The encoder is frozen; only head = Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear(D, K))
 on the cls token (or the pooled tokens with --global_pool) trains, with LARS, no weight decay, and
 RandomResizedCrop + flip as the only augmentation. With --use_cached the training latents come
-from a latent cache (util.latent_cache: center crop + random flip, posterior mean); validation
+from a latent cache (pretrain.cache_latents: center crop + random flip, posterior mean); validation
 still encodes the val images online.
 """
 import argparse
@@ -22,17 +22,19 @@ import torch.nn as nn
 from torchvision import transforms
 from timm.optim import Lars
 
+from models.vae import PER_CHANNEL_CODECS, load_latent_norm, vae_identity
 from models.vit import is_pixel_model
-from pretrain.finetune_data import build_eval_loader, build_train_loader, check_class_count, image_mean_std
-from pretrain.finetune_loop import evaluate_only, run_main, train
-from pretrain.finetune_setup import add_common_args, start
+from pretrain.engine_finetune import evaluate_only, run_main, train
 from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
-from pretrain.pretrain_data import check_cache_flags
+from pretrain.main_finetune import (add_common_args, build_eval_loader, build_train_loader, check_class_count,
+                                    image_mean_std, start)
+from pretrain.main_pretrain import check_cache_flags
 from util.cli import finish_parser
 from util.data import SeededDataset, build_image_folder
+from util.errors import UserError
+from util.latent_cache import LatentCacheDataset
 from util.lr_sched import effective_lr
 from util.tf_crop import RandomResizedCrop
-from util.errors import UserError
 
 HEAD_INIT_STD = 0.01  # MAE's linear probe head init
 
@@ -41,21 +43,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("USP linear probing for image classification", add_help=True)
     add_common_args(parser, batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0,
                     warmup_epochs=10, global_pool=False)
-    parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (util.latent_cache)")
+    parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (pretrain.cache_latents)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
     parser.add_argument("--skip_depth", default=0, type=int,
                         help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
                              "block depth - skip_depth (USP)")
-    parser.add_argument("--image_mix", action="store_true", help=argparse.SUPPRESS)  # USP accepts it; no effect
     return finish_parser(parser)
 
 
 def build_train_dataset(args, pixel: bool):
     """MAE's probe augmentation (RandomResizedCrop, bicubic + flip) on images, or the latent cache."""
     if args.use_cached:
-        from models.vae import PER_CHANNEL_CODECS, load_latent_norm, vae_identity
-        from util.latent_cache import LatentCacheDataset
-
         check_cache_flags(args, pixel)
         expect = {"image_size": args.input_size, "vae_version": args.vae_version,
                   "vae_identity": vae_identity(args.vae_version, args.vae_path)}

@@ -23,21 +23,24 @@ if __package__ in (None, ""):
 import torch
 from timm.optim import param_groups_weight_decay
 
+from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
-from pretrain.engine_pretrain import train_one_epoch
-from pretrain.pretrain_data import build_codec, build_dataset
+from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
+from pretrain.engine_pretrain import MaskedModelingDataset, train_one_epoch
 from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
 from util.cli import check_model_builds, default_num_workers, parse_json_object, finish_parser
-from util.data import build_loader
-from util.distributed import (add_dist_timeout_arg, barrier, cleanup, init_distributed, rank_seed, seed_everything,
+from util.data import SeededDataset, build_image_folder, build_loader, pretrain_transform
+from util.distributed import (DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed, rank_seed, seed_everything,
                               setup_for_distributed_printing)
-from util.run_log import RunLogger, require_wandb
 from util.errors import UserError, run_cli
+from util.latent_cache import LatentCacheDataset
 from util.loop import LoopPosition
 from util.lr_sched import effective_lr
-from util.precision import add_determinism_arg, add_precision_arg, configure_backend, make_grad_scaler
+from util.npz_latents import NpzLatentFolder, is_npz_latent_folder
+from util.precision import PRECISIONS, configure_backend, make_grad_scaler
 from util.preemption import PreemptionHandler
 from util.run_dir import claim_output_dir, release_output_dir
+from util.run_log import RunLogger, require_wandb
 from util.sampler import ResumableDistributedSampler
 from util.train_state import load_parts, resume_position, training_state
 
@@ -82,9 +85,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latent_stats", default=None, type=str,
                         help="vavae_f16d32: per-channel latent statistics (latents_stats.pt; default: beside the "
                              "VA-VAE weights)")
-    add_precision_arg(parser, "--precision")
-    add_determinism_arg(parser)
-    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
+                        help="autocast dtype: bf16, fp16 (with a dynamic grad scaler) or fp32 (no autocast)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic CUDA kernels (bit-exact GPU resume, slower); CPU runs are deterministic "
+                             "without it")
+    parser.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                        help="minutes a collective may wait before the process group aborts (NCCL/gloo)")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the frozen VAE encoder (fp32 keeps latents identical to "
                              "the latent cache's)")
@@ -104,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ImageFolder root holding train/")
     parser.add_argument("--use_cached", action="store_true", help="read latents from a latent cache")
     parser.add_argument("--cached_path", default="", type=str,
-                        help="latent cache: a util.latent_cache directory or a MAR-style <class>/<image>.npz folder")
+                        help="latent cache: a pretrain.cache_latents directory or a MAR-style <class>/<image>.npz folder")
     parser.add_argument("--cached_posterior_sample", action="store_true",
                         help="with --use_cached, draw a posterior sample each step as USP's cached path does "
                              "(default: the posterior mean, as USP's online path)")
@@ -163,60 +170,67 @@ def check_args(args) -> None:
     check_model_builds(lambda: build_model(args), "--model_kwargs", args.model, overrides)
 
 
+def check_cache_flags(args, pixel: bool) -> None:
+    """--use_cached needs a latent model and --cached_path (here and in main_linprobe)."""
+    if pixel:
+        raise UserError(f"--use_cached holds VAE latents but --model {args.model} reads pixels; "
+                        "use a latent preset (vit_*_patch_vae*, *_vae) or drop --use_cached.")
+    if not args.cached_path:
+        raise UserError("--use_cached needs --cached_path pointing at a latent cache directory "
+                        "(made with `python -m pretrain.cache_latents`).")
+
+
+def build_dataset(args, model, pixel: bool):
+    """The keyed pretraining dataset: a latent cache (--use_cached) or an ImageFolder of train/."""
+    if args.use_cached:
+        check_cache_flags(args, pixel)
+        expect = {"vae_version": args.vae_version, "image_size": args.input_size}
+        if args.vae_path:
+            expect["vae_identity"] = vae_identity(args.vae_version, args.vae_path)
+        # USP's online path encodes the posterior mean; its cached path draws a sample every step
+        # (--cached_posterior_sample). The cache picks the flip per (epoch, index).
+        use_mean = not args.cached_posterior_sample
+        if is_npz_latent_folder(args.cached_path):
+            if args.vae_version in PER_CHANNEL_CODECS:
+                raise UserError(f"--cached_path {args.cached_path} is a per-image .npz folder, which holds one-scale "
+                                f"latents; {args.vae_version} needs a latent cache from `python -m pretrain.cache_latents`.")
+            spec = get_latent_spec(args.vae_version)
+            base = NpzLatentFolder(args.cached_path, scale=spec.scale, use_mean=use_mean, seed=args.seed,
+                                   expect_shape=(spec.channels, spec.latent_size(args.input_size),
+                                                 spec.latent_size(args.input_size)))
+        else:
+            base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=use_mean, seed=args.seed,
+                                      normalize=cache_normalizer(args))
+    else:
+        folder = build_image_folder(args.data_path, split="train", strict=args.strict_data)
+        base = SeededDataset(folder, pretrain_transform(args.input_size, pixel=pixel), seed=args.seed)
+    input_shape = (model.in_chans, model.img_size, model.img_size)
+    return MaskedModelingDataset(base, model.patch_embed.num_patches, input_shape, args.add_noise, args.seed)
+
+
+def cache_normalizer(args):
+    """VA-VAE's per-channel normalisation of cached latents (None: the cache's one scale factor)."""
+    if args.vae_version not in PER_CHANNEL_CODECS:
+        return None
+    return load_latent_norm(args.vae_version, args.vae_path, args.latent_stats).normalize
+
+
+def build_codec(args, device, pixel: bool):
+    """The frozen VAE for online encoding, or None (pixel model or latent cache)."""
+    if pixel or args.use_cached:
+        return None
+    if args.vae_path is None:
+        raise UserError("latent pretraining needs the VAE weights: pass --vae_path (d8: a diffusers "
+                         "AutoencoderKL folder such as a download of stabilityai/sd-vae-ft-ema; d16: kl16.ckpt), "
+                         "or --use_cached with a latent cache.")
+    return LatentCodec.load(args.vae_version, args.vae_path, device=device, latent_stats=args.latent_stats)
+
+
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
     """AdamW(0.9, 0.95); no weight decay on biases and norms (and tokens with --no_decay_tokens)."""
     exempt = TOKENS_AND_POSITIONS if getattr(args, "no_decay_tokens", False) else ()
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=exempt)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def check_fits(model, state_dict: dict, path, args) -> None:
-    """One sentence (not torch's list of every mismatch) when a checkpoint holds another model."""
-    own = model.state_dict()
-    problems = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
-                if name in own and tensor.shape != own[name].shape]
-    problems += [f"missing {name}" for name in own if name not in state_dict]
-    problems += [f"unexpected {name}" for name in state_dict if name not in own]
-    if problems:
-        raise UserError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
-                         f"({len(problems)} differences, e.g. {'; '.join(problems[:2])}); pass the model settings "
-                         "the checkpoint was trained with.")
-
-
-def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple:
-    """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
-
-    The position is the checkpoint's `loop` record (util/train_state.py; also this script's older `resume`
-    block); MAE/USP checkpoints only have `epoch`, which means "finished", so they continue at the next epoch.
-    """
-    if not args.resume:
-        return LoopPosition(epoch=args.start_epoch), None
-    path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
-    require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
-                                                   "state dict holds no run to continue).")
-    check_fits(model, checkpoint["model"], path, args)
-    load_parts(checkpoint, {"model": model, "optimizer": optimizer, "scaler": scaler})
-    position = resume_position(checkpoint, path, batch_size=args.batch_size, accum=args.accum_iter,
-                               batches_per_epoch=batches_per_epoch)
-    if position is None:  # released weights carry only `model`: continue from --start_epoch, fresh optimizer
-        position = LoopPosition(epoch=args.start_epoch)
-    return position, (f"resumed {path} at epoch {position.epoch}, batch {position.batch}, "
-                      f"step {position.global_step}")
-
-
-def save_state(run, model, optimizer, scaler, position: LoopPosition):
-    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus the resume record (util/train_state.py).
-
-    A finished epoch is recorded as the start of the next one; otherwise (max_steps, preemption) the run
-    continues inside this epoch after the batches already consumed.
-    """
-    state = training_state({"model": model, "optimizer": optimizer, "scaler": scaler}, run.args, position,
-                           epoch=position.epoch, batch_size=run.args.batch_size,
-                           batches_per_epoch=run.steps_per_epoch * run.args.accum_iter)
-    path = run.checkpoints.save(state, position.epoch)
-    if path is not None:
-        run.logger.info(f"saved {path}")
-    barrier()
 
 
 def setup(args) -> SimpleNamespace:
@@ -284,6 +298,40 @@ def setup(args) -> SimpleNamespace:
     )
 
 
+def check_fits(model, state_dict: dict, path, args) -> None:
+    """One sentence (not torch's list of every mismatch) when a checkpoint holds another model."""
+    own = model.state_dict()
+    problems = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
+                if name in own and tensor.shape != own[name].shape]
+    problems += [f"missing {name}" for name in own if name not in state_dict]
+    problems += [f"unexpected {name}" for name in state_dict if name not in own]
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
+                         f"({len(problems)} differences, e.g. {'; '.join(problems[:2])}); pass the model settings "
+                         "the checkpoint was trained with.")
+
+
+def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple:
+    """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
+
+    The position is the checkpoint's `loop` record (util/train_state.py); MAE/USP checkpoints only have
+    `epoch`, which means "finished", so they continue at the next epoch.
+    """
+    if not args.resume:
+        return LoopPosition(epoch=args.start_epoch), None
+    path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
+    require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
+                                                   "state dict holds no run to continue).")
+    check_fits(model, checkpoint["model"], path, args)
+    load_parts(checkpoint, {"model": model, "optimizer": optimizer, "scaler": scaler})
+    position = resume_position(checkpoint, path, batch_size=args.batch_size, accum=args.accum_iter,
+                               batches_per_epoch=batches_per_epoch)
+    if position is None:  # released weights carry only `model`: continue from --start_epoch, fresh optimizer
+        position = LoopPosition(epoch=args.start_epoch)
+    return position, (f"resumed {path} at epoch {position.epoch}, batch {position.batch}, "
+                      f"step {position.global_step}")
+
+
 def train(run) -> None:
     """The epoch loop: train, log MAE's per-epoch line, checkpoint every --save_every epochs and at the end."""
     args, position = run.args, run.position
@@ -308,6 +356,21 @@ def train(run) -> None:
             return
         position.epoch += 1
         position.batch = 0
+
+
+def save_state(run, model, optimizer, scaler, position: LoopPosition):
+    """Writes checkpoint-{epoch}.pth (rank 0) with MAE's keys plus the resume record (util/train_state.py).
+
+    A finished epoch is recorded as the start of the next one; otherwise (max_steps, preemption) the run
+    continues inside this epoch after the batches already consumed.
+    """
+    state = training_state({"model": model, "optimizer": optimizer, "scaler": scaler}, run.args, position,
+                           epoch=position.epoch, batch_size=run.args.batch_size,
+                           batches_per_epoch=run.steps_per_epoch * run.args.accum_iter)
+    path = run.checkpoints.save(state, position.epoch)
+    if path is not None:
+        run.logger.info(f"saved {path}")
+    barrier()
 
 
 def main(args) -> None:

@@ -52,7 +52,7 @@ def test_linprobe_of_a_dit_checkpoint_runs_end_to_end(tiny_image_folder, tiny_va
     import json
 
     from pretrain import main_linprobe
-    from pretrain.finetune_loop import run_main
+    from pretrain.engine_finetune import run_main
 
     dit = perturbed(DiT_models["DiT-B/2-VAE-simple"](input_size=4, num_classes=1000, **TINY))
     checkpoint = tmp_path / "dit.pt"

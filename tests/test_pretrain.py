@@ -19,8 +19,7 @@ from models.transfer import transfer_pretrained
 from models.vae import LatentCodec, vae_identity
 from models.vit import create_vit
 from pretrain import main_generate, main_pretrain
-from pretrain.engine_pretrain import prepare_batch
-from pretrain.pretrain_data import MaskedModelingDataset
+from pretrain.engine_pretrain import MaskedModelingDataset, prepare_batch
 from util.data import SeededDataset, build_image_folder
 from pretrain.cache_latents import extract_latent_cache
 from util.latent_cache import LatentCacheDataset, cache_transform
@@ -102,13 +101,21 @@ def test_resume_continues_the_exact_curve(reference_run, tiny_image_folder, tiny
     assert [resumed[s] for s in range(1, 13)] == [reference[s] for s in range(1, 13)]
 
 
-def test_resume_with_another_model_is_one_sentence(reference_run, tiny_image_folder, tiny_vae_dir, tmp_path):
+def user_error_line(error, capsys) -> str:
+    """The one line a user error prints on stderr (exit code 2), without its `main_pretrain: error: ` prefix."""
+    assert error.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith("main_pretrain: error: ") and printed.endswith("\n"), printed
+    return printed[len("main_pretrain: error: "):-1]
+
+
+def test_resume_with_another_model_is_one_sentence(reference_run, tiny_image_folder, tiny_vae_dir, tmp_path, capsys):
     wider = json.dumps({**TINY, "embed_dim": 64})
     args = pretrain_args(tiny_image_folder, tiny_vae_dir, tmp_path, extra=["--resume", reference_run,
                                                                          "--model_kwargs", wider])
     with pytest.raises(SystemExit) as error:
         run_in_process(args)
-    message = str(error.value)
+    message = user_error_line(error, capsys)
     assert "does not fit --model vit_base_patch_vae" in message and "(1, 1, 32) vs (1, 1, 64)" in message
     assert "\n" not in message
 
@@ -154,7 +161,7 @@ def test_cached_latents_equal_online_encoding(latent_cache, tiny_image_folder):
     assert 0 < sum(picked_flip) < len(keys)  # random flips from the cache, both orientations used
 
 
-def test_training_from_the_cache_and_cache_mismatch(latent_cache, tmp_path):
+def test_training_from_the_cache_and_cache_mismatch(latent_cache, tmp_path, capsys):
     cache_dir, _ = latent_cache
     base = ["--model", "vit_base_patch_vae", "--model_kwargs", json.dumps(TINY), "--device", "cpu",
             "--precision", "fp32", "--batch_size", "8", "--num_workers", "0", "--log_every", "1",
@@ -164,11 +171,12 @@ def test_training_from_the_cache_and_cache_mismatch(latent_cache, tmp_path):
     assert sorted(losses) == [1, 2, 3] and all(loss == loss for loss in losses.values())
 
     # A second run goes to its own folder (the first run's folder is refused by the output-folder guard).
+    capsys.readouterr()  # the first run's progress bars
     other = ["--output_dir", str(tmp_path / "second"), "--log_dir", str(tmp_path / "second")]
     with pytest.raises(SystemExit) as error:
         main_pretrain.main(main_pretrain.get_args_parser().parse_args(
             base + other + ["--input_size", "64", "--model_kwargs", json.dumps({**TINY, "patch_size": 2})]))
-    message = str(error.value)
+    message = user_error_line(error, capsys)
     assert "image_size=32" in message and "(needed 64)" in message and "\n" not in message
 
 
@@ -214,13 +222,13 @@ def test_cached_posterior_sample_and_mar_npz_folder(latent_cache, tmp_path):
     (["--vae_path", "/nonexistent/sd-vae"], "was not found"),
     (["--model_kwargs", "[1, 2]"], "JSON object"),
 ])
-def test_bad_input_is_one_sentence(flags, fragment, tiny_image_folder, tiny_vae_dir, tmp_path):
+def test_bad_input_is_one_sentence(flags, fragment, tiny_image_folder, tiny_vae_dir, tmp_path, capsys):
     args = ["--model", "vit_base_patch_vae", "--model_kwargs", json.dumps(TINY), "--input_size", "32",
             "--data_path", str(tiny_image_folder), "--vae_path", str(tiny_vae_dir), "--device", "cpu",
             "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), *flags]
     with pytest.raises(SystemExit) as error:
         main_pretrain.main(main_pretrain.get_args_parser().parse_args(args))
-    message = str(error.value)
+    message = user_error_line(error, capsys)
     assert fragment in message and "\n" not in message, message
     assert not list(tmp_path.glob("checkpoint-*"))
 

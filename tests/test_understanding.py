@@ -88,7 +88,7 @@ def test_topk_correct_hand_checked():
 def test_sharded_evaluation_counts_every_image_once():
     """Shards of EvalShardSampler cover the set exactly; summing their counts equals one full pass."""
     from pretrain.engine_finetune import evaluate
-    from pretrain.finetune_data import EvalShardSampler
+    from pretrain.engine_finetune import EvalShardSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
     target = torch.tensor([0, 2, 2, 1, 0])  # top-1 hits: items 0, 2 -> 2 of 5; top-2 hits: 0, 1, 2, 3 -> 4 of 5
@@ -267,7 +267,7 @@ def test_train_vae_updates_the_encoder_only(tiny_image_folder, tiny_vae_dir, tmp
 def test_bad_input_is_one_sentence(tiny_image_folder, tiny_vae_dir, tmp_path, capsys):
     from models.mae import create_mae
     from pretrain import main_finetune, main_linprobe
-    from pretrain.finetune_loop import run_main
+    from pretrain.engine_finetune import run_main
 
     wide = tmp_path / "wide.pth"
     torch.save({"model": create_mae("vit_base_patch_vae", 32, **{**TINY_MAE, "embed_dim": 64}).state_dict()}, wide)
