@@ -1,7 +1,7 @@
 """Generation behaviours that must match the official DiT / SiT / USP code, each stated independently."""
 import torch
 
-from generation.engine import TrainStep
+from generation.train import TrainStep
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec
 
