@@ -37,8 +37,9 @@ class TimestepSampler:
     importance sampler returns weights 1 / (K p(u)) to keep the loss unbiased. The objective maps u to its
     own time range (DiT: t = floor(u * 1000)). `update(u, losses)` sees each batch's u (N,) and unweighted
     losses (N,, detached) on this rank. A loss-aware sampler (ADM's `LossSecondMomentResampler`) keeps its
-    loss history there; to stay independent of the world size it all-gathers them, as ADM's
-    `update_with_local_losses`, and to resume exactly its state must be saved with the checkpoint.
+    loss history there, all-gathered over ranks as ADM's `update_with_local_losses` so that every rank holds
+    the same state whatever the world size, and returns it from `state_dict()` (tensors and plain values):
+    the trainer saves it in each checkpoint and restores it on --resume.
     """
 
     def sample(self, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +47,12 @@ class TimestepSampler:
         return u, torch.ones_like(u)
 
     def update(self, u: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
         pass
 
 

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from generation.eval_hooks import build_eval_hooks
 from generation.objectives import SCHEDULE_SAMPLERS, build_objective
 from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
-                             check_repa_args, check_token_grid, feature_cache_expectation, repa_model_kwargs)
+                             check_repa_args, check_token_grid, open_feature_cache, repa_model_kwargs)
 from generation.train_utils import (add_model_flags, build_latent_norm, build_model, build_vae, check_model_args,
                                     check_vae_args, vae_source)
 from models.latent_spec import get_latent_spec
@@ -45,7 +45,6 @@ from util.distributed import (DEFAULT_TIMEOUT_MINUTES, all_reduce_mean, cleanup,
                               seed_everything)
 from util.ema import requires_grad, update_ema
 from util.errors import UserError, run_cli
-from util.feature_cache import FeatureCache
 from util.latent_cache import LatentCacheDataset
 from util.loop import LoopPosition, LossWindow
 from util.precision import PRECISIONS, autocast, configure_backend, make_grad_scaler
@@ -226,7 +225,7 @@ class GenerationTrainSet(Dataset):
     """
 
     def __init__(self, base: Dataset, latent_shape, seed: int, class_dropout_prob: float, online_vae: bool,
-                 features: Optional[FeatureCache] = None):
+                 features=None):
         self.base, self.latent_shape, self.features = base, tuple(latent_shape), features
         self.noise_seed = int(seed) + NOISE_STREAM_OFFSET
         self.class_dropout_prob, self.online_vae = float(class_dropout_prob), online_vae
@@ -269,14 +268,8 @@ def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTr
     if len(classes) != args.num_classes:
         raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
                         f"pass --num-classes {len(classes)}.")
-    features = None
-    if args.repa_feature_cache is not None:
-        features = FeatureCache(args.repa_feature_cache, expect=feature_cache_expectation(args, base.manifest))
-        if not features.manifest["encoder"].startswith(f"{args.enc_type}:"):
-            raise UserError(f"--repa-feature-cache {args.repa_feature_cache} holds {features.manifest['encoder']} "
-                            f"features, not {args.enc_type}; pass the matching --enc-type or cache.")
     return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
-                              online_vae=args.cached_path is None, features=features)
+                              online_vae=args.cached_path is None, features=open_feature_cache(args, base))
 
 
 class TrainStep:
@@ -384,7 +377,8 @@ def setup(args) -> Run:
         seed_everything(rank_seed(args.global_seed, dist_env.rank))
         quiet = lambda _: None  # noqa: E731 - the other ranks would repeat rank 0's note
         configure_backend(dist_env.device, args.precision, args.deterministic, say=print if dist_env.is_main else quiet)
-        run, model, report = build_run(args, dist_env, experiment_dir, model_kwargs, encoder_kwargs, checkpoint)
+        run, model, report = build_run(args, dist_env, experiment_dir, model_kwargs, encoder_kwargs, resume_path,
+                                       checkpoint)
         del checkpoint
         # Everything a user can get wrong has been checked: only now does the run leave files behind.
         wandb_run = {"project": "usp-generation", "name": experiment_dir.name, "config": args_to_dict(args)}
@@ -410,7 +404,8 @@ def setup(args) -> Run:
         return run
 
 
-def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_kwargs: dict, checkpoint):
+def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_kwargs: dict, resume_path,
+              checkpoint):
     """Data, model (+ --finetune or the --resume weights), objective, EMA, optimizer, step and hooks.
     Returns (run without logger and checkpoint manager, the bare model, the --finetune report or None)."""
     device, local_batch = dist_env.device, args.global_batch_size // dist_env.world_size
@@ -446,8 +441,9 @@ def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_
     scaler = make_grad_scaler(device, args.precision)
     position, batches_per_epoch = LoopPosition(epoch=0), len(sampler) // local_batch
     if checkpoint is not None:
-        load_parts(checkpoint, {"model": model, "ema": ema, "opt": optimizer, "scaler": scaler})
-        position = resume_position(checkpoint, args.resume, batch_size=local_batch, accum=1,
+        load_parts(checkpoint, {"model": model, "ema": ema, "opt": optimizer, "scaler": scaler,
+                                "schedule_sampler": objective.timestep_sampler})
+        position = resume_position(checkpoint, resume_path, batch_size=local_batch, accum=1,
                                    batches_per_epoch=batches_per_epoch)
     model.train()
     if args.compile:
@@ -466,10 +462,12 @@ def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_
 
 
 def save_checkpoint(run: Run) -> None:
-    """DiT/SiT's keys (model, ema, opt, args) + scaler + the resume record (a collective: gathers every rank's RNG)."""
+    """DiT/SiT's keys (model, ema, opt, args) + scaler, the timestep sampler's state and the resume record
+    (a collective: gathers every rank's RNG)."""
     step_fn, position = run.step_fn, run.position
-    checkpoint = training_state({"model": step_fn.model, "ema": step_fn.ema, "opt": step_fn.optimizer,
-                                 "scaler": step_fn.scaler}, run.args, position, batch_size=run.local_batch,
+    parts = {"model": step_fn.model, "ema": step_fn.ema, "opt": step_fn.optimizer, "scaler": step_fn.scaler,
+             "schedule_sampler": step_fn.objective.timestep_sampler}
+    checkpoint = training_state(parts, run.args, position, batch_size=run.local_batch,
                                 batches_per_epoch=run.batches_per_epoch)
     path = run.manager.save(checkpoint, position.global_step)
     if path is not None:
