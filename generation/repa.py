@@ -42,8 +42,8 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
                        help="REPA's optional per-head LayerNorm of queries and keys")
     group.add_argument("--repa-feature-cache", type=str, default=None,
-                       help="cached target features (util/feature_cache.py) to use with --cached-path instead of "
-                            "running the encoder every step")
+                       help="cached target features (generation/cache_features.py) to use with --cached-path "
+                            "instead of running the encoder every step")
     group.add_argument("--repa-encoder-kwargs", type=str, default="{}",
                        help="JSON overrides of the encoder's timm constructor (tests build tiny encoders)")
 
@@ -148,7 +148,7 @@ def check_repa_args(args) -> dict:
                 raise UserError(f"--repa-encoder-path: {error}") from None
             if args.cached_path is not None:
                 raise UserError(f"REPA aligns with {enc_type}'s features of each image, which a latent cache does "
-                                "not hold: add --repa-feature-cache (made by `python -m util.feature_cache`) or "
+                                "not hold: add --repa-feature-cache (made by `python -m generation.cache_features`) or "
                                 "train from --data-path.")
     else:
         if args.cached_path is None:
@@ -159,7 +159,7 @@ def check_repa_args(args) -> dict:
                             "--repa-feature-cache.")
         if not Path(args.repa_feature_cache).is_dir():
             raise UserError(f"--repa-feature-cache {args.repa_feature_cache} does not exist; build it with "
-                            "`python -m util.feature_cache` first.")
+                            "`python -m generation.cache_features` first.")
     return encoder_kwargs
 
 

@@ -29,8 +29,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from generation.eval_hooks import total_throughput
 from generation.sampler_setup import (add_sampler_flags, build_generator, check_sampler_args, load_model,
                                       parse_with_mode)

@@ -1,6 +1,6 @@
 """What the two samplers (sample_ddp.py: FID folders; sample.py: one PNG grid) share, declared once.
 
-The sampler flags of DiT's and SiT's sample scripts (SiT's mode word, transport / ODE / SDE flags, DiT's
+The sampler flags of DiT's and SiT's sample scripts (SiT's mode word, ODE / SDE flags, DiT's
 --sampler, guidance variants), their checks, reading a checkpoint (official raw state dicts or this
 project's training checkpoints, `ema` first) and building the `ImageGenerator`.
 """

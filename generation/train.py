@@ -81,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
                              "(its EMA weights; FID with --num-fid-samples) and exit without training")
     # Evaluation hooks (generation/eval_hooks.py), every --eval-every steps with the EMA weights.
-    parser.add_argument("--eval-every", type=int, default=10_000, help="EMA preview (and metrics) every N steps; 0 = off")
+    parser.add_argument("--eval-every", type=int, default=10_000,
+                        help="EMA preview (and metrics) every N steps; 0 = off")
     parser.add_argument("--eval-images", type=int, default=16, help="images in the EMA preview grid")
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--per-proc-batch-size", type=int, default=32, help="per-rank batch of the FID evaluation hook")
@@ -432,7 +433,9 @@ def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_
     codec = build_vae(args, device) if args.cached_path is None or args.eval_every > 0 else None
     # DDP broadcasts rank 0's weights (fresh init + --finetune) when it is built, so the EMA copy is taken
     # afterwards: every rank's EMA then starts from the same weights, as DiT's update_ema(decay=0).
-    network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_env.distributed else model
+    network = model
+    if dist_env.distributed:
+        network = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = deepcopy(model)
     requires_grad(ema, False)
     ema.eval()
