@@ -2,7 +2,7 @@
 
 Each `build_*_workload` returns a `scripts.benchmark_lib.Workload`: one runner per mode (a call doing one unit of
 work: a training step, a full sampling run, one encoder batch) and the FLOPs per image. The training rows run the
-project's own code: `generation.engine.TrainStep` (DiT/SiT/LightningDiT/REPA) and the pretraining step of
+project's own code: `generation.train.TrainStep` (DiT/SiT/LightningDiT/REPA) and the pretraining step of
 `pretrain.engine_pretrain` (`prepare_batch` -> `masked_loss` -> `util.loop.backward_micro_batch` ->
 `util.loop.optimizer_step`). The `ema` row times `util.ema.update_ema` (what TrainStep runs) against official DiT's
 per-parameter loop. Networks get random weights of the real architecture, so nothing is downloaded.
