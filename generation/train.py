@@ -477,21 +477,6 @@ def save_checkpoint(run: Run) -> None:
         run.logger.info(f"Saved checkpoint to {path}")
 
 
-def log_window(run: Run, losses: LossWindow, throughput: Throughput) -> None:
-    """The log line of the steps since the last one: mean loss over them and over ranks (the interval's only
-    host sync), REPA's proj_loss, lr and throughput."""
-    args, position = run.args, run.position
-    interval_steps = losses.window_batches
-    images_per_sec = throughput.rate()
-    metrics = {"loss": losses.read_window(position.global_step), "lr": args.lr, "epoch": position.epoch,
-               "steps_per_sec": images_per_sec / args.global_batch_size, "images_per_sec": images_per_sec,
-               "peak_mem_mb": peak_memory_mb(run.dist_env.device)}
-    for name, total in run.step_fn.window_metrics.items():
-        metrics[name] = all_reduce_mean(total / interval_steps).item()
-        total.zero_()
-    run.logger.log(position.global_step, metrics)
-
-
 def evaluate(run: Run) -> dict:
     """Every evaluation hook once with the EMA weights; their metrics go to the log and are returned."""
     metrics = {}
@@ -525,7 +510,17 @@ def train(run: Run) -> LoopPosition:
             position.batch += 1
             if position.global_step % args.log_every == 0 or not logged_once:
                 logged_once = True
-                log_window(run, losses, throughput)
+                interval_steps = losses.window_batches
+                # The interval's only host sync (before the clock is read): mean loss over its steps and ranks.
+                mean_loss = losses.read_window(position.global_step)
+                images_per_sec = throughput.rate()
+                metrics = {"loss": mean_loss, "lr": args.lr, "epoch": position.epoch,
+                           "steps_per_sec": images_per_sec / args.global_batch_size,
+                           "images_per_sec": images_per_sec, "peak_mem_mb": peak_memory_mb(run.dist_env.device)}
+                for name, total in run.step_fn.window_metrics.items():  # REPA's proj_loss
+                    metrics[name] = all_reduce_mean(total / interval_steps).item()
+                    total.zero_()
+                logger.log(position.global_step, metrics)
             if args.eval_every > 0 and position.global_step % args.eval_every == 0:
                 evaluate(run)
                 throughput.reset()  # keep evaluation time out of the throughput numbers
