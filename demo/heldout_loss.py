@@ -26,7 +26,8 @@ if __package__ in (None, ""):
 import torch
 
 from generation.objectives import NoiseBundle, build_objective
-from generation.train_utils import CHECKPOINT_PATTERN, build_model
+from generation.train import CHECKPOINT_PATTERN
+from generation.train_utils import build_model
 from util.checkpoint import load_checkpoint
 from util.latent_cache import LatentCacheDataset
 from util.progress import progress_bar as tqdm

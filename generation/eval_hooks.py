@@ -2,8 +2,10 @@
 
 - `SampleGridHook`: a fixed-noise preview grid `<sample_dir>/<step>.png` (rank 0).
 - `FIDEvalHook` / `fid_eval_hook(args, ...)`: --num-fid-samples images on all ranks into an ADM npz, scored
-  with generation/evaluate.py when a reference batch and Inception weights are given.
-Each hook is `hook(ema, step) -> dict` of metrics for the log (`generation.engine.EvalHook`).
+  with generation/evaluate.py when a reference batch and Inception weights are given; every number the
+  evaluator returns goes to the log, so a new metric is added in the evaluator only.
+Each hook is `hook(ema, step) -> dict` of metrics for the log, called on every rank (`EvalHook`);
+`build_eval_hooks(args, ...)` makes the trainer's list.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,16 @@ from generation.sampling import (Guidance, ImageGenerator, create_npz_from_sampl
 from models.latent_spec import get_latent_spec
 from util.distributed import barrier, is_dist
 from util.precision import autocast
+
+
+class EvalHook(Protocol):
+    """Called on every rank with the EMA model at evaluation steps; returns metrics to log (rank 0's count).
+
+    A hook that only writes files does its work on rank 0 and returns {} elsewhere; a distributed hook
+    (e.g. FID over samples drawn on all ranks) may use collectives, since every rank calls it.
+    """
+
+    def __call__(self, ema: nn.Module, step: int) -> dict: ...
 
 
 class SampleGridHook:
@@ -138,14 +150,14 @@ class FIDEvalHook:
                 evaluation = evaluate_npz(self.ref_batch, npz, self.inception_weights, device=self.dist_env.device,
                                           log=lambda *parts: None)
                 write_json(evaluation, npz.with_name(f"{npz.stem}.metrics.json"))
-                metrics.update({key: evaluation[key] for key in
-                                ("fid", "sfid", "inception_score", "precision", "recall")})
+                metrics.update({key: value for key, value in evaluation.items()
+                                if isinstance(value, (int, float)) and not isinstance(value, bool)})
         barrier()  # the other ranks wait for the evaluation instead of racing ahead into training
         return metrics
 
 
 def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
-    """The trainer's hook (generation/train.py `build_eval_hooks`) built from its arguments.
+    """The trainer's FID hook built from its arguments.
 
     The reference batch, Inception weights and guidance scale come from `--fid-ref-batch`,
     `--inception-weights` and `--fid-cfg-scale` when the trainer defines them; without a reference batch
@@ -161,3 +173,16 @@ def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
                        cfg_scale=getattr(args, "fid_cfg_scale", 1.0),
                        ref_batch=getattr(args, "fid_ref_batch", None),
                        inception_weights=getattr(args, "inception_weights", None))
+
+
+def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list[EvalHook]:
+    """The trainer's hooks, run every --eval-every steps with the EMA model: the preview grid, and the FID hook
+    with --num-fid-samples (--per-proc-batch-size per rank, written under --sample-dir)."""
+    if args.eval_every <= 0:
+        return []
+    hooks = [SampleGridHook(objective, codec, experiment_dir / args.sample_dir, latent_shape, args.eval_images,
+                            args.num_classes, args.cfg_scale, args.num_sampling_steps, args.global_seed,
+                            dist_env.device, args.precision, dist_env.is_main)]
+    if args.num_fid_samples > 0:
+        hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env))
+    return hooks

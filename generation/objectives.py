@@ -1,12 +1,13 @@
-"""The generative objectives behind one interface, so `generation/engine.py` has one loop.
+"""The generative objectives behind one interface, and the one place that draws their training timesteps.
 
 DiT trains with Gaussian diffusion (1000-step linear schedule, learned sigma, MSE + VB hybrid loss);
 SiT trains with stochastic interpolants (`generation/transport`); LightningDiT with SiT's Linear/velocity
 transport plus its logit-normal times and cosine loss. The model name's prefix picks one
-(`build_objective`). No objective draws random numbers itself: every random quantity of a
-training sample (timestep, Gaussian noise, label dropout) arrives in a `NoiseBundle` that the data
-pipeline drew from the sample's own generator (see `generation/train_data.py`), so a batch's loss does
-not depend on the world size or on where a run was resumed.
+(`build_objective`). `Objective.training_loss` draws each sample's unit time u from a `TimestepSampler`
+with a generator keyed by (seed, step, sample index), so a batch's loss depends neither on the world size
+nor on where a run was resumed; the Gaussian noise and the label dropout arrive with the batch, drawn by
+the data pipeline (generation/train.py `GenerationTrainSet`). A new timestep sampler is a subclass of
+`TimestepSampler` here and an entry in SCHEDULE_SAMPLERS (the trainer's --schedule-sampler).
 """
 from __future__ import annotations
 
@@ -21,15 +22,49 @@ from generation.sampling import diffusion_sampler, transport_sampler
 from generation.transport import create_transport
 from generation.transport.lightning_recipe import LIGHTNINGDIT_SAMPLING, logit_normal_from_uniform, velocity_cosine_loss
 from util.errors import UserError
+from util.rng import sample_generator
 
 ModelFn = Callable[..., torch.Tensor]
+# sample_generator hashes the seed, so an offset gives a stream independent of the data pipeline's flips and noise.
+TIMESTEP_STREAM_OFFSET = 0x7135_7E9
+
+
+class TimestepSampler:
+    """Draws the unit time u in [0, 1) of each training sample; the default is uniform, as DiT and SiT.
+
+    `sample(generators)` gets one CPU generator per sample, keyed by (seed, step, sample index), and returns
+    (u (N,), weights (N,)) drawn only from them; the training loss is mean(weights * per-sample loss), so an
+    importance sampler returns weights 1 / (K p(u)) to keep the loss unbiased. The objective maps u to its
+    own time range (DiT: t = floor(u * 1000)). `update(u, losses)` sees each batch's u (N,) and unweighted
+    losses (N,, detached) on this rank. A loss-aware sampler (ADM's `LossSecondMomentResampler`) keeps its
+    loss history there, all-gathered over ranks as ADM's `update_with_local_losses` so that every rank holds
+    the same state whatever the world size, and returns it from `state_dict()` (tensors and plain values):
+    the trainer saves it in each checkpoint and restores it on --resume.
+    """
+
+    def sample(self, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.stack([torch.rand((), generator=generator) for generator in generators])
+        return u, torch.ones_like(u)
+
+    def update(self, u: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# --schedule-sampler's choices (ADM's flag name); a new sampler is one class and one entry here.
+SCHEDULE_SAMPLERS = {"uniform": TimestepSampler}
 
 
 @dataclass
 class NoiseBundle:
     """Per-sample randomness for one batch (all on the training device).
 
-    u:     (N,) uniform in [0, 1): the timestep before it is mapped to the objective's range.
+    u:     (N,) in [0, 1): the timestep before it is mapped to the objective's range.
     noise: (N, C, h, w) standard Gaussian: diffusion's epsilon / the transport's x0.
     drop:  (N,) int64, 1 where the class label is replaced by the null class (classifier-free guidance).
     """
@@ -51,6 +86,16 @@ class Objective:
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
+        self.timestep_sampler = TimestepSampler()
+
+    def training_loss(self, model_fn: ModelFn, latents: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+                      drop: torch.Tensor, *, seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        """(N,) weighted per-sample losses of training step `step`; sample_ids (N,) are the dataset indices."""
+        generators = [sample_generator(seed + TIMESTEP_STREAM_OFFSET, step, int(index)) for index in sample_ids]
+        u, weights = self.timestep_sampler.sample(generators)
+        losses = self.loss(model_fn, latents, labels, NoiseBundle(u.to(latents.device), noise, drop))
+        self.timestep_sampler.update(u, losses.detach())
+        return losses * weights.to(losses.device)
 
     def loss(self, model_fn: ModelFn, latents: torch.Tensor, labels: torch.Tensor, bundle: NoiseBundle) -> torch.Tensor:
         raise NotImplementedError
@@ -174,18 +219,22 @@ def objective_family(model_name: str) -> str:
 def build_objective(model_name: str, num_classes: int, path_type: str = "Linear", prediction: str = "velocity",
                     loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
                     sample_eps: Optional[float] = None, use_lognorm: bool = False, use_cosine_loss: bool = False,
-                    timestep_shift: float = 0.0) -> Objective:
+                    timestep_shift: float = 0.0, schedule_sampler: str = "uniform") -> Objective:
     """The model name's prefix picks the objective; the transport flags matter for SiT and LightningDiT,
-    use_lognorm / use_cosine_loss / timestep_shift for LightningDiT only (off by default, as its code)."""
+    use_lognorm / use_cosine_loss / timestep_shift for LightningDiT only (off by default, as its code);
+    schedule_sampler names the training `TimestepSampler` in SCHEDULE_SAMPLERS."""
     family = objective_family(model_name)
     if family != "lightning" and (use_lognorm or use_cosine_loss):
         raise UserError(f"--use-lognorm / --use-cosine-loss are LightningDiT's transport options but --model is "
                         f"{model_name}; drop them or pick a LightningDiT-* model.")
+    if family == "lightning" and loss_weight is not None:
+        raise UserError("--loss-weight does not apply to LightningDiT (velocity prediction); drop it.")
     if family == "diffusion":
-        return DiffusionObjective(num_classes)
-    if family == "lightning":
-        if loss_weight is not None:
-            raise UserError("--loss-weight does not apply to LightningDiT (velocity prediction); drop it.")
-        return LightningObjective(num_classes, use_lognorm, use_cosine_loss, timestep_shift, path_type, prediction,
-                                  train_eps, sample_eps)
-    return TransportObjective(num_classes, path_type, prediction, loss_weight, train_eps, sample_eps)
+        objective = DiffusionObjective(num_classes)
+    elif family == "lightning":
+        objective = LightningObjective(num_classes, use_lognorm, use_cosine_loss, timestep_shift, path_type,
+                                       prediction, train_eps, sample_eps)
+    else:
+        objective = TransportObjective(num_classes, path_type, prediction, loss_weight, train_eps, sample_eps)
+    objective.timestep_sampler = SCHEDULE_SAMPLERS[schedule_sampler]()
+    return objective

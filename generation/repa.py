@@ -17,7 +17,7 @@ from models.dinov2 import DINOV2_MODELS, weights_source
 from models.repa import DEFAULT_ENC_TYPE, USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
 from util.cli import parse_json_object
 from util.errors import UserError
-from util.feature_cache import read_manifest as read_feature_manifest
+from util.feature_cache import FeatureCache, read_manifest as read_feature_manifest
 
 DEFAULT_PROJ_COEFF = 0.5
 
@@ -42,8 +42,8 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
                        help="REPA's optional per-head LayerNorm of queries and keys")
     group.add_argument("--repa-feature-cache", type=str, default=None,
-                       help="cached target features (util/feature_cache.py) to use with --cached-path instead of "
-                            "running the encoder every step")
+                       help="cached target features (generation/cache_features.py) to use with --cached-path "
+                            "instead of running the encoder every step")
     group.add_argument("--repa-encoder-kwargs", type=str, default="{}",
                        help="JSON overrides of the encoder's timm constructor (tests build tiny encoders)")
 
@@ -176,14 +176,22 @@ def build_targets(args, encoder_kwargs: dict, device: torch.device) -> list:
                 for enc_type, weights in parse_encoder_list(args.enc_type, args.repa_encoder_path)]
 
 
-def feature_cache_expectation(args, dataset_manifest: dict) -> dict:
-    """Manifest values the feature cache must share with the run and its latent cache."""
+def open_feature_cache(args, latent_cache):
+    """The --repa-feature-cache (a `util.feature_cache.FeatureCache`) or None; it must match the run, its
+    `latent_cache` (a `LatentCacheDataset`: size, crop, files) and --enc-type."""
+    if args.repa_feature_cache is None:
+        return None
+    dataset_manifest = latent_cache.manifest
     expect = {"image_size": args.image_size, "crop": dataset_manifest.get("crop", "center")}
     if "files_sha256" in dataset_manifest:
         expect["files_sha256"] = dataset_manifest["files_sha256"]
     if args.repa_encoder_path:
         expect["encoder"] = encoder_identity(args.enc_type, args.repa_encoder_path)
-    return expect
+    features = FeatureCache(args.repa_feature_cache, expect=expect)
+    if not features.manifest["encoder"].startswith(f"{args.enc_type}:"):
+        raise UserError(f"--repa-feature-cache {args.repa_feature_cache} holds {features.manifest['encoder']} "
+                        f"features, not {args.enc_type}; pass the matching --enc-type or cache.")
+    return features
 
 
 def repa_model_kwargs(args, targets: list) -> dict:

@@ -24,7 +24,7 @@ from torchvision.utils import save_image
 from generation.objectives import objective_family
 from generation.sampler_setup import (add_sampler_flags, build_generator, check_sampler_args, load_model,
                                       parse_with_mode, sit_mode)
-from generation.train_utils import add_flags
+from generation.train_utils import add_model_flags
 from generation.transport import Sampler, create_transport
 from generation.transport.likelihood import bits_per_dim
 from util.errors import UserError, run_cli
@@ -37,11 +37,9 @@ DIT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's and SiT's sa
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DiT / SiT quick sampler: one PNG grid",
                                      usage="%(prog)s [ODE|SDE] --model NAME --ckpt PATH [options]")
-    add_flags(parser, "--model")
+    add_model_flags(parser)
     parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
-    add_flags(parser, "--vae", "--image-size", "--num-classes")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="DiT's / SiT's sample.py default (1.0 = off)")
-    add_flags(parser, "--num-sampling-steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-labels", type=int, nargs="+", default=DIT_CLASS_LABELS)
     parser.add_argument("--output", type=str, default="sample.png", help="the PNG grid")
@@ -50,9 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="SiT ODE, cfg 1: print bits/dim of each sample under the probability-flow ODE")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     add_sampler_flags(parser)
-    add_flags(parser, "--vae-version", "--vae-path", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
-    add_flags(parser, "--model-kwargs")
     return finish_parser(parser)
 
 

@@ -29,13 +29,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from generation.eval_hooks import total_throughput
 from generation.sampler_setup import (add_sampler_flags, build_generator, check_sampler_args, load_model,
                                       parse_with_mode)
 from generation.sampling import ImageGenerator, check_sample_folder, create_npz_from_sample_folder, sample_to_folder
-from generation.train_utils import add_flags
+from generation.train_utils import add_model_flags
 from util.cli import finish_parser
 from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
@@ -50,24 +48,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DiT / SiT DDP sampling into an ADM npz",
                                      usage="%(prog)s [ODE|SDE] --model NAME --ckpt PATH [options]")
     # DiT / SiT sample_ddp.py flags.
-    add_flags(parser, "--model")
+    add_model_flags(parser)
     parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
-    add_flags(parser, "--vae")
     parser.add_argument("--sample-dir", type=str, default="samples", help="PNG folder; the npz goes next to it")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    add_flags(parser, "--image-size", "--num-classes")
     parser.add_argument("--cfg-scale", type=float, default=1.0,
                         help="1.0 = no guidance (USP's default and the setting of its tables; DiT's is 1.5)")
-    add_flags(parser, "--num-sampling-steps", "--global-seed")
+    parser.add_argument("--global-seed", type=int, default=0)
     add_sampler_flags(parser)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ (DiT's default; --no-tf32 for strict fp32)")
     # This re-implementation's additions.
-    add_flags(parser, "--vae-version", "--vae-path", "--latent-stats", "--device")
     add_precision_arg(parser, "--precision", default="fp32")
     add_dist_timeout_arg(parser)
-    add_flags(parser, "--model-kwargs")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return finish_parser(parser)

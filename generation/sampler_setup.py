@@ -1,6 +1,6 @@
 """What the two samplers (sample_ddp.py: FID folders; sample.py: one PNG grid) share, declared once.
 
-The sampler flags of DiT's and SiT's sample scripts (SiT's mode word, transport / ODE / SDE flags, DiT's
+The sampler flags of DiT's and SiT's sample scripts (SiT's mode word, ODE / SDE flags, DiT's
 --sampler, guidance variants), their checks, reading a checkpoint (official raw state dicts or this
 project's training checkpoints, `ema` first) and building the `ImageGenerator`.
 """
@@ -13,8 +13,7 @@ import torch
 
 from generation.objectives import objective_family
 from generation.sampling import Guidance, ImageGenerator, diffusion_sampler, transport_sampler
-from generation.train_utils import (LIGHTNINGDIT_MODEL_FLAGS, TRANSPORT_FLAGS, add_flags, build_model, build_vae,
-                                    check_model_args, check_vae_args, none_or_str)
+from generation.train_utils import build_model, build_vae, check_model_args, check_vae_args, none_or_str
 from generation.transport import create_transport
 from generation.transport.integrators import ODE_METHODS, SDE_METHODS
 from generation.transport.path import DIFFUSION_FORMS
@@ -29,16 +28,15 @@ LIGHTNING_DEFAULT_MODE = "ODE"  # LightningDiT samples with its Euler ODE
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """DiT's --sampler, SiT's mode and transport / ODE / SDE flags, and the guidance variants."""
+    """DiT's --sampler, SiT's mode and ODE / SDE flags, and the guidance variants (the transport flags come
+    with `add_model_flags`)."""
     # DiT samplers.
     parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=None,
                         help="DiT only: DDPM respaced to --num-sampling-steps (default) or DDIM (eta 0)")
-    # SiT: the mode and the transport / ODE / SDE flags of SiT's sample_ddp.py.
+    # SiT: the mode and the ODE / SDE flags of SiT's sample_ddp.py.
     parser.add_argument("--mode", type=str, choices=MODES, default=None,
                         help="SiT only (also accepted as the first argument): SDE (default, as USP's recipe and "
                              "training-time evaluation) or ODE")
-    add_flags(parser, *TRANSPORT_FLAGS)
-    add_flags(parser, *LIGHTNINGDIT_MODEL_FLAGS, "--timestep-shift")
     parser.add_argument("--sampling-method", type=str, default=None,
                         help=f"ODE: {', '.join(ODE_METHODS)} (default dopri5); SDE: {', '.join(SDE_METHODS)} "
                              "(default Euler)")

@@ -1,11 +1,8 @@
-"""What generation's entry points share, declared once: flags, argument checks and builders.
+"""What generation's entry points share (SiT's `train_utils.py`): the model and VAE flags, their checks and
+the builders. generation/train.py, sample_ddp.py and sample.py import from here, never from each other.
 
-SiT keeps these in `train_utils.py`; so does this package. `generation/train.py` and
-`generation/sample_ddp.py` (and the demo, the benchmark) import from here and never from each other.
-
-    parser = argparse.ArgumentParser(...)
-    add_flags(parser, "--model", "--image-size", ...)   # each flag defined once, in SHARED_FLAGS
-    model_kwargs = check_model_args(args)                # preset name, --model-kwargs, size vs VAE factor
+    add_model_flags(parser)                          # --model, --image-size, --vae*, transport, LightningDiT, ...
+    model_kwargs = check_model_args(args)            # preset name, --model-kwargs, size vs VAE factor
     model = build_model(args, model_kwargs, latent_size, channels)
     codec = build_vae(args, device)
 """
@@ -24,7 +21,6 @@ ALL_MODELS = {**DiT_models, **SiT_models, **LightningDiT_models}
 # LightningDiT's architecture switches (its config's `model:` keys), off by default as in its constructor.
 LIGHTNINGDIT_FLAGS = ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift")
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-CHECKPOINT_PATTERN = r"^(\d+)\.pt$"
 
 
 def none_or_str(value):
@@ -32,49 +28,40 @@ def none_or_str(value):
     return None if value == "None" else value
 
 
-# Every flag that more than one generation entry point accepts, with one help text and one default.
-SHARED_FLAGS = {
-    "--model": dict(type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}"),
-    "--image-size": dict(type=int, default=256, help="any multiple of the VAE factor (8 or 16)"),
-    "--num-classes": dict(type=int, default=1000),
-    "--global-seed": dict(type=int, default=0),
-    "--vae": dict(type=str, choices=["ema", "mse"], default="ema",
-                  help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)"),
-    "--num-sampling-steps": dict(type=int, default=250),
-    # SiT's transport flags (ignored for DiT).
-    "--path-type": dict(type=str, default="Linear", choices=["Linear", "GVP", "VP"]),
-    "--prediction": dict(type=str, default="velocity", choices=["velocity", "score", "noise"]),
-    "--loss-weight": dict(type=none_or_str, default=None, choices=[None, "velocity", "likelihood"]),
-    "--sample-eps": dict(type=float, default=None),
-    "--train-eps": dict(type=float, default=None),
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every generation entry point reads: the network, its latents, SiT's transport and
+    LightningDiT's switches (the official names and defaults)."""
+    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
+    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor (8 or 16)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
+                        help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
     # This re-implementation's additions.
-    "--vae-version": dict(type=str, default="d8", choices=sorted(LATENT_SPECS)),
-    "--vae-path": dict(type=str, default=None,
-                       help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file; vavae_f16d32: "
-                            "the VA-VAE .pt file or its folder (with latents_stats.pt)"),
-    "--latent-stats": dict(type=str, default=None,
-                           help="vavae_f16d32: per-channel latent statistics (LightningDiT's latents_stats.pt); "
-                                "default: the file beside the VA-VAE weights"),
-    # LightningDiT's block switches (only for LightningDiT-* models).
-    "--use-qknorm": dict(action="store_true", help="LightningDiT: QK-norm in attention"),
-    "--use-swiglu": dict(action="store_true", help="LightningDiT: SwiGLU FFN (released models: on)"),
-    "--use-rope": dict(action="store_true", help="LightningDiT: 2-D RoPE (released models: on)"),
-    "--use-rmsnorm": dict(action="store_true", help="LightningDiT: RMSNorm (released models: on)"),
-    "--wo-shift": dict(action="store_true", help="LightningDiT: adaLN without shift"),
-    "--timestep-shift": dict(type=float, default=0.0,
-                             help="ODE sampling grid shift s t / (1 + (s - 1) t) (LightningDiT: 0.3; 0 = even grid)"),
-    "--device": dict(type=str, default="cuda", choices=["cuda", "cpu"]),
-    "--model-kwargs": dict(type=str, default="{}",
-                           help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\''),
-}
-TRANSPORT_FLAGS = ("--path-type", "--prediction", "--loss-weight", "--sample-eps", "--train-eps")
-LIGHTNINGDIT_MODEL_FLAGS = tuple("--" + name.replace("_", "-") for name in LIGHTNINGDIT_FLAGS)
-
-
-def add_flags(parser: argparse.ArgumentParser, *names: str) -> None:
-    """Adds the named SHARED_FLAGS to `parser`, in the order given (the order of `vars(args)`)."""
-    for name in names:
-        parser.add_argument(name, **SHARED_FLAGS[name])
+    parser.add_argument("--vae-version", type=str, default="d8", choices=sorted(LATENT_SPECS))
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="d8: diffusers AutoencoderKL folder or hub id; d16: the kl16.ckpt file; vavae_f16d32: "
+                             "the VA-VAE .pt file or its folder (with latents_stats.pt)")
+    parser.add_argument("--latent-stats", type=str, default=None,
+                        help="vavae_f16d32: per-channel latent statistics (LightningDiT's latents_stats.pt); "
+                             "default: the file beside the VA-VAE weights")
+    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model-kwargs", type=str, default="{}",
+                        help='JSON overrides of the model constructor, e.g. \'{"hidden_size": 64, "depth": 2}\'')
+    # SiT's transport flags (ignored for DiT).
+    parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
+    parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
+    parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
+    parser.add_argument("--sample-eps", type=float, default=None)
+    parser.add_argument("--train-eps", type=float, default=None)
+    # LightningDiT's block switches (hustvl/LightningDiT config keys; only for LightningDiT-* models).
+    parser.add_argument("--use-qknorm", action="store_true", help="LightningDiT: QK-norm in attention")
+    parser.add_argument("--use-swiglu", action="store_true", help="LightningDiT: SwiGLU FFN (released models: on)")
+    parser.add_argument("--use-rope", action="store_true", help="LightningDiT: 2-D RoPE (released models: on)")
+    parser.add_argument("--use-rmsnorm", action="store_true", help="LightningDiT: RMSNorm (released models: on)")
+    parser.add_argument("--wo-shift", action="store_true", help="LightningDiT: adaLN without shift")
+    parser.add_argument("--timestep-shift", type=float, default=0.0,
+                        help="ODE sampling grid shift s t / (1 + (s - 1) t) (LightningDiT: 0.3; 0 = even grid)")
 
 
 def check_model_args(args) -> dict:
@@ -98,7 +85,7 @@ def check_vae_args(args) -> None:
     if args.vae_version in LDM_CODECS and args.vae_path is None:
         raise UserError(f"--vae-version {args.vae_version} needs --vae-path pointing at "
                         f"{LDM_CODECS[args.vae_version]['release']}.")
-    if getattr(args, "latent_stats", None) is not None and args.vae_version != "vavae_f16d32":
+    if args.latent_stats is not None and args.vae_version != "vavae_f16d32":
         raise UserError(f"--latent-stats is VA-VAE's per-channel normalisation but --vae-version is "
                         f"{args.vae_version}; drop it.")
 
@@ -125,9 +112,10 @@ def build_latent_norm(args):
     one-scale codecs' latent cache applies its recorded scale)."""
     if args.vae_version not in PER_CHANNEL_CODECS:
         return None
-    return load_latent_norm(args.vae_version, args.vae_path, getattr(args, "latent_stats", None))
+    return load_latent_norm(args.vae_version, args.vae_path, args.latent_stats)
 
 
-def build_vae(args, device):
+def build_vae(args, device) -> LatentCodec:
+    """The --vae-version codec (encode to / decode from scaled latents) on `device`."""
     return LatentCodec.load(args.vae_version, vae_source(args), device=device,
-                            latent_stats=getattr(args, "latent_stats", None))
+                            latent_stats=args.latent_stats)

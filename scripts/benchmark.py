@@ -5,7 +5,7 @@
     python scripts/benchmark.py --workloads dit --sizes XL --image-size 256 --batch-size 256 --device cuda
 
 Workloads (scripts/benchmark_workloads.py): MAE (USP) pretraining step (`pretrain.engine_pretrain`'s step), DiT,
-SiT and LightningDiT training steps and REPA's cost (`generation.engine.TrainStep`, the trainer's own step), the EMA
+SiT and LightningDiT training steps and REPA's cost (`generation.train.TrainStep`, the trainer's own step), the EMA
 update (`util.ema.update_ema` vs official DiT's per-parameter loop), DDPM sampling (DiT), ODE sampling (SiT), VAE
 encoding, Inception feature extraction. For each it reports images/s, FLOPs per image (FlopCounterMode, MAC = 2
 FLOPs), achieved TFLOP/s, MFU against a dense matmul measured in the same run (bf16 on CUDA, fp32 on CPU), and

@@ -2,7 +2,7 @@
 
 Each `build_*_workload` returns a `scripts.benchmark_lib.Workload`: one runner per mode (a call doing one unit of
 work: a training step, a full sampling run, one encoder batch) and the FLOPs per image. The training rows run the
-project's own code: `generation.engine.TrainStep` (DiT/SiT/LightningDiT/REPA) and the pretraining step of
+project's own code: `generation.train.TrainStep` (DiT/SiT/LightningDiT/REPA) and the pretraining step of
 `pretrain.engine_pretrain` (`prepare_batch` -> `masked_loss` -> `util.loop.backward_micro_batch` ->
 `util.loop.optimizer_step`). The `ema` row times `util.ema.update_ema` (what TrainStep runs) against official DiT's
 per-parameter loop. Networks get random weights of the real architecture, so nothing is downloaded.
@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from generation.engine import TrainStep
+from generation.train import TrainStep
 from generation.objectives import NoiseBundle, build_objective
 from generation.repa import Alignment
 from generation.sampling import diffusion_sampler, transport_sampler
@@ -110,6 +110,7 @@ def training_batches(args, codec: LatentCodec, latent_shape) -> tuple:
         "u": torch.rand(n, generator=generator),
         "drop": (torch.rand(n, generator=generator) < 0.1).long(),
         "noise": torch.randn(n, *latent_shape, generator=generator),
+        "index": torch.arange(n),
     }
     with torch.no_grad():
         mean, logvar = codec.encode_moments(online["x"].to(codec.device))
@@ -155,7 +156,7 @@ def build_train_workload(family: str, size: str, args, modes: List[ModeConfig], 
                          codec=None if mode.latent_cache else codec)
         batch = host_batch(cached if mode.latent_cache else online, mode, device)
         steps[mode.name] = step
-        runners[mode.name] = in_mode(mode, lambda step=step, batch=batch: step(batch))
+        runners[mode.name] = in_mode(mode, lambda step=step, batch=batch: step(batch, 0))
 
     # Model FLOPs (forward + backward of the transformer; the VAE encode is not model work).
     baseline = steps[modes[0].name]
@@ -223,7 +224,7 @@ def build_repa_workload(size: str, args, modes: List[ModeConfig], device: torch.
                          build_adamw(model.parameters(), 1e-4, mode.optimizer, device, weight_decay=0),
                          make_grad_scaler(device, mode.precision), device, mode.precision,
                          codec=None if mode.latent_cache else codec, alignment=alignment)
-        runners[variant] = in_mode(mode, lambda step=step, batch=host_batch(batch, mode, device): step(batch))
+        runners[variant] = in_mode(mode, lambda step=step, batch=host_batch(batch, mode, device): step(batch, 0))
 
     k = min(FLOPS_IMAGES, n)  # counted on k images and scaled (see FLOPS_IMAGES)
     device_batch = {key: value[:k].to(device) for key, value in cached.items()}

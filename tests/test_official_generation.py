@@ -1,7 +1,7 @@
 """Generation behaviours that must match the official DiT / SiT / USP code, each stated independently."""
 import torch
 
-from generation.engine import TrainStep
+from generation.train import TrainStep
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec
 
@@ -37,3 +37,46 @@ def test_training_fid_hook_samples_sit_with_the_sde_in_fp32():
     assert hook.precision == "fp32" and hook.mode == "SDE" and hook.guidance.scale == 1.0
     _, stochastic = hook._sample_fn(None)
     assert stochastic  # the SDE draws noise every step (the ODE would not)
+
+
+def test_training_loss_draws_timesteps_through_the_sampler_hook():
+    """A TimestepSampler's u maps to DiT's t = floor(u * 1000); its weights scale the per-sample losses and
+    `update` sees the unweighted ones (the contract of generation/objectives.py's hook)."""
+    from generation.objectives import TimestepSampler, build_objective
+
+    class Fixed(TimestepSampler):
+        def sample(self, generators):
+            assert len(generators) == 3
+            return torch.tensor([0.0, 0.5, 0.9999]), torch.tensor([2.0, 0.0, 1.0])
+
+        def update(self, u, losses):
+            self.seen = (u, losses)
+
+    objective = build_objective("DiT-S/2", num_classes=4)
+    objective.timestep_sampler = Fixed()
+    seen_t = []
+
+    def model_fn(x, t, y, force_drop_ids):
+        seen_t.append(t)
+        return torch.zeros(len(x), 8, *x.shape[2:])  # learned sigma: 2 x 4 channels
+
+    latents, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    losses = objective.training_loss(model_fn, latents, torch.tensor([0, 1, 2]), noise, torch.zeros(3).long(),
+                                     seed=0, step=7, sample_ids=torch.tensor([5, 9, 11]))
+    assert seen_t[0].tolist() == [0, 500, 999]
+    u, unweighted = objective.timestep_sampler.seen
+    assert u.tolist() == torch.tensor([0.0, 0.5, 0.9999]).tolist()
+    torch.testing.assert_close(losses, unweighted * torch.tensor([2.0, 0.0, 1.0]))
+
+
+def test_uniform_timesteps_depend_on_seed_step_and_sample_only():
+    """The same (seed, step, sample index) gives the same u in any batch order or size; other keys differ."""
+    from generation.objectives import TIMESTEP_STREAM_OFFSET, TimestepSampler
+    from util.rng import sample_generator
+
+    def draw(seed, step, ids):
+        return TimestepSampler().sample([sample_generator(seed + TIMESTEP_STREAM_OFFSET, step, i) for i in ids])[0]
+
+    both = draw(0, 3, [4, 8])
+    assert draw(0, 3, [8])[0] == both[1] and draw(0, 3, [4])[0] == both[0]
+    assert draw(0, 4, [4])[0] != both[0] and draw(1, 3, [4])[0] != both[0]

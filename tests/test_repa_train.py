@@ -143,8 +143,8 @@ def test_resume_with_repa_continues_the_exact_run(tmp_path, tiny_image_folder, t
 
 def test_feature_cache_gives_the_same_alignment_loss_as_online_features(tmp_path, tiny_image_folder, tiny_vae_dir,
                                                                         encoder_weights):
-    from generation.train_data import GenerationTrainSet
     from generation.cache_features import extract_feature_cache
+    from generation.train import GenerationTrainSet
     from pretrain import cache_latents
     from util import feature_cache, latent_cache
     from util.data import build_image_folder
@@ -259,21 +259,21 @@ def test_sigusr1_stops_a_repa_run_with_a_checkpoint_that_resumes_exactly(tmp_pat
     import os
     import signal
 
-    from generation import engine
+    from generation import train
 
     model, flags = MODELS["transport"], repa_flags(encoder_weights)
     run_main(train_argv(tmp_path / "full", tiny_image_folder, tiny_vae_dir, model, "--max-steps", "5", *flags))
-    real_call, calls = engine.TrainStep.__call__, []
+    real_call, calls = train.TrainStep.__call__, []
 
-    def signalled_call(self, batch):
+    def signalled_call(self, batch, step):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM / Kubernetes send before a preemption
-        return real_call(self, batch)
+        return real_call(self, batch, step)
 
-    monkeypatch.setattr(engine.TrainStep, "__call__", signalled_call)
+    monkeypatch.setattr(train.TrainStep, "__call__", signalled_call)
     run_main(train_argv(tmp_path / "split", tiny_image_folder, tiny_vae_dir, model, "--max-steps", "5", *flags))
-    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
+    monkeypatch.setattr(train.TrainStep, "__call__", real_call)
     (split,) = experiment_dirs(tmp_path / "split")
     assert "Stopped at step 2 on SIGUSR1" in capsys.readouterr().out
     assert sorted(path.name for path in (split / "checkpoints").iterdir()) == ["0000002.pt"]

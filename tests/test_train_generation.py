@@ -215,7 +215,7 @@ def test_trains_from_the_latent_cache(tmp_path, tiny_image_folder, tiny_vae_dir,
 def test_non_finite_loss_stops_with_one_sentence_and_keeps_last_checkpoint(tmp_path, tiny_image_folder, tiny_vae_dir,
                                                                           capsys, monkeypatch):
     """A diverged run stops with exit 1 and one sentence; the checkpoint saved before it is left as it was."""
-    from generation import engine
+    from generation import train
 
     results = tmp_path / "results"
     run_main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["diffusion"], "--max-steps", "2",
@@ -225,8 +225,9 @@ def test_non_finite_loss_stops_with_one_sentence_and_keeps_last_checkpoint(tmp_p
     before = saved.read_bytes()
     capsys.readouterr()
 
-    real_call = engine.TrainStep.__call__
-    monkeypatch.setattr(engine.TrainStep, "__call__", lambda self, batch: real_call(self, batch) * float("nan"))
+    real_call = train.TrainStep.__call__
+    monkeypatch.setattr(train.TrainStep, "__call__",
+                        lambda self, batch, step: real_call(self, batch, step) * float("nan"))
     with pytest.raises(SystemExit) as stopped:
         main(train_argv(results, tiny_image_folder, tiny_vae_dir, MODELS["diffusion"], "--max-steps", "4",
                         "--ckpt-every", "2", "--resume", str(experiment)))

@@ -3,7 +3,7 @@
 `create_diffusion` mirrors DiT's factory: training uses `create_diffusion(timestep_respacing="")`
 (all 1000 steps), sampling e.g. `create_diffusion("250")` or `create_diffusion("ddim50")`.
 """
-from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from .gaussian_diffusion import LossType, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import get_named_beta_schedule
 
@@ -46,15 +46,3 @@ def create_diffusion(
         model_var_type=model_var_type,
         loss_type=loss_type,
     )
-
-
-__all__ = [
-    "create_diffusion",
-    "GaussianDiffusion",
-    "SpacedDiffusion",
-    "space_timesteps",
-    "get_named_beta_schedule",
-    "LossType",
-    "ModelMeanType",
-    "ModelVarType",
-]

@@ -49,6 +49,3 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
         train_eps=default_train_eps if train_eps is None else train_eps,
         sample_eps=default_sample_eps if sample_eps is None else sample_eps,
     )
-
-
-__all__ = ["create_transport", "Transport", "Sampler", "ModelType", "PathType", "WeightType"]

@@ -5,6 +5,3 @@ from generation.diffusion.utils import mean_flat, randn_like
 def expand_t_like_x(t, x):
     """View per-sample times t (N,) as (N, 1, ..., 1) to broadcast against x (N, ...)."""
     return t.view(t.size(0), *([1] * (x.ndim - 1)))
-
-
-__all__ = ["expand_t_like_x", "mean_flat", "randn_like"]
