@@ -39,10 +39,8 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-# The metrics live in generation.adm_metrics; they stay importable from here, where callers found them.
-from generation.adm_metrics import (IS_SPLIT_SIZE, NEAREST_K, PR_BATCH_SIZE, Activations,  # noqa: F401
-                                    FIDStatistics, ManifoldEstimator, StatisticsAccumulator, frechet_distance,
-                                    inception_score, precision_recall)
+from generation.adm_metrics import (NEAREST_K, Activations, FIDStatistics, StatisticsAccumulator, inception_score,
+                                    precision_recall)
 from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_reference
 from generation.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor
 from util.checkpoint import atomic_open

@@ -2,7 +2,6 @@
 wrapper's feature layout, the npz/weights refusals, and the whole CLI with random Inception weights."""
 import json
 import math
-import warnings
 from unittest import mock
 
 import numpy as np
@@ -64,9 +63,9 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
     mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
     var1, var2 = rng.uniform(0.1, 3, dim), rng.uniform(0.1, 3, dim)
     closed_form = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
-    ours = ev.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
+    ours = adm_metrics.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
     assert ours == pytest.approx(closed_form, rel=1e-10, abs=1e-10)
-    assert ev.frechet_distance(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0, abs=1e-10)
+    assert adm_metrics.frechet_distance(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0, abs=1e-10)
 
 
 def test_fid_from_activations_matches_independent_eigen_implementation():
@@ -75,7 +74,7 @@ def test_fid_from_activations_matches_independent_eigen_implementation():
     mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
     acts1 = rng.normal(size=(count, dim)) @ mixing
     acts2 = rng.normal(size=(count, dim)) @ (mixing + 0.3 * rng.normal(size=(dim, dim)) / np.sqrt(dim)) + 0.5
-    stats1, stats2 = ev.FIDStatistics.from_activations(acts1), ev.FIDStatistics.from_activations(acts2)
+    stats1, stats2 = adm_metrics.FIDStatistics.from_activations(acts1), adm_metrics.FIDStatistics.from_activations(acts2)
     # np.cov(rowvar=False) is the unbiased estimate, as ADM's compute_statistics
     np.testing.assert_allclose(stats1.sigma, (acts1 - acts1.mean(0)).T @ (acts1 - acts1.mean(0)) / (count - 1))
     ours = stats1.frechet_distance(stats2)
@@ -95,7 +94,7 @@ def test_fid_singular_product_falls_back_to_eps_offset():
         return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
 
     with mock.patch.object(adm_metrics.linalg, "sqrtm", sqrtm_failing_first), pytest.warns(UserWarning, match="singular"):
-        ours = ev.frechet_distance(mu, np.diag(var1), mu, np.diag(var2))
+        ours = adm_metrics.frechet_distance(mu, np.diag(var1), mu, np.diag(var2))
     eps = 1e-6
     expected = np.sum(var1) + np.sum(var2) - 2 * np.sum(np.sqrt((var1 + eps) * (var2 + eps)))
     assert len(calls) == 2 and ours == pytest.approx(expected, abs=1e-12)
@@ -103,21 +102,21 @@ def test_fid_singular_product_falls_back_to_eps_offset():
 
 def test_fid_rejects_imaginary_root_and_mismatched_statistics():
     with pytest.raises(ValueError, match="imaginary"):
-        ev.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+        adm_metrics.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="do not match"):
-        ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+        adm_metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
 # ----------------------------------------------------------------------------- Inception Score
 
 def test_inception_score_on_hand_made_tables():
     confident_uniform = np.eye(4)  # every image sure of a different class: IS = number of classes
-    assert ev.inception_score(confident_uniform, from_logits=False) == pytest.approx(4.0)
+    assert adm_metrics.inception_score(confident_uniform, from_logits=False) == pytest.approx(4.0)
     undecided = np.full((6, 5), 0.2)  # p(y|x) = p(y): KL = 0, IS = 1
-    assert ev.inception_score(undecided, from_logits=False) == pytest.approx(1.0)
+    assert adm_metrics.inception_score(undecided, from_logits=False) == pytest.approx(1.0)
     two_classes = np.array([[0.9, 0.1], [0.1, 0.9]])  # marginal (0.5, 0.5)
     expected = math.exp(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
-    assert ev.inception_score(two_classes, from_logits=False) == pytest.approx(expected, rel=1e-12)
+    assert adm_metrics.inception_score(two_classes, from_logits=False) == pytest.approx(expected, rel=1e-12)
 
 
 def test_inception_score_chunks_and_softmax_match_loops():
@@ -126,10 +125,10 @@ def test_inception_score_chunks_and_softmax_match_loops():
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     for split_size in (5, 13, 4):  # consecutive chunks, the last one short (as ADM)
         expected = reference_inception_score(probs.tolist(), split_size)
-        assert ev.inception_score(logits, split_size=split_size) == pytest.approx(expected, rel=1e-12)
-        assert ev.inception_score(probs, split_size=split_size, from_logits=False) == pytest.approx(expected, rel=1e-12)
+        assert adm_metrics.inception_score(logits, split_size=split_size) == pytest.approx(expected, rel=1e-12)
+        assert adm_metrics.inception_score(probs, split_size=split_size, from_logits=False) == pytest.approx(expected, rel=1e-12)
     # chunking matters: one chunk of 13 is not the mean of 5/5/3
-    assert ev.inception_score(logits, split_size=5) != pytest.approx(ev.inception_score(logits, split_size=13))
+    assert adm_metrics.inception_score(logits, split_size=5) != pytest.approx(adm_metrics.inception_score(logits, split_size=13))
 
 
 # ----------------------------------------------------------------------------- Precision / Recall
@@ -141,11 +140,11 @@ def test_precision_recall_matches_brute_force(scale):
     sample = (rng.normal(loc=0.6, scale=1.3, size=(55, 16)) * scale).astype(np.float32)
     expected = reference_precision_recall(ref.astype(np.float64), sample.astype(np.float64))
     assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95  # a case where both can be wrong
-    estimator = ev.ManifoldEstimator(row_batch_size=16, col_batch_size=24)  # blocks smaller than the sets
+    estimator = adm_metrics.ManifoldEstimator(row_batch_size=16, col_batch_size=24)  # blocks smaller than the sets
     ref_radii, sample_radii = estimator.manifold_radii(ref), estimator.manifold_radii(sample)
     precision, recall = estimator.evaluate_pr(ref, ref_radii, sample, sample_radii)
     assert (precision[0], recall[0]) == pytest.approx(expected, abs=1e-12)
-    assert ev.precision_recall(ref, sample) == pytest.approx(expected, abs=1e-12)
+    assert adm_metrics.precision_recall(ref, sample) == pytest.approx(expected, abs=1e-12)
     brute_radii = np.sort(cdist(ref, ref, "sqeuclidean"), axis=1)[:, 3]
     np.testing.assert_allclose(ref_radii[:, 0], brute_radii, rtol=2e-3)  # fp16 rounding at most
 
@@ -153,7 +152,7 @@ def test_precision_recall_matches_brute_force(scale):
 def test_pairwise_distances_fp16_rounding_and_fp32_fallback():
     rng = np.random.default_rng(4)
     u, v = rng.normal(size=(9, 64)).astype(np.float32), rng.normal(size=(7, 64)).astype(np.float32)
-    estimator = ev.ManifoldEstimator()
+    estimator = adm_metrics.ManifoldEstimator()
     exact = cdist(u, v, "sqeuclidean")
     fp16 = estimator.pairwise_distances(u, v).numpy()
     assert fp16.dtype == np.float32 and np.all(fp16 == fp16.astype(np.float16))  # fp16 values
@@ -298,11 +297,11 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, random_weights)
 def test_statistics_accumulator_matches_np_cov():
     rng = np.random.default_rng(7)
     activations = rng.normal(loc=3.0, scale=0.5, size=(250, 40)) @ rng.normal(size=(40, 40))
-    accumulator = ev.StatisticsAccumulator()
+    accumulator = adm_metrics.StatisticsAccumulator()
     for start in range(0, 250, 64):
         accumulator.update(activations[start:start + 64].astype(np.float32))
     streamed = accumulator.statistics()
-    stacked = ev.FIDStatistics.from_activations(activations.astype(np.float32).astype(np.float64))
+    stacked = adm_metrics.FIDStatistics.from_activations(activations.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(streamed.mu, stacked.mu, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(streamed.sigma, stacked.sigma, rtol=1e-9, atol=1e-9)
 
@@ -327,7 +326,7 @@ def test_make_reference_batch_matches_direct_statistics(tiny_image_folder, rando
         pil, expected_label = dataset[int(index)]
         assert np.array_equal(image, np.asarray(center_crop_arr(pil, 24))) and label == expected_label
     pool, spatial, _ = InceptionFeatureExtractor(random_weights).features(images)
-    direct, direct_spatial = ev.FIDStatistics.from_activations(pool.numpy()), ev.FIDStatistics.from_activations(
+    direct, direct_spatial = adm_metrics.FIDStatistics.from_activations(pool.numpy()), adm_metrics.FIDStatistics.from_activations(
         spatial.numpy())
     np.testing.assert_allclose(pool_stats.mu, direct.mu, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pool_stats.sigma, direct.sigma, rtol=1e-4, atol=1e-5)

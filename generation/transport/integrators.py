@@ -3,7 +3,7 @@ import torch
 from torchdiffeq import odeint
 
 from .lightning_recipe import shift_timesteps
-from .utils import randn_like
+from generation.diffusion.utils import randn_like
 
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 # SiT passes any torchdiffeq method through: the Adams-Bashforth(-Moulton) multistep solvers and

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .utils import mean_flat
+from generation.diffusion.utils import mean_flat
 
 # The 64-epoch (FID 2.11) and 800-epoch (FID 1.35) settings of the released configs.
 LIGHTNINGDIT_SAMPLING = dict(mode="ODE", sampling_method="euler", num_steps=250, timestep_shift=0.3,

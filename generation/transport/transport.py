@@ -7,10 +7,12 @@ import enum
 
 import torch
 
+from generation.diffusion.utils import mean_flat
+
 from .integrators import ode, sde
 from .likelihood import ode_likelihood
 from .path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan
-from .utils import expand_t_like_x, mean_flat
+from .utils import expand_t_like_x
 
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 

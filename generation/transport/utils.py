@@ -1,5 +1,4 @@
-"""Helpers of the transport objective; mean_flat and randn_like are shared with the diffusion package."""
-from generation.diffusion.utils import mean_flat, randn_like
+"""Helpers of the transport objective."""
 
 
 def expand_t_like_x(t, x):
