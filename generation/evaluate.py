@@ -44,6 +44,7 @@ from generation.adm_metrics import (NEAREST_K, Activations, FIDStatistics, Stati
 from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_reference
 from generation.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor
 from util.checkpoint import atomic_open
+from util.cli import finish_parser
 from util.disk import ensure_writable_file
 from util.errors import UserError, run_cli
 from util.progress import progress_bar as tqdm
@@ -279,7 +280,7 @@ def write_json(metrics: dict, path) -> Path:
     return path
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ref_batch", help="reference npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", help="sample npz (arr_0 uint8 NHWC)")
@@ -293,6 +294,11 @@ def parse_args(argv=None):
     parser.add_argument("--output-json", default=None, help="default: <sample stem>.metrics.json next to it")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="score samples whose resolution differs from the reference's (refused by default)")
+    return finish_parser(parser)
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}.")

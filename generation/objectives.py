@@ -6,7 +6,7 @@ transport plus its logit-normal times and cosine loss. The model name's prefix p
 (`build_objective`). `Objective.training_loss` draws each sample's unit time u from a `TimestepSampler`
 with a generator keyed by (seed, step, sample index), so a batch's loss depends neither on the world size
 nor on where a run was resumed; the Gaussian noise and the label dropout arrive with the batch, drawn by
-the data pipeline (generation/train.py `GenerationTrainSet`). A new timestep sampler is a subclass of
+the data pipeline (generation/train_data.py). A new timestep sampler is a subclass of
 `TimestepSampler` here and an entry in SCHEDULE_SAMPLERS (the trainer's --schedule-sampler).
 """
 from __future__ import annotations

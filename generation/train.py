@@ -15,7 +15,6 @@ import json
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import Optional
 
@@ -26,31 +25,26 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import Dataset
 
 from generation.eval_hooks import build_eval_hooks
 from generation.objectives import SCHEDULE_SAMPLERS, build_objective
 from generation.repa import (RESUME_MUST_MATCH as REPA_RESUME_MUST_MATCH, Alignment, add_repa_flags, build_targets,
-                             check_repa_args, check_token_grid, open_feature_cache, repa_model_kwargs)
-from generation.train_utils import (add_model_flags, build_latent_norm, build_model, build_vae, check_model_args,
-                                    check_vae_args, vae_source)
+                             check_repa_args, check_token_grid, repa_model_kwargs)
+from generation.train_data import build_dataset
+from generation.train_utils import add_model_flags, build_model, build_vae, check_model_args, check_vae_args
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
-from models.vae import vae_identity
-from util.checkpoint import CheckpointManager, args_to_dict, require_training_state, resolve_resume
+from util.checkpoint import CheckpointManager, args_to_dict, require_same_args, require_training_state, resolve_resume
 from util.cli import finish_parser
-from util.data import SeededDataset, build_image_folder, build_loader, generation_transform
-from util.disk import ensure_writable_dir
+from util.data import build_loader
 from util.distributed import (DEFAULT_TIMEOUT_MINUTES, all_reduce_mean, cleanup, init_distributed, rank_seed,
                               seed_everything)
 from util.ema import requires_grad, update_ema
 from util.errors import UserError, run_cli
-from util.latent_cache import LatentCacheDataset
 from util.loop import LoopPosition, LossWindow
 from util.precision import PRECISIONS, autocast, configure_backend, make_grad_scaler
 from util.preemption import PreemptionHandler
-from util.rng import sample_generator
-from util.run_dir import claim_output_dir, discard_on_failure, release_output_dir
+from util.run_dir import claim_numbered_dir, claim_output_dir, discard_on_failure, release_output_dir
 from util.run_log import RunLogger, Throughput, peak_memory_mb, require_wandb
 from util.sampler import ResumableDistributedSampler
 from util.train_state import load_parts, read_record, resume_position, training_state
@@ -169,15 +163,7 @@ def check_args(args) -> dict:
 
 
 def check_resume(args, checkpoint: dict, path: Path) -> None:
-    saved = dict(checkpoint.get("args") or {})
-    current = args_to_dict(args)
-    for values in (saved, current):  # compare the overrides, not their JSON spelling
-        if isinstance(values.get("model_kwargs"), str):
-            values["model_kwargs"] = json.loads(values["model_kwargs"])
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != current[key]:
-            raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
-                            f"command says {current[key]!r}; use the original value to continue that run.")
+    require_same_args(checkpoint, args, RESUME_MUST_MATCH, path)
     require_training_state(checkpoint, path, keys=("model", "ema", "opt"),
                            hint="to start from these weights use --finetune.")
     if read_record(checkpoint) is None:
@@ -187,90 +173,14 @@ def check_resume(args, checkpoint: dict, path: Path) -> None:
 
 def experiment_dir_for(args, resume_path) -> Path:
     """The resumed run's folder, or a fresh `<results-dir>/NNN-<model>[-<exp-name>]` (as DiT numbers them),
-    claimed for this run (`util.run_dir`: locked while it runs). Main rank only.
-
-    A fresh folder is made with mkdir(exist_ok=False), taking the next number if another run took this one
-    at the same moment: two runs never share (and interleave) one experiment folder.
-    """
+    claimed for this run (`util.run_dir`: locked while it runs). Main rank only."""
     if resume_path is not None:
         parent = Path(resume_path).resolve().parent
         folder = parent.parent if parent.name == "checkpoints" else parent
         claim_output_dir(folder, resume=str(resume_path), flag="--resume")
         return folder
-    results = ensure_writable_dir(args.results_dir, flag="--results-dir")
-    index = len(glob(f"{results}/*"))
     name = args.model.replace("/", "-") + (f"-{args.exp_name}" if args.exp_name else "")
-    while True:
-        folder = results / f"{index:03d}-{name}"
-        try:
-            folder.mkdir(exist_ok=False)
-            break
-        except FileExistsError:
-            index += 1
-    claim_output_dir(folder, flag="--results-dir")
-    return folder
-
-
-# sample_generator hashes the seed, so this offset gives a stream independent of the flips (drawn with `seed`).
-NOISE_STREAM_OFFSET = 0x5EED_D1F
-
-
-class GenerationTrainSet(Dataset):
-    """Wraps a keyed dataset `base[(epoch, index)] -> (x, label, index)` and adds the per-sample noise.
-
-    The noise comes from a generator keyed by (seed, epoch, index), so a global batch is the same whatever
-    the world size, the number of workers or the step a run was resumed from (the timestep is drawn by the
-    objective, keyed by the step and `index`). features: a REPA `FeatureCache` paired with a latent-cache base.
-    Returns {"x", "y" (int64), "index" (int64), "noise" (C, h, w), "drop" (int64 0/1: the null label for CFG)
-    [, "posterior_noise" (C, h, w) with the online VAE] [, "repa_features" (T, D) float32]}.
-    """
-
-    def __init__(self, base: Dataset, latent_shape, seed: int, class_dropout_prob: float, online_vae: bool,
-                 features=None):
-        self.base, self.latent_shape, self.features = base, tuple(latent_shape), features
-        self.noise_seed = int(seed) + NOISE_STREAM_OFFSET
-        self.class_dropout_prob, self.online_vae = float(class_dropout_prob), online_vae
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        x, label, _ = self.base[key]
-        generator = sample_generator(self.noise_seed, epoch, index)
-        sample = {"x": x, "y": torch.as_tensor(label, dtype=torch.long), "index": torch.as_tensor(index),
-                  "drop": (torch.rand((), generator=generator) < self.class_dropout_prob).long(),
-                  "noise": torch.randn(self.latent_shape, generator=generator)}
-        if self.online_vae:
-            sample["posterior_noise"] = torch.randn(self.latent_shape, generator=generator)
-        if self.features is not None:
-            # The latent cache's own choice of orientation for this draw, so latent and features agree.
-            image_index = int(self.base.image_index[index])
-            sample["repa_features"] = self.features.features(image_index, self.base.flip_of(epoch, index))
-        return sample
-
-
-def build_dataset(args, latent_shape, class_dropout_prob: float) -> GenerationTrainSet:
-    """Cached latents or images (ADM center crop [+ flip]) with their noise [and REPA's cached features]."""
-    if args.cached_path is not None:
-        # The cache must hold ADM-center-cropped latents of this VAE at this size, else training silently
-        # learns another distribution than the one the EMA previews decode.
-        expect = dict(image_size=args.image_size, vae_version=args.vae_version, crop="center",
-                      vae_identity=vae_identity(args.vae_version, vae_source(args)))
-        latent_norm = build_latent_norm(args)
-        base = LatentCacheDataset(args.cached_path, expect=expect, use_mean=False, seed=args.global_seed,
-                                  normalize=latent_norm.normalize if latent_norm is not None else None,
-                                  fixed_posterior=args.fixed_posterior_sample, random_flip=args.random_flip)
-        classes, source = base.manifest["classes"], args.cached_path
-    else:
-        folder = build_image_folder(args.data_path, strict=args.strict_data)
-        base = SeededDataset(folder, generation_transform(args.image_size, args.random_flip), seed=args.global_seed)
-        classes, source = folder.classes, args.data_path
-    if len(classes) != args.num_classes:
-        raise UserError(f"{source} has {len(classes)} classes but --num-classes is {args.num_classes}; "
-                        f"pass --num-classes {len(classes)}.")
-    return GenerationTrainSet(base, latent_shape, seed=args.global_seed, class_dropout_prob=class_dropout_prob,
-                              online_vae=args.cached_path is None, features=open_feature_cache(args, base))
+    return claim_numbered_dir(args.results_dir, name, flag="--results-dir")
 
 
 class TrainStep:

@@ -144,7 +144,7 @@ def test_resume_with_repa_continues_the_exact_run(tmp_path, tiny_image_folder, t
 def test_feature_cache_gives_the_same_alignment_loss_as_online_features(tmp_path, tiny_image_folder, tiny_vae_dir,
                                                                         encoder_weights):
     from generation.cache_features import extract_feature_cache
-    from generation.train import GenerationTrainSet
+    from generation.train_data import GenerationTrainSet
     from pretrain import cache_latents
     from util import feature_cache, latent_cache
     from util.data import build_image_folder

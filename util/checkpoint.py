@@ -10,6 +10,7 @@
 """
 import argparse
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -163,6 +164,19 @@ def require_training_state(checkpoint, path, keys=("model",), hint: str = "") ->
         raise UserError(f"--resume {path} is not a training checkpoint (it is {kind}); "
                               f"{hint or 'resume from a checkpoint this script wrote.'}")
     return checkpoint
+
+
+def require_same_args(checkpoint: dict, args, keys, path) -> None:
+    """One sentence if the command changes an argument in `keys` that the --resume checkpoint was trained with
+    (its network shapes or the order and content of its batches): the exact run could not continue."""
+    saved, current = dict(checkpoint.get("args") or {}), args_to_dict(args)
+    for values in (saved, current):  # compare JSON overrides by value, not by their spelling
+        if isinstance(values.get("model_kwargs"), str):
+            values["model_kwargs"] = json.loads(values["model_kwargs"])
+    for key in keys:
+        if key in saved and saved[key] != current[key]:
+            raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
+                            f"command says {current[key]!r}; use the original value to continue that run.")
 
 
 def _corrupt(path: Path, error: Exception) -> UserError:

@@ -33,8 +33,7 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             if not name.startswith("--"):
                 continue
             other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
-            if other not in parser._option_string_actions:
-                action.option_strings.append(other)
+            if other not in parser._option_string_actions:  # parsed, not listed: --help stays one line a flag
                 parser._option_string_actions[other] = action
         if (action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS)
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,

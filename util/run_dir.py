@@ -162,3 +162,20 @@ def claim_output_dir(folder, resume: Optional[str] = None, overwrite: bool = Fal
         lock.release()
         raise
     return lock
+
+
+def claim_numbered_dir(parent, name: str, flag: str) -> Path:
+    """A fresh `<parent>/NNN-<name>` (NNN = entries already in `parent`, as DiT numbers its experiments),
+    created with mkdir(exist_ok=False) and claimed: a run that takes a number at the same moment makes the
+    next one, so two runs never share (and interleave) one folder."""
+    parent = ensure_writable_dir(parent, flag=flag)
+    index = sum(1 for entry in parent.iterdir() if not entry.name.startswith("."))  # as glob("*") counts
+    while True:
+        folder = parent / f"{index:03d}-{name}"
+        try:
+            folder.mkdir(exist_ok=False)
+            break
+        except FileExistsError:
+            index += 1
+    claim_output_dir(folder, flag=flag)
+    return folder
