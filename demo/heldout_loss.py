@@ -28,6 +28,7 @@ import torch
 from generation.objectives import NoiseBundle, build_objective
 from generation.train_utils import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import load_checkpoint
+from util.cli import finish_parser
 from util.latent_cache import LatentCacheDataset
 from util.progress import progress_bar as tqdm
 
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="(t, noise) draws per held-out latent")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
-    return parser
+    return finish_parser(parser)
 
 
 def find_checkpoints(experiment) -> list[tuple[int, Path]]:

@@ -22,6 +22,7 @@ from demo.paired_stats import NO_DIFFERENCE, direction, format_interval, paired_
 from demo.report_plots import LABELS, fmt, plot_curves, plot_samples, probe_history, read_jsonl
 from demo.run_demo import CONFIG_NAME, TIMINGS_NAME
 from demo.stages import FAMILY_NAMES, RUNS, seed_dir
+from util.cli import finish_parser
 
 LOSS_KEYS = {"loss": "held-out loss", "ema_loss": "held-out loss of the EMA weights"}
 
@@ -177,7 +178,7 @@ def timing_section(timings: dict) -> list:
                      f"**{entry['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
                      f"per-stage seconds add up to more than the wall time.")
         if "cpu_seconds" in entry:
-            lines.append(f"CPU time of those stages and of importing torch & co. once: {entry['cpu_seconds']:.0f} s "
+            lines.append(f"CPU time of those stages: {entry['cpu_seconds']:.0f} s "
                          f"(user + system); load average at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "
                          "busy machine the wall time grows with the load; the CPU time does not (much).")
     return lines
@@ -305,7 +306,7 @@ def write_report(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser("Write the demo report")
     parser.add_argument("--out", required=True, help="the demo's output folder")
-    write_report(Path(parser.parse_args().out))
+    write_report(Path(finish_parser(parser).parse_args().out))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,12 @@
-"""Runs the demo pipeline (see demo/stages.py) with markers, progress bars and per-stage timings.
+"""Runs the demo pipeline (see demo/stages.py) with markers, a progress line per stage and per-stage timings.
 
     python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
                             [--seeds N] [--first-seed S] [--set KEY=VALUE ...] [--only STAGE ...]
 
-- Stages run as processes of their own, `--jobs` at a time (default: one per CPU core, each single-threaded:
-  the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
-  machine; the tiny VAE's training, which nothing can run beside, gets every core). Each is forked from one
-  Python that has imported torch, torchvision, timm and diffusers once (util/preloaded_python.py) and then
-  runs its command as `python <command>` would; that saves ~9 CPU seconds of imports per stage, a third of
-  the demo. `--fresh-processes` starts a new interpreter per stage instead. Each stage's output goes to
-  `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand; in a terminal its tqdm
-  counter is mirrored into a bar of its own here (in a log or CI, one plain line per finished stage instead).
+- Stages run as plain `python -m ...` processes, `--jobs` at a time (default: one per CPU core, each
+  single-threaded: the models are tiny, and two one-thread processes beat one two-thread process on a busy
+  2-core machine; the tiny VAE's training, which nothing can run beside, gets every core). Each stage's
+  output goes to `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand.
 - `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
   (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
 - `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
@@ -27,9 +23,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,18 +35,14 @@ from tqdm import tqdm
 
 from demo.config import FAST, FULL
 from demo.stages import build_stages
+from util.cli import finish_parser
 from util.errors import UserError
-from util.preloaded_python import PreloadedPython
 from util.progress import is_interactive, progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ".stages"
 CONFIG_NAME = "demo_config.json"
 TIMINGS_NAME = "timings.json"
-# tqdm's "  12/300 [" counter, the last one in a chunk of a child's output.
-PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
-
-
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,12 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of demo/config.py's configuration (experiments; repeatable)")
-    parser.add_argument("--fresh-processes", action="store_true",
-                        help="start each stage as a new interpreter instead of forking it from one that has imported "
-                             "torch & co. (about 9 CPU seconds more per stage; the commands are the same)")
     parser.add_argument("--only", action="append", default=[], metavar="STAGE",
                         help="run only STAGE and the stages it needs (repeatable; 'heldout' = every seed's heldout_s<s>)")
-    return parser
+    return finish_parser(parser)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,60 +119,34 @@ def needed_for(stages, targets: list) -> set:
 # ----------------------------------------------------------------------------------------------
 
 class StageProcess:
-    """A stage's process (forked from the preloaded Python, or a fresh interpreter), its log file and, in a
-    terminal, a progress bar fed from the tqdm counter the child writes into that log."""
+    """A running stage: its `python -m ...` process and its log file."""
 
-    def __init__(self, stage, out: Path, position: int, env: dict, python: PreloadedPython):
+    def __init__(self, stage, out: Path, env: dict):
         self.stage = stage
-        self.position = position
-        self.python = python
         self.command = stage.command()
         self.log_path = out / "logs" / f"{stage.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("$ " + shlex.join(self.command) + "\n")  # copy-pasteable; the child appends
         self.started = time.time()
         self.cpu_seconds = None
-        self.returncode = None
-        self.pid = python.start(self.command[1:], REPO_ROOT, env, self.log_path, self.log_path)
-        # Mirrored bars only in a terminal: in a log, each stage's own lines are in its log file.
-        self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
-            if is_interactive(sys.stderr) else None
-        self.stop_mirroring = threading.Event()
-        self.mirror = threading.Thread(target=self._mirror_progress, daemon=True) if self.bar is not None else None
-        if self.mirror is not None:
-            self.mirror.start()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _mirror_progress(self) -> None:
-        """Follows the log as `tail -f` would and shows the child's latest tqdm counter in our bar."""
-        with open(self.log_path, "rb") as log:
-            while not self.stop_mirroring.wait(0.2):
-                counters = PROGRESS.findall(log.read())
-                if counters:
-                    done, total = map(int, counters[-1])
-                    self.bar.total, self.bar.n = total, done
-                    self.bar.refresh()
-
-    def reap(self) -> bool:
-        """True once the child has exited; records its exit code and its own CPU seconds (user + system of it
-        and its reaped children, from wait4: with two stages running at once, our RUSAGE_CHILDREN cannot
-        tell them apart)."""
-        result = self.python.poll(self.pid)
-        if result is None:
-            return False
-        self.returncode, self.cpu_seconds = result
-        return True
+    def poll(self):
+        """The exit code once the child has exited (else None). Also records its CPU seconds: user + system of
+        it and its reaped children, from wait4 (with two stages at once, RUSAGE_CHILDREN cannot tell them apart)."""
+        if self.process.returncode is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self.process.returncode = os.waitstatus_to_exitcode(status)
+                self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        return self.process.returncode
 
     def stop(self) -> None:
         """Ends the child early (we are stopping) and waits for it."""
-        os.kill(self.pid, signal.SIGTERM)
-        self.python.wait(self.pid, timeout=60)
-
-    def finish(self) -> int:
-        if self.mirror is not None:
-            self.stop_mirroring.set()
-            self.mirror.join()
-            self.bar.close()
-        return self.returncode
+        if self.process.returncode is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
 
 
 def child_env(threads: int) -> dict:
@@ -222,8 +184,8 @@ def log_tail(path: Path, lines: int = 25) -> str:
 # The scheduler
 # ----------------------------------------------------------------------------------------------
 
-def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedPython) -> dict:
-    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done, started by `python`."""
+def run_pipeline(stages, out: Path, pending: list, jobs: int) -> dict:
+    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done."""
     by_name = {stage.name: stage for stage in stages}
     done = {stage.name for stage in stages if stage.name not in pending}
     waiting = list(pending)
@@ -249,16 +211,15 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedP
                     done.add(name)
                     overall.update(1)
                     continue
-                free = min(set(range(1, jobs + 1)) - {child.position for child in running.values()})
                 try:
-                    running[name] = StageProcess(stage, out, free, exclusive_env if stage.exclusive else env, python)
+                    running[name] = StageProcess(stage, out, exclusive_env if stage.exclusive else env)
                 except FileNotFoundError as error:  # an input of the command is missing
                     raise UserError(f"stage {name} cannot start: {error}") from None
             time.sleep(0.2)
             for name, child in list(running.items()):
-                if not child.reap():
+                returncode = child.poll()
+                if returncode is None:
                     continue
-                returncode = child.finish()
                 del running[name]
                 if returncode != 0:
                     raise UserError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
@@ -271,15 +232,14 @@ def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedP
     finally:
         for child in running.values():  # stop our own children if we are stopping early
             child.stop()
-            child.finish()
         overall.close()
     return seconds
 
 
-def record_timings(out: Path, stages, wall: float, ran: list, final: bool, import_cpu_seconds: float) -> dict:
+def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
     """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
-    seconds of its finished stages plus the preloaded Python's imports (user + system: on a busy machine the
-    wall time says little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
+    seconds of its finished stages (user + system: on a busy machine the wall time says little, the CPU time
+    says what a quiet one needs, about CPU seconds / jobs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -292,9 +252,9 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool, impor
                for stage in stages if marker_path(out, stage.name).is_file()}
     timings["stages"] = {name: marker["seconds"] for name, marker in markers.items()}
     timings["stage_cpu_seconds"] = {name: marker.get("cpu_seconds") for name, marker in markers.items()}
-    cpu_seconds = import_cpu_seconds + sum(timings["stage_cpu_seconds"].get(name) or 0.0 for name in ran)
+    cpu_seconds = sum(timings["stage_cpu_seconds"].get(name) or 0.0 for name in ran)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
-                                   "cpu_seconds": round(cpu_seconds, 2), "import_cpu_seconds": round(import_cpu_seconds, 2),
+                                   "cpu_seconds": round(cpu_seconds, 2),
                                    "load_average": [round(load, 2) for load in os.getloadavg()],
                                    "in_progress": not final})
     path.write_text(json.dumps(timings, indent=1))
@@ -339,15 +299,11 @@ def main(args) -> int:
         return 0
     # The report reads the timings, so they are written before it runs and again at the very end.
     before_report = [name for name in pending if name != "report"]
-    python = PreloadedPython(fresh=args.fresh_processes or not hasattr(os, "fork"), server_env=child_env(1))
-    try:
-        run_pipeline(scheduled, out, before_report, jobs, python)
-        record_timings(out, stages, time.time() - started, before_report, False, python.import_cpu_seconds)
-        if "report" in pending:  # pending unless --only left it out: it depends on every other stage
-            run_pipeline(stages, out, ["report"], jobs, python)
-    finally:
-        python.close()
-    record_timings(out, stages, time.time() - started, pending, True, python.import_cpu_seconds)
+    run_pipeline(scheduled, out, before_report, jobs)
+    record_timings(out, stages, time.time() - started, before_report, False)
+    if "report" in pending:  # pending unless --only left it out: it depends on every other stage
+        run_pipeline(stages, out, ["report"], jobs)
+    record_timings(out, stages, time.time() - started, pending, True)
     result = f"report: {out / 'report.md'}" if "report" in pending else f"outputs under {out}"
     print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {result}")
     return 0

@@ -1,9 +1,8 @@
 """The demo pipeline as a table of stages: what each runs, what it needs, where it writes.
 
 Every stage but the first is a process running a real entry point exactly as a user would type it
-(`python -m pretrain.main_pretrain ...`; demo/run_demo.py forks it from a Python that has imported torch & co.
-already, and each stage's log starts with the command); the commands are built when the stage starts, so a stage
-can point at a file an earlier stage produced (e.g. the newest pretraining checkpoint).
+(`python -m pretrain.main_pretrain ...`; each stage's log starts with the command); the commands are built
+when the stage starts, so a stage can point at a file an earlier stage produced (e.g. the newest pretraining checkpoint).
 
 Pipeline, for every seed s (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr are shared):
   data -> vae -> cache_train, cache_val -> pretrain_s<s> -> probe_usp_s<s>, {dit,sit}_usp_s<s>
@@ -79,7 +78,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
                           cfg.data_seed)
 
     def cache(split: str, target: Path):
-        return lambda: [py, "-m", "util.latent_cache", "--data_path", str(data / split), "--cached_path", str(target),
+        return lambda: [py, "-m", "pretrain.cache_latents", "--data_path", str(data / split), "--cached_path", str(target),
                         *common_vae, "--batch_size", "250", "--shard_size", "4096", "--num_workers", "0",
                         "--device", "cpu"]
 

@@ -11,7 +11,7 @@
 # N nodes:    run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and NODE_RANK = 0..NNODES-1:
 #             MASTER_ADDR=node0 NNODES=4 NODE_RANK=1 DATA_PATH=... VAE_PATH=... FINETUNE=... bash scripts/linprobe.sh
 # DATA_PATH holds train/ and val/. Extra arguments are appended, e.g. `--resume OUTPUT_DIR`, `--global_pool`,
-# `--use_cached --cached_path CACHE` (a latent cache of train/ made with `python -m util.latent_cache --crop eval`;
+# `--use_cached --cached_path CACHE` (a latent cache of train/ made with `python -m pretrain.cache_latents --crop eval`;
 # only flips remain as augmentation), `--vae_version d16 --vae_path kl16.ckpt`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"

@@ -9,7 +9,7 @@
 #
 #   CACHE=/data/imagenet256_vavae_cache VAE_PATH=/weights/vavae-imagenet256-f16d32-dinov2 \
 #     FINETUNE=output_pretrain/lightningdit_xlarge_patch_vae_vavae_800ep/checkpoint-799.pth bash scripts/train_lightningdit.sh
-# CACHE: `python -m util.latent_cache --data_path /data/imagenet/train --cached_path CACHE --vae_version vavae_f16d32
+# CACHE: `python -m pretrain.cache_latents --data_path /data/imagenet/train --cached_path CACHE --vae_version vavae_f16d32
 #   --vae_path VAE_PATH --input_size 256` (add --latent_stats to compute latents_stats.pt without the released one,
 #   then pass `--latent-stats CACHE/latents_stats.pt`). DATA_PATH instead of CACHE encodes online (slower).
 # Multi-node: MASTER_ADDR/MASTER_PORT, NNODES, NODE_RANK, GPUS (scripts/launch.sh). Extra arguments are appended,
