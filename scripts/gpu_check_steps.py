@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -276,7 +275,7 @@ def latent_cache_precision(scale, assets: dict, work: Path) -> dict:
     data = {}
     for dtype in ("fp32", "fp16"):
         cache = work / f"latent-cache-{dtype}"
-        run_logged([sys.executable, "-m", "pretrain.cache_latents", "--data_path", str(assets["data"] / "train"),
+        run_logged([scale.python, "-m", "pretrain.cache_latents", "--data_path", str(assets["data"] / "train"),
                     "--cached_path", str(cache), "--vae_version", "d8", "--vae_path", str(assets["vae"]),
                     "--input_size", str(scale.image_size), "--batch_size", str(scale.batch), "--shard_size", "64",
                     "--num_workers", "0", "--device", scale.device, "--moments_dtype", dtype],
