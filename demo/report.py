@@ -175,8 +175,7 @@ def timing_section(timings: dict) -> list:
         lines.append("")
         entry = full[-1]
         lines.append(f"Wall time of the run that computed every stage (up to the report): "
-                     f"**{entry['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
-                     f"per-stage seconds add up to more than the wall time.")
+                     f"**{entry['wall_seconds']:.0f} s**; the stages run one after another in one process.")
         if "cpu_seconds" in entry:
             lines.append(f"CPU time of those stages: {entry['cpu_seconds']:.0f} s "
                          f"(user + system); load average at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "

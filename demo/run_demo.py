@@ -3,10 +3,9 @@
     python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
                             [--seeds N] [--first-seed S] [--set KEY=VALUE ...] [--only STAGE ...]
 
-- Stages run as plain `python -m ...` processes, `--jobs` at a time (default: one per CPU core, each
-  single-threaded: the models are tiny, and two one-thread processes beat one two-thread process on a busy
-  2-core machine; the tiny VAE's training, which nothing can run beside, gets every core). Each stage's
-  output goes to `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand.
+- Stages run one after another in this process, each a real entry point run as `python -m ...` would run it
+  (runpy: torch & co. are imported once, not once per stage, which on the --fast run is most of the time).
+  Each stage's output goes to `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand.
 - `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
   (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
 - `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
@@ -21,11 +20,13 @@ import argparse
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
-import subprocess
 import sys
 import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -53,7 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", default=None,
                         help="weights-inception-2015-12-05-6726825d.pth: also compute FID/IS (adds minutes on CPU)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (CI)")
-    parser.add_argument("--jobs", type=int, default=None, help="stages run at once (default: CPU cores, max 2)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="paired seeds of pretraining, probes and generators (default 3; 2 with --fast)")
     parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
@@ -118,41 +118,47 @@ def needed_for(stages, targets: list) -> set:
 # Running one stage
 # ----------------------------------------------------------------------------------------------
 
-class StageProcess:
-    """A running stage: its `python -m ...` process and its log file."""
-
-    def __init__(self, stage, out: Path, env: dict):
-        self.stage = stage
-        self.command = stage.command()
-        self.log_path = out / "logs" / f"{stage.name}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_text("$ " + shlex.join(self.command) + "\n")  # copy-pasteable; the child appends
-        self.started = time.time()
-        self.cpu_seconds = None
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def poll(self):
-        """The exit code once the child has exited (else None). Also records its CPU seconds: user + system of
-        it and its reaped children, from wait4 (with two stages at once, RUSAGE_CHILDREN cannot tell them apart)."""
-        if self.process.returncode is None:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-            if pid:
-                self.process.returncode = os.waitstatus_to_exitcode(status)
-                self.cpu_seconds = usage.ru_utime + usage.ru_stime
-        return self.process.returncode
-
-    def stop(self) -> None:
-        """Ends the child early (we are stopping) and waits for it."""
-        if self.process.returncode is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
+def run_command(argv: list) -> int:
+    """`python <argv>` (["-m", module, *args] or [script, *args]) run in this process; returns its exit code.
+    A crash prints its traceback (into the stage's log) and counts as exit code 1, as in a process of its own."""
+    module = argv[0] == "-m"
+    target, args = (argv[1], argv[2:]) if module else (str(REPO_ROOT / argv[0]), argv[1:])
+    saved_argv = sys.argv
+    sys.argv = [target, *args]
+    try:
+        if module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(target, run_name="__main__")
+    except SystemExit as stop:  # as the interpreter reads it: None is 0, a message is printed with 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved_argv
+    return 0
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return env
+def run_stage(stage, out: Path) -> tuple:
+    """Runs the stage's command with its output in `<out>/logs/<stage>.log`; returns (the command, the CPU
+    seconds it took)."""
+    try:
+        command = stage.command()
+    except FileNotFoundError as error:  # an input of the command is missing
+        raise UserError(f"stage {stage.name} cannot start: {error}") from None
+    log_path = out / "logs" / f"{stage.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("$ " + shlex.join(command) + "\n")  # copy-pasteable; the stage appends
+    started = time.process_time()
+    with open(log_path, "a") as log, redirect_stdout(log), redirect_stderr(log):
+        returncode = run_command(command[1:])
+    if returncode != 0:
+        raise UserError(f"stage {stage.name} failed (exit code {returncode}); the end of {log_path}:\n"
+                        f"{log_tail(log_path)}\ncommand: {shlex.join(command)}")
+    return command, time.process_time() - started
 
 
 def clear_outputs(out: Path, stage) -> None:
@@ -166,7 +172,7 @@ def clear_outputs(out: Path, stage) -> None:
 
 
 def write_marker(out: Path, stage, seconds: float, command, cpu_seconds: float | None = None) -> None:
-    """`cpu_seconds`: user + system time of the stage's process tree (None for an in-process stage)."""
+    """`cpu_seconds`: user + system time of the stage (None for the dataset, a plain function)."""
     path = marker_path(out, stage.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"seconds": round(seconds, 2), "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2),
@@ -184,62 +190,32 @@ def log_tail(path: Path, lines: int = 25) -> str:
 # The scheduler
 # ----------------------------------------------------------------------------------------------
 
-def run_pipeline(stages, out: Path, pending: list, jobs: int) -> dict:
-    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done."""
-    by_name = {stage.name: stage for stage in stages}
-    done = {stage.name for stage in stages if stage.name not in pending}
-    waiting = list(pending)
-    running: dict[str, StageProcess] = {}
-    seconds = {}
-    cpus = os.cpu_count() or 1
-    env, exclusive_env = child_env(max(1, cpus // jobs)), child_env(cpus)
-    overall = progress_bar(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
+def run_pipeline(stages, out: Path, pending: list) -> None:
+    """Runs the `pending` stages in table order (the table is in dependency order)."""
+    overall = progress_bar(total=len(stages), initial=len(stages) - len(pending), desc="demo stages".rjust(18),
                            dynamic_ncols=True, every=1 if not is_interactive(sys.stderr) else None)
     try:
-        while waiting or running:
-            for name in list(waiting):
-                stage = by_name[name]
-                if len(running) >= jobs or not all(need in done for need in stage.needs):
-                    continue
-                waiting.remove(name)
-                clear_outputs(out, stage)
-                if stage.function is not None:  # quick in-process stage (the dataset)
-                    started = time.time()
-                    stage.function()
-                    seconds[name] = time.time() - started
-                    write_marker(out, stage, seconds[name], None)
-                    done.add(name)
-                    overall.update(1)
-                    continue
-                try:
-                    running[name] = StageProcess(stage, out, exclusive_env if stage.exclusive else env)
-                except FileNotFoundError as error:  # an input of the command is missing
-                    raise UserError(f"stage {name} cannot start: {error}") from None
-            time.sleep(0.2)
-            for name, child in list(running.items()):
-                returncode = child.poll()
-                if returncode is None:
-                    continue
-                del running[name]
-                if returncode != 0:
-                    raise UserError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
-                                    f"{log_tail(child.log_path)}\ncommand: {shlex.join(child.command)}")
-                seconds[name] = time.time() - child.started
-                write_marker(out, child.stage, seconds[name], child.command, child.cpu_seconds)
-                done.add(name)
-                overall.update(1)
-                tqdm.write(f"[demo] {name} done in {seconds[name]:.1f}s ({child.stage.about})")
+        for stage in stages:
+            if stage.name not in pending:
+                continue
+            clear_outputs(out, stage)
+            started = time.time()
+            if stage.function is not None:  # the dataset: a plain function, no command
+                stage.function()
+                write_marker(out, stage, time.time() - started, None)
+            else:
+                command, cpu_seconds = run_stage(stage, out)
+                write_marker(out, stage, time.time() - started, command, cpu_seconds)
+            overall.update(1)
+            tqdm.write(f"[demo] {stage.name} done in {time.time() - started:.1f}s ({stage.about})")
     finally:
-        for child in running.values():  # stop our own children if we are stopping early
-            child.stop()
         overall.close()
-    return seconds
 
 
 def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
     """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
     seconds of its finished stages (user + system: on a busy machine the wall time says little, the CPU time
-    says what a quiet one needs, about CPU seconds / jobs).
+    says what a quiet one needs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -282,7 +258,6 @@ def main(args) -> int:
         raise UserError(f"--inception-weights {args.inception_weights} does not exist; pass the file "
                         "weights-inception-2015-12-05-6726825d.pth (see README) or leave the flag out.")
     inception_weights = str(Path(args.inception_weights).resolve()) if args.inception_weights else None
-    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     stages = build_stages(out, cfg, inception_weights)
     check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
     pending = stages_to_run(stages, out, args.redo)
@@ -299,10 +274,10 @@ def main(args) -> int:
         return 0
     # The report reads the timings, so they are written before it runs and again at the very end.
     before_report = [name for name in pending if name != "report"]
-    run_pipeline(scheduled, out, before_report, jobs)
+    run_pipeline(scheduled, out, before_report)
     record_timings(out, stages, time.time() - started, before_report, False)
     if "report" in pending:  # pending unless --only left it out: it depends on every other stage
-        run_pipeline(stages, out, ["report"], jobs)
+        run_pipeline(stages, out, ["report"])
     record_timings(out, stages, time.time() - started, pending, True)
     result = f"report: {out / 'report.md'}" if "report" in pending else f"outputs under {out}"
     print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {result}")

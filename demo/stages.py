@@ -1,8 +1,9 @@
 """The demo pipeline as a table of stages: what each runs, what it needs, where it writes.
 
-Every stage but the first is a process running a real entry point exactly as a user would type it
-(`python -m pretrain.main_pretrain ...`; each stage's log starts with the command); the commands are built
-when the stage starts, so a stage can point at a file an earlier stage produced (e.g. the newest pretraining checkpoint).
+Every stage but the first runs a real entry point exactly as a user would type it (`python -m
+pretrain.main_pretrain ...`, which demo/run_demo.py runs in its own process; each stage's log starts with the
+command); the commands are built when the stage starts, so a stage can point at a file an earlier stage
+produced (e.g. the newest pretraining checkpoint).
 
 Pipeline, for every seed s (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr are shared):
   data -> vae -> cache_train, cache_val -> pretrain_s<s> -> probe_usp_s<s>, {dit,sit}_usp_s<s>
@@ -32,9 +33,8 @@ FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
 class Stage:
     """One step of the demo.
 
-    command: () -> [python, *argv] (a process of its own), or None when `function` runs in-process.
+    command: () -> [python, *argv] (an entry point's command line), or None when `function` is the stage.
     outputs: paths (relative to the output folder) deleted before the stage (re)runs.
-    exclusive: nothing else can run beside it (every later stage needs it), so it gets every CPU thread.
     """
 
     name: str
@@ -43,7 +43,6 @@ class Stage:
     command: Optional[Callable[[], list]] = None
     function: Optional[Callable[[], None]] = None
     about: str = ""
-    exclusive: bool = False
 
 
 def newest(directory: Path, pattern: str) -> Path:
@@ -206,7 +205,7 @@ def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] 
     stages = [
         Stage("data", (), ("data",), function=c.write_data,
               about=f"toy dataset (10 shape classes, {cfg.image_size} px)"),
-        Stage("vae", ("data",), ("vae",), c.train_vae, about="tiny AutoencoderKL + latent scale", exclusive=True),
+        Stage("vae", ("data",), ("vae",), c.train_vae, about="tiny AutoencoderKL + latent scale"),
         Stage("cache_train", ("vae",), ("cache/train",), partial(c.cache, "train", c.cache_train),
               about="latent cache (train)"),
         Stage("cache_val", ("vae",), ("cache/val",), partial(c.cache, "val", c.cache_val), about="latent cache (val)"),
