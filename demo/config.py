@@ -1,13 +1,10 @@
 """The demo's budget: data size, model sizes and steps of every stage, for the full and the --fast run.
 
-The full run is sized for 10 minutes on 2 quiet CPU cores (scripts/demo.sh runs two single-threaded
-stages at a time) with `seeds` = 3 paired seeds; README "The demo's numbers" has the measured wall time.
-The stages fork from one Python that has imported torch & co. once (util/preloaded_python.py), so a stage
-costs what it computes. Per seed: 600 pretraining steps, 5-epoch linear probes evaluated once, four 300-step
-generators at batch 16 and lr 2e-3 (4x DiT's 5e-4, so that Adam opens the zero-initialised adaLN gates,
-through which the USP weights act, sooner), and one held-out draw per val latent. The pretraining length and
-probe epochs (python -m demo.run_demo --only probe_usp --only probe_random) and the generator settings
-(python -m demo.search) were chosen on a split the report never measures (README).
+The full run is sized for about 10 minutes on 2 quiet CPU cores with `seeds` = 3 paired seeds. Per seed:
+600 pretraining steps, 5-epoch linear probes evaluated once, four 300-step generators at batch 16 and lr
+2e-3 (4x DiT's 5e-4, so that Adam opens the zero-initialised adaLN gates, through which the USP weights act,
+sooner), and one held-out draw per val latent. These settings were chosen on a data split the
+report never measures (`--set data_seed=10 --first-seed 100`).
 --fast keeps every stage but takes a few steps each, so the test suite can run the whole pipeline.
 
 Seeds: the dataset, the tiny VAE and the toy classifier are made once (`data_seed`); USP pretraining,

@@ -26,9 +26,10 @@ if __package__ in (None, ""):
 import torch
 
 from generation.objectives import NoiseBundle, build_objective
-from generation.train import CHECKPOINT_PATTERN
-from generation.train_utils import build_model
+from models.dit import DiT_models
+from models.sit import SiT_models
 from util.checkpoint import load_checkpoint
+from util.cli import finish_parser
 from util.latent_cache import LatentCacheDataset
 from util.progress import progress_bar as tqdm
 
@@ -43,13 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="(t, noise) draws per held-out latent")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
-    return parser
+    return finish_parser(parser)
 
 
 def find_checkpoints(experiment) -> list[tuple[int, Path]]:
     """(step, path) of every `checkpoints/NNNNNNN.pt` under `experiment`, oldest first."""
     paths = sorted(Path(experiment).glob("**/checkpoints/*.pt"))
-    found = [(int(match.group(1)), path) for path in paths if (match := re.match(CHECKPOINT_PATTERN, path.name))]
+    found = [(int(match.group(1)), path) for path in paths if (match := re.fullmatch(r"(\d+)\.pt", path.name))]
     if not found:
         raise SystemExit(f"heldout_loss: error: no checkpoints under {experiment}; run generation.train first.")
     return sorted(found)
@@ -95,7 +96,9 @@ def score_experiment(experiment, output: Path, latents, labels, bundle: NoiseBun
     for step, path in tqdm(checkpoints, desc="held-out loss"):
         checkpoint = load_checkpoint(path)
         run_args = Namespace(**checkpoint["args"])
-        model = build_model(run_args, json.loads(run_args.model_kwargs), latents.shape[-1], latents.shape[1])
+        model = {**DiT_models, **SiT_models}[run_args.model](
+            input_size=latents.shape[-1], num_classes=run_args.num_classes, in_channels=latents.shape[1],
+            **json.loads(run_args.model_kwargs))
         objective = build_objective(run_args.model, run_args.num_classes, run_args.path_type,
                                     run_args.prediction, run_args.loss_weight, run_args.train_eps,
                                     run_args.sample_eps)

@@ -22,6 +22,7 @@ from demo.paired_stats import NO_DIFFERENCE, direction, format_interval, paired_
 from demo.report_plots import LABELS, fmt, plot_curves, plot_samples, probe_history, read_jsonl
 from demo.run_demo import CONFIG_NAME, TIMINGS_NAME
 from demo.stages import FAMILY_NAMES, RUNS, seed_dir
+from util.cli import finish_parser
 
 LOSS_KEYS = {"loss": "held-out loss", "ema_loss": "held-out loss of the EMA weights"}
 
@@ -174,12 +175,80 @@ def timing_section(timings: dict) -> list:
         lines.append("")
         entry = full[-1]
         lines.append(f"Wall time of the run that computed every stage (up to the report): "
-                     f"**{entry['wall_seconds']:.0f} s**. Stages run two at a time, one thread each, so the "
-                     f"per-stage seconds add up to more than the wall time.")
+                     f"**{entry['wall_seconds']:.0f} s**; the stages run one after another in one process.")
         if "cpu_seconds" in entry:
-            lines.append(f"CPU time of those stages and of importing torch & co. once: {entry['cpu_seconds']:.0f} s "
+            lines.append(f"CPU time of those stages: {entry['cpu_seconds']:.0f} s "
                          f"(user + system); load average at the end {', '.join(f'{x:.1f}' for x in entry['load_average'])} (1, 5, 15 min). On a "
                          "busy machine the wall time grows with the load; the CPU time does not (much).")
+    return lines
+
+
+def setup_section(out: Path, cfg: C.DemoConfig) -> list:
+    vae = read_json(out / "vae" / "vae_stats.json") or {}
+    pretrain_losses = [[e["loss"] for e in read_jsonl(seed_dir(out, seed) / "pretrain" / "log.txt") if "loss" in e]
+                       for seed in cfg.seed_list]
+    pretrain_losses = [losses for losses in pretrain_losses if losses]
+    first = cfg.seed_list[0]
+    return [
+        f"- Data: {C.NUM_CLASSES} procedural shape classes at {cfg.image_size} px, "
+        f"{cfg.train_per_class} train + {cfg.val_per_class} val images per class (`data/`, data seed {cfg.data_seed}).",
+        f"- VAE: a diffusers `AutoencoderKL` (SD-VAE layout: factor 8, 4 channels, {vae.get('parameters', 0):,} "
+        f"parameters) trained for {vae.get('steps')} steps; latents {vae.get('latent_shape')}; latent std "
+        f"{fmt(vae.get('latent_std'), 3)} -> scale **{fmt(vae.get('scale'), 4)}** (1/std, as SD's 0.18215); "
+        f"val reconstruction PSNR {fmt(vae.get('val_psnr_db'), 1)} dB.",
+        f"- USP pretraining (once per seed): `{C.MAE_MODEL}` with {json.dumps(C.mae_kwargs(cfg))}, mask ratio 0.75, "
+        f"{cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached posterior means; "
+        "loss " + ", ".join(f"{losses[0]:.3f} -> {losses[-1]:.3f}" for losses in pretrain_losses) + ".",
+        f"- Generators: `{C.GENERATORS['dit']}` / `{C.GENERATORS['sit']}` resized to "
+        f"{json.dumps(C.generator_kwargs(cfg))}; USP and scratch runs of a seed share it, the batch "
+        f"({cfg.gen_batch}), steps ({cfg.gen_steps}), lr ({cfg.gen_lr}) and EMA decay ({cfg.ema_decay}); only "
+        "`--finetune` differs.",
+        f"- Samples (seed {first} only, pictures and toy metrics): {cfg.num_samples} per generator from "
+        f"`generation.sample_ddp` (EMA, cfg 1.0, {cfg.sampling_steps} steps: DiT DDPM, SiT Euler ODE).",
+    ]
+
+
+def toy_metrics_section(out: Path) -> list:
+    toy = read_json(out / "toy_metrics.json")
+    classifier = read_json(out / "toy_classifier" / "classifier.json") or {}
+    lines = [
+        "## Toy metrics (clearly toy: not FID)",
+        "",
+        "A small CNN trained on the training images and on their reconstructions by the tiny VAE "
+        f"(`demo/toy_classifier.py`; val accuracy {fmt(classifier.get('val_accuracy'), percent=True)} on real images, "
+        f"{fmt(classifier.get('val_reconstruction_accuracy'), percent=True)} on their VAE reconstructions) "
+        "scores the samples: *class accuracy* = share of "
+        "samples it assigns to the class they were generated for; *toy FD* = Fréchet distance between its "
+        "64-d penultimate features of the samples and of the real val images.",
+        "",
+        "| reference | class accuracy | toy FD |",
+        "|---|---|---|",
+    ]
+    if toy:
+        for name, key in (("real val images", "real_val"), ("val images through the tiny VAE (best reachable)",
+                                                             "vae_reconstruction")):
+            lines.append(f"| {name} | {fmt(toy[key]['class_accuracy'], percent=True)} | {fmt(toy[key]['toy_fd'], 3)} |")
+        lines.append(f"| chance | {fmt(toy['chance_accuracy'], percent=True)} | |")
+    return lines
+
+
+def pictures_section(out: Path, first: int, has_samples: bool) -> list:
+    lines = ["", "## Pictures", "", "Loss curves (held-out loss of every seed, training loss of the first seed, "
+             "MAE loss, probe accuracy):", "", "![loss curves](loss_curves.png)", ""]
+    for family, name in FAMILY_NAMES.items():
+        if (out / f"convergence_{family}.png").is_file():
+            lines += [f"{name} convergence (`scripts/plot_convergence.py`; circles: where USP reaches scratch's final "
+                      "loss):", "", f"![{name} convergence](convergence_{family}.png)", ""]
+    if has_samples:
+        lines += ["Samples, one class per row (classes in the order of `data/train`):", "", "![samples](samples.png)", ""]
+    if (out / "recon" / "reconstruction.png").is_file():
+        lines += ["USP reconstruction (original | masked latent patches | reconstruction, decoded by the tiny VAE):",
+                  "", "![reconstruction](recon/reconstruction.png)", ""]
+    previews = sorted(seed_dir(out, first).glob("gen/*/*/samples/*.png"))
+    if previews:
+        lines += ["EMA preview grids written by `generation.train` at the end of training: " +
+                  ", ".join(f"[{p.relative_to(seed_dir(out, first)).parts[1]}]({p.relative_to(out)})"
+                            for p in previews), ""]
     return lines
 
 
@@ -190,13 +259,7 @@ def write_report(out: Path) -> Path:
     toy = read_json(out / "toy_metrics.json")
     fid = {run: read_json(out / "fid" / f"{run}.json") for run in RUNS}
     fid = {run: value for run, value in fid.items() if value}
-    vae = read_json(out / "vae" / "vae_stats.json") or {}
-    classifier = read_json(out / "toy_classifier" / "classifier.json") or {}
     first = cfg.seed_list[0]
-    pretrain_losses = [[e["loss"] for e in read_jsonl(seed_dir(out, seed) / "pretrain" / "log.txt") if "loss" in e]
-                       for seed in cfg.seed_list]
-    pretrain_losses = [losses for losses in pretrain_losses if losses]
-
     plot_curves(out, measured, out / "loss_curves.png")
     has_samples = plot_samples(out, toy, out / "samples.png")
     generation_lines, generation_verdicts = generation_section(out, measured)
@@ -221,21 +284,7 @@ def write_report(out: Path) -> Path:
         "",
         "## Setup",
         "",
-        f"- Data: {C.NUM_CLASSES} procedural shape classes at {cfg.image_size} px, "
-        f"{cfg.train_per_class} train + {cfg.val_per_class} val images per class (`data/`, data seed {cfg.data_seed}).",
-        f"- VAE: a diffusers `AutoencoderKL` (SD-VAE layout: factor 8, 4 channels, {vae.get('parameters', 0):,} "
-        f"parameters) trained for {vae.get('steps')} steps; latents {vae.get('latent_shape')}; latent std "
-        f"{fmt(vae.get('latent_std'), 3)} -> scale **{fmt(vae.get('scale'), 4)}** (1/std, as SD's 0.18215); "
-        f"val reconstruction PSNR {fmt(vae.get('val_psnr_db'), 1)} dB.",
-        f"- USP pretraining (once per seed): `{C.MAE_MODEL}` with {json.dumps(C.mae_kwargs(cfg))}, mask ratio 0.75, "
-        f"{cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached posterior means; "
-        "loss " + ", ".join(f"{losses[0]:.3f} -> {losses[-1]:.3f}" for losses in pretrain_losses) + ".",
-        f"- Generators: `{C.GENERATORS['dit']}` / `{C.GENERATORS['sit']}` resized to "
-        f"{json.dumps(C.generator_kwargs(cfg))}; USP and scratch runs of a seed share it, the batch "
-        f"({cfg.gen_batch}), steps ({cfg.gen_steps}), lr ({cfg.gen_lr}) and EMA decay ({cfg.ema_decay}); only "
-        "`--finetune` differs.",
-        f"- Samples (seed {first} only, pictures and toy metrics): {cfg.num_samples} per generator from "
-        f"`generation.sample_ddp` (EMA, cfg 1.0, {cfg.sampling_steps} steps: DiT DDPM, SiT Euler ODE).",
+        *setup_section(out, cfg),
         "",
         "## Generation: USP init vs scratch",
         "",
@@ -260,39 +309,9 @@ def write_report(out: Path) -> Path:
         "epochs on cached train latents, evaluated on the val images (`pretrain.main_linprobe`).",
         "",
         why_toy(cfg),
-        "## Toy metrics (clearly toy: not FID)",
-        "",
-        "A small CNN trained on the training images and on their reconstructions by the tiny VAE "
-        f"(`demo/toy_classifier.py`; val accuracy {fmt(classifier.get('val_accuracy'), percent=True)} on real images, "
-        f"{fmt(classifier.get('val_reconstruction_accuracy'), percent=True)} on their VAE reconstructions) "
-        "scores the samples: *class accuracy* = share of "
-        "samples it assigns to the class they were generated for; *toy FD* = Fréchet distance between its "
-        "64-d penultimate features of the samples and of the real val images.",
-        "",
-        "| reference | class accuracy | toy FD |",
-        "|---|---|---|",
+        *toy_metrics_section(out),
     ]
-    if toy:
-        for name, key in (("real val images", "real_val"), ("val images through the tiny VAE (best reachable)",
-                                                             "vae_reconstruction")):
-            lines.append(f"| {name} | {fmt(toy[key]['class_accuracy'], percent=True)} | {fmt(toy[key]['toy_fd'], 3)} |")
-        lines.append(f"| chance | {fmt(toy['chance_accuracy'], percent=True)} | |")
-    lines += ["", "## Pictures", "", "Loss curves (held-out loss of every seed, training loss of the first seed, "
-              "MAE loss, probe accuracy):", "", "![loss curves](loss_curves.png)", ""]
-    for family, name in FAMILY_NAMES.items():
-        if (out / f"convergence_{family}.png").is_file():
-            lines += [f"{name} convergence (`scripts/plot_convergence.py`; circles: where USP reaches scratch's final "
-                      "loss):", "", f"![{name} convergence](convergence_{family}.png)", ""]
-    if has_samples:
-        lines += ["Samples, one class per row (classes in the order of `data/train`):", "", "![samples](samples.png)", ""]
-    if (out / "recon" / "reconstruction.png").is_file():
-        lines += ["USP reconstruction (original | masked latent patches | reconstruction, decoded by the tiny VAE):",
-                  "", "![reconstruction](recon/reconstruction.png)", ""]
-    previews = sorted(seed_dir(out, first).glob("gen/*/*/samples/*.png"))
-    if previews:
-        lines += ["EMA preview grids written by `generation.train` at the end of training: " +
-                  ", ".join(f"[{p.relative_to(seed_dir(out, first)).parts[1]}]({p.relative_to(out)})"
-                            for p in previews), ""]
+    lines += pictures_section(out, first, has_samples)
     lines += ["## Time per stage", "", *timing_section(read_json(out / TIMINGS_NAME)), "",
               "Commands of every stage: `logs/<stage>.log` (first line). Rerun one stage (and what depends on it) "
               "with `bash scripts/demo.sh --out <this folder> --redo <stage>`.", ""]
@@ -305,7 +324,7 @@ def write_report(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser("Write the demo report")
     parser.add_argument("--out", required=True, help="the demo's output folder")
-    write_report(Path(parser.parse_args().out))
+    write_report(Path(finish_parser(parser).parse_args().out))
 
 
 if __name__ == "__main__":

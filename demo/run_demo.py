@@ -1,16 +1,11 @@
-"""Runs the demo pipeline (see demo/stages.py) with markers, progress bars and per-stage timings.
+"""Runs the demo pipeline (see demo/stages.py) with markers, a progress line per stage and per-stage timings.
 
     python -m demo.run_demo [--out demo_out] [--redo STAGE|all ...] [--inception-weights PATH] [--fast]
                             [--seeds N] [--first-seed S] [--set KEY=VALUE ...] [--only STAGE ...]
 
-- Stages run as processes of their own, `--jobs` at a time (default: one per CPU core, each single-threaded:
-  the models are tiny, and two one-thread processes beat one two-thread process on a busy 2-core
-  machine; the tiny VAE's training, which nothing can run beside, gets every core). Each is forked from one
-  Python that has imported torch, torchvision, timm and diffusers once (util/preloaded_python.py) and then
-  runs its command as `python <command>` would; that saves ~9 CPU seconds of imports per stage, a third of
-  the demo. `--fresh-processes` starts a new interpreter per stage instead. Each stage's output goes to
-  `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand; in a terminal its tqdm
-  counter is mirrored into a bar of its own here (in a log or CI, one plain line per finished stage instead).
+- Stages run one after another in this process, each a real entry point run as `python -m ...` would run it
+  (runpy: torch & co. are imported once, not once per stage, which on the --fast run is most of the time).
+  Each stage's output goes to `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand.
 - `--seeds N` / `--first-seed S`: pretraining, probes and generators run for the seeds S..S+N-1
   (paired: USP and scratch share each seed's batches and noise); the report gives intervals over them.
 - `--set KEY=VALUE` changes one field of the configuration (demo/config.py), for experiments.
@@ -25,12 +20,13 @@ import argparse
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
-import signal
 import sys
-import threading
 import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -40,18 +36,14 @@ from tqdm import tqdm
 
 from demo.config import FAST, FULL
 from demo.stages import build_stages
+from util.cli import finish_parser
 from util.errors import UserError
-from util.preloaded_python import PreloadedPython
 from util.progress import is_interactive, progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ".stages"
 CONFIG_NAME = "demo_config.json"
 TIMINGS_NAME = "timings.json"
-# tqdm's "  12/300 [" counter, the last one in a chunk of a child's output.
-PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
-
-
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,18 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", default=None,
                         help="weights-inception-2015-12-05-6726825d.pth: also compute FID/IS (adds minutes on CPU)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (CI)")
-    parser.add_argument("--jobs", type=int, default=None, help="stages run at once (default: CPU cores, max 2)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="paired seeds of pretraining, probes and generators (default 3; 2 with --fast)")
     parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of demo/config.py's configuration (experiments; repeatable)")
-    parser.add_argument("--fresh-processes", action="store_true",
-                        help="start each stage as a new interpreter instead of forking it from one that has imported "
-                             "torch & co. (about 9 CPU seconds more per stage; the commands are the same)")
     parser.add_argument("--only", action="append", default=[], metavar="STAGE",
                         help="run only STAGE and the stages it needs (repeatable; 'heldout' = every seed's heldout_s<s>)")
-    return parser
+    return finish_parser(parser)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,67 +118,47 @@ def needed_for(stages, targets: list) -> set:
 # Running one stage
 # ----------------------------------------------------------------------------------------------
 
-class StageProcess:
-    """A stage's process (forked from the preloaded Python, or a fresh interpreter), its log file and, in a
-    terminal, a progress bar fed from the tqdm counter the child writes into that log."""
-
-    def __init__(self, stage, out: Path, position: int, env: dict, python: PreloadedPython):
-        self.stage = stage
-        self.position = position
-        self.python = python
-        self.command = stage.command()
-        self.log_path = out / "logs" / f"{stage.name}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_text("$ " + shlex.join(self.command) + "\n")  # copy-pasteable; the child appends
-        self.started = time.time()
-        self.cpu_seconds = None
-        self.returncode = None
-        self.pid = python.start(self.command[1:], REPO_ROOT, env, self.log_path, self.log_path)
-        # Mirrored bars only in a terminal: in a log, each stage's own lines are in its log file.
-        self.bar = tqdm(desc=f"{stage.name:>18}", position=position, leave=False, dynamic_ncols=True) \
-            if is_interactive(sys.stderr) else None
-        self.stop_mirroring = threading.Event()
-        self.mirror = threading.Thread(target=self._mirror_progress, daemon=True) if self.bar is not None else None
-        if self.mirror is not None:
-            self.mirror.start()
-
-    def _mirror_progress(self) -> None:
-        """Follows the log as `tail -f` would and shows the child's latest tqdm counter in our bar."""
-        with open(self.log_path, "rb") as log:
-            while not self.stop_mirroring.wait(0.2):
-                counters = PROGRESS.findall(log.read())
-                if counters:
-                    done, total = map(int, counters[-1])
-                    self.bar.total, self.bar.n = total, done
-                    self.bar.refresh()
-
-    def reap(self) -> bool:
-        """True once the child has exited; records its exit code and its own CPU seconds (user + system of it
-        and its reaped children, from wait4: with two stages running at once, our RUSAGE_CHILDREN cannot
-        tell them apart)."""
-        result = self.python.poll(self.pid)
-        if result is None:
-            return False
-        self.returncode, self.cpu_seconds = result
-        return True
-
-    def stop(self) -> None:
-        """Ends the child early (we are stopping) and waits for it."""
-        os.kill(self.pid, signal.SIGTERM)
-        self.python.wait(self.pid, timeout=60)
-
-    def finish(self) -> int:
-        if self.mirror is not None:
-            self.stop_mirroring.set()
-            self.mirror.join()
-            self.bar.close()
-        return self.returncode
+def run_command(argv: list) -> int:
+    """`python <argv>` (["-m", module, *args] or [script, *args]) run in this process; returns its exit code.
+    A crash prints its traceback (into the stage's log) and counts as exit code 1, as in a process of its own."""
+    module = argv[0] == "-m"
+    target, args = (argv[1], argv[2:]) if module else (str(REPO_ROOT / argv[0]), argv[1:])
+    saved_argv = sys.argv
+    sys.argv = [target, *args]
+    try:
+        if module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(target, run_name="__main__")
+    except SystemExit as stop:  # as the interpreter reads it: None is 0, a message is printed with 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved_argv
+    return 0
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return env
+def run_stage(stage, out: Path) -> tuple:
+    """Runs the stage's command with its output in `<out>/logs/<stage>.log`; returns (the command, the CPU
+    seconds it took)."""
+    try:
+        command = stage.command()
+    except FileNotFoundError as error:  # an input of the command is missing
+        raise UserError(f"stage {stage.name} cannot start: {error}") from None
+    log_path = out / "logs" / f"{stage.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("$ " + shlex.join(command) + "\n")  # copy-pasteable; the stage appends
+    started = time.process_time()
+    with open(log_path, "a") as log, redirect_stdout(log), redirect_stderr(log):
+        returncode = run_command(command[1:])
+    if returncode != 0:
+        raise UserError(f"stage {stage.name} failed (exit code {returncode}); the end of {log_path}:\n"
+                        f"{log_tail(log_path)}\ncommand: {shlex.join(command)}")
+    return command, time.process_time() - started
 
 
 def clear_outputs(out: Path, stage) -> None:
@@ -204,7 +172,7 @@ def clear_outputs(out: Path, stage) -> None:
 
 
 def write_marker(out: Path, stage, seconds: float, command, cpu_seconds: float | None = None) -> None:
-    """`cpu_seconds`: user + system time of the stage's process tree (None for an in-process stage)."""
+    """`cpu_seconds`: user + system time of the stage (None for the dataset, a plain function)."""
     path = marker_path(out, stage.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"seconds": round(seconds, 2), "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2),
@@ -219,67 +187,35 @@ def log_tail(path: Path, lines: int = 25) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The scheduler
+# The pipeline
 # ----------------------------------------------------------------------------------------------
 
-def run_pipeline(stages, out: Path, pending: list, jobs: int, python: PreloadedPython) -> dict:
-    """Runs `pending` stages, up to `jobs` at once, each as soon as its needs are done, started by `python`."""
-    by_name = {stage.name: stage for stage in stages}
-    done = {stage.name for stage in stages if stage.name not in pending}
-    waiting = list(pending)
-    running: dict[str, StageProcess] = {}
-    seconds = {}
-    cpus = os.cpu_count() or 1
-    env, exclusive_env = child_env(max(1, cpus // jobs)), child_env(cpus)
-    overall = progress_bar(total=len(stages), initial=len(done), desc="demo stages".rjust(18), position=0,
+def run_pipeline(stages, out: Path, pending: list) -> None:
+    """Runs the `pending` stages in table order (the table is in dependency order)."""
+    overall = progress_bar(total=len(stages), initial=len(stages) - len(pending), desc="demo stages".rjust(18),
                            dynamic_ncols=True, every=1 if not is_interactive(sys.stderr) else None)
     try:
-        while waiting or running:
-            for name in list(waiting):
-                stage = by_name[name]
-                if len(running) >= jobs or not all(need in done for need in stage.needs):
-                    continue
-                waiting.remove(name)
-                clear_outputs(out, stage)
-                if stage.function is not None:  # quick in-process stage (the dataset)
-                    started = time.time()
-                    stage.function()
-                    seconds[name] = time.time() - started
-                    write_marker(out, stage, seconds[name], None)
-                    done.add(name)
-                    overall.update(1)
-                    continue
-                free = min(set(range(1, jobs + 1)) - {child.position for child in running.values()})
-                try:
-                    running[name] = StageProcess(stage, out, free, exclusive_env if stage.exclusive else env, python)
-                except FileNotFoundError as error:  # an input of the command is missing
-                    raise UserError(f"stage {name} cannot start: {error}") from None
-            time.sleep(0.2)
-            for name, child in list(running.items()):
-                if not child.reap():
-                    continue
-                returncode = child.finish()
-                del running[name]
-                if returncode != 0:
-                    raise UserError(f"stage {name} failed (exit code {returncode}); the end of {child.log_path}:\n"
-                                    f"{log_tail(child.log_path)}\ncommand: {shlex.join(child.command)}")
-                seconds[name] = time.time() - child.started
-                write_marker(out, child.stage, seconds[name], child.command, child.cpu_seconds)
-                done.add(name)
-                overall.update(1)
-                tqdm.write(f"[demo] {name} done in {seconds[name]:.1f}s ({child.stage.about})")
+        for stage in stages:
+            if stage.name not in pending:
+                continue
+            clear_outputs(out, stage)
+            started = time.time()
+            if stage.function is not None:  # the dataset: a plain function, no command
+                stage.function()
+                write_marker(out, stage, time.time() - started, None)
+            else:
+                command, cpu_seconds = run_stage(stage, out)
+                write_marker(out, stage, time.time() - started, command, cpu_seconds)
+            overall.update(1)
+            tqdm.write(f"[demo] {stage.name} done in {time.time() - started:.1f}s ({stage.about})")
     finally:
-        for child in running.values():  # stop our own children if we are stopping early
-            child.stop()
-            child.finish()
         overall.close()
-    return seconds
 
 
-def record_timings(out: Path, stages, wall: float, ran: list, final: bool, import_cpu_seconds: float) -> dict:
+def record_timings(out: Path, stages, wall: float, ran: list, final: bool) -> dict:
     """Updates timings.json: every stage's last measured seconds + this invocation's wall time and the CPU
-    seconds of its finished stages plus the preloaded Python's imports (user + system: on a busy machine the
-    wall time says little, the CPU time says what a quiet one needs, about CPU seconds / jobs).
+    seconds of its finished stages (user + system: on a busy machine the wall time says little, the CPU time
+    says what a quiet one needs).
 
     The report runs inside the invocation, so it sees a provisional entry (`in_progress`) that the
     final call replaces.
@@ -292,9 +228,9 @@ def record_timings(out: Path, stages, wall: float, ran: list, final: bool, impor
                for stage in stages if marker_path(out, stage.name).is_file()}
     timings["stages"] = {name: marker["seconds"] for name, marker in markers.items()}
     timings["stage_cpu_seconds"] = {name: marker.get("cpu_seconds") for name, marker in markers.items()}
-    cpu_seconds = import_cpu_seconds + sum(timings["stage_cpu_seconds"].get(name) or 0.0 for name in ran)
+    cpu_seconds = sum(timings["stage_cpu_seconds"].get(name) or 0.0 for name in ran)
     timings["invocations"].append({"wall_seconds": round(wall, 2), "ran": ran, "finished": time.time(),
-                                   "cpu_seconds": round(cpu_seconds, 2), "import_cpu_seconds": round(import_cpu_seconds, 2),
+                                   "cpu_seconds": round(cpu_seconds, 2),
                                    "load_average": [round(load, 2) for load in os.getloadavg()],
                                    "in_progress": not final})
     path.write_text(json.dumps(timings, indent=1))
@@ -322,7 +258,6 @@ def main(args) -> int:
         raise UserError(f"--inception-weights {args.inception_weights} does not exist; pass the file "
                         "weights-inception-2015-12-05-6726825d.pth (see README) or leave the flag out.")
     inception_weights = str(Path(args.inception_weights).resolve()) if args.inception_weights else None
-    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     stages = build_stages(out, cfg, inception_weights)
     check_config(out, {**cfg.to_dict(), "inception": bool(args.inception_weights)}, "all" in args.redo)
     pending = stages_to_run(stages, out, args.redo)
@@ -339,15 +274,11 @@ def main(args) -> int:
         return 0
     # The report reads the timings, so they are written before it runs and again at the very end.
     before_report = [name for name in pending if name != "report"]
-    python = PreloadedPython(fresh=args.fresh_processes or not hasattr(os, "fork"), server_env=child_env(1))
-    try:
-        run_pipeline(scheduled, out, before_report, jobs, python)
-        record_timings(out, stages, time.time() - started, before_report, False, python.import_cpu_seconds)
-        if "report" in pending:  # pending unless --only left it out: it depends on every other stage
-            run_pipeline(stages, out, ["report"], jobs, python)
-    finally:
-        python.close()
-    record_timings(out, stages, time.time() - started, pending, True, python.import_cpu_seconds)
+    run_pipeline(scheduled, out, before_report)
+    record_timings(out, stages, time.time() - started, before_report, False)
+    if "report" in pending:  # pending unless --only left it out: it depends on every other stage
+        run_pipeline(stages, out, ["report"])
+    record_timings(out, stages, time.time() - started, pending, True)
     result = f"report: {out / 'report.md'}" if "report" in pending else f"outputs under {out}"
     print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {result}")
     return 0

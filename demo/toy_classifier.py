@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from demo.images import load_split, to_signed_unit, vae_reconstructions
+from util.cli import finish_parser
 from util.progress import progress_bar as tqdm
 
 FEATURE_DIM = 64
@@ -74,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    return parser
+    return finish_parser(parser)
 
 
 def train(args) -> dict:

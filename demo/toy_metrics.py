@@ -27,6 +27,7 @@ import torch
 from demo.images import load_split, vae_reconstructions
 from demo.toy_classifier import features_and_predictions, load_classifier
 from generation.adm_metrics import frechet_distance
+from util.cli import finish_parser
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae_path", required=True, help="the tiny VAE (for the reconstruction reference)")
     parser.add_argument("--samples", nargs="+", required=True, help="sample npz files (arr_0 images, arr_1 labels)")
     parser.add_argument("--output", required=True, help="JSON file to write")
-    return parser
+    return finish_parser(parser)
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

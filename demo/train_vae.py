@@ -24,6 +24,7 @@ import torch
 
 from demo.images import load_split, to_signed_unit
 from models.latent_spec import get_latent_spec
+from util.cli import finish_parser
 from util.progress import progress_bar as tqdm
 
 VAE_VERSION = "d8"  # the SD-VAE latent space: 4 channels, factor 8
@@ -43,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="channels of the full-resolution block (x2, x4, x4 in the deeper ones)")
     parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (norm_num_groups)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
+    return finish_parser(parser)
 
 
 def build_autoencoder(width: int, groups: int = 8):

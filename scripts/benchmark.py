@@ -40,6 +40,7 @@ from scripts.benchmark_lib import ModeConfig, Workload, host_load, interleaved_t
 from scripts.benchmark_workloads import (VAE_LAYOUTS, build_ema_workload, build_inception_workload, build_mae_workload,
                                          build_repa_workload, build_sampling_workload, build_train_workload,
                                          build_vae_workload, load_codec, vavae_codec)
+from util.cli import finish_parser
 from util.errors import UserError
 
 WORKLOADS = ("mae", "dit", "sit", "lightningdit", "repa", "ema", "sample-ddpm", "sample-ode", "vae", "inception")
@@ -104,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="wrap training steps in DDP (under torchrun: all ranks; else a 1-process group); the "
                              "optimised mode uses static_graph + gradient_as_bucket_view")
     parser.add_argument("--no-static-graph", action="store_true")
-    return parser
+    return finish_parser(parser)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ import torch
 
 from generation.evaluate import evaluate_npz, write_json
 from generation.inception import save_random_inception_weights
+from util.cli import finish_parser
 from util.errors import UserError, run_cli
 
 BANNER = "NOT FID: random Inception weights (evaluator smoke test); never report these numbers as FID/IS/sFID."
@@ -45,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=64, help="side of the random images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
     parser.add_argument("--output-json", default=None, help="where to write the (NOT FID) metrics")
-    return parser
+    return finish_parser(parser)
 
 
 def main(argv=None) -> dict:

@@ -49,6 +49,7 @@ import torch
 
 from scripts import gpu_check_steps as steps
 from scripts.gpu_check_runner import Step, run_steps
+from util.cli import finish_parser
 
 TRAIN_SIZES = {  # --train-size: (MAE preset, DiT preset, SiT preset); the generators load the MAE encoder
     "B": ("vit_base_patch_vae", "DiT-B/2-VAE-simple", "SiT-B/2-VAE-simple"),
@@ -291,7 +292,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-tolerance", type=float, default=1e-3,
                         help="largest relative difference of the GPU's Inception statistics from the CPU's")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the subprocesses")
-    return parser
+    return finish_parser(parser)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
 A step raises `CheckFailed` (one sentence) when a figure is outside its stated tolerance; any other
 exception is recorded with its traceback's last lines. Training, sampling and evaluation run as
 subprocesses through their public command lines (`torchrun --nproc_per_node=1 -m ...`), so the check
-exercises exactly what users run; the SDPA probe and the latent-cache comparison run in-process.
+exercises exactly what users run; the SDPA probe and the latent-cache comparison of what `python -m
+pretrain.cache_latents` wrote run in-process.
 """
 import json
 import math
@@ -11,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -270,17 +270,16 @@ def sdpa_backends(scale) -> dict:
 def latent_cache_precision(scale, assets: dict, work: Path) -> dict:
     """The same images cached with fp32 and fp16 moments: how far apart the stored moments and the
     training latents (mean + std * noise, times the scale factor) are, absolute and relative."""
-    from models.vae import LatentCodec
-    from pretrain.cache_latents import extract_latent_cache
     from util.latent_cache import LatentCacheDataset
 
-    codec = LatentCodec.load("d8", str(assets["vae"]), device=torch.device(scale.device))
     data = {}
     for dtype in ("fp32", "fp16"):
         cache = work / f"latent-cache-{dtype}"
-        extract_latent_cache(assets["data"] / "train", cache, codec, scale.image_size, batch_size=scale.batch,
-                             shard_size=64, vae_identity="gpu-check", vae_version="d8", show_progress=False,
-                             moments_dtype=dtype)
+        run_logged([scale.python, "-m", "pretrain.cache_latents", "--data_path", str(assets["data"] / "train"),
+                    "--cached_path", str(cache), "--vae_version", "d8", "--vae_path", str(assets["vae"]),
+                    "--input_size", str(scale.image_size), "--batch_size", str(scale.batch), "--shard_size", "64",
+                    "--num_workers", "0", "--device", scale.device, "--moments_dtype", dtype],
+                   work / "logs" / f"latent-cache-{dtype}.log", scale, scale.run_timeout)
         data[dtype] = LatentCacheDataset(cache, seed=0)
     count = len(data["fp32"])
     mean32, mean16, lat32, lat16 = [], [], [], []

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from generation.adm_metrics import StatisticsAccumulator
 from generation.fd_dinov2 import DinoV2FeatureExtractor
 from generation.inception import InceptionFeatureExtractor
+from util.cli import finish_parser
 from util.data import CenterCropArr, build_image_folder
 from util.errors import UserError, run_cli
 
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = finish_parser(parser).parse_args(argv)
     for flag in ("image_size", "batch_size", "arr_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")

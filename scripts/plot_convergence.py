@@ -32,6 +32,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from util.cli import finish_parser
 from util.errors import UserError
 
 EVENT_GLOB = "events.out.tfevents.*"
@@ -53,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=None, help="plot title")
     parser.add_argument("--output", default=None, help="PNG of the curves (default: none)")
     parser.add_argument("--json", default=None, help="write the speed-ups and curves to this JSON file")
-    return parser
+    return finish_parser(parser)
 
 
 # ----------------------------------------------------------------------------------------------

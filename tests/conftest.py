@@ -1,10 +1,8 @@
 """Fixtures shared by the CPU test suite: tiny data, a tiny VAE, and a torchrun launcher."""
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-from util.preloaded_python import PreloadedPython  # noqa: E402 - needs the repo root on sys.path
 
 # Two cores on CI: keep each process to one intra-op thread so torchrun pairs don't thrash.
 torch.set_num_threads(1)
@@ -65,60 +61,20 @@ def run_torchrun(args, nproc: int = 2, timeout: float = 600, env=None, check: bo
     """Runs `torchrun --nproc_per_node=nproc <args>` from the repo root on gloo/CPU.
 
     `args` is e.g. ["-m", "pretrain.main_pretrain", "--epochs", "1"]. Returns the CompletedProcess;
-    with `check`, a non-zero exit fails the test with the processes' output. The launcher is forked from
-    util/preloaded_python.py (it only starts and watches the workers); every worker is a real interpreter.
+    with `check`, a non-zero exit fails the test with the processes' output.
     """
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    full_env.update(env or {})
     command = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *map(str, args)]
-    result = run_preloaded(command, full_env, timeout)
-    if check and result.returncode != 0:
-        pytest.fail(f"torchrun exited {result.returncode}\nSTDOUT:\n{result.stdout[-6000:]}\nSTDERR:\n{result.stderr[-6000:]}")
-    return result
+               f"--master_port={free_port()}", *args]
+    return run_python(command, timeout, env, check)
 
 
-_preloaded = None
-
-
-def preloaded_python() -> PreloadedPython:
-    """The session's util/preloaded_python.py server, started on first use."""
-    global _preloaded
-    if _preloaded is None:
-        _preloaded = PreloadedPython(server_env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    return _preloaded
-
-
-def run_preloaded(args, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`python <args>` forked from the preloaded server, as subprocess.run(capture_output=True, text=True)."""
-    args = [str(arg) for arg in args]
-    with tempfile.TemporaryDirectory() as scratch:
-        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-        pid = preloaded_python().start(args, REPO_ROOT, env, out, err)
-        try:
-            returncode, _ = preloaded_python().wait(pid, timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
-            preloaded_python().wait(pid, 60)
-            raise subprocess.TimeoutExpired([sys.executable, *args], timeout) from None
-        return subprocess.CompletedProcess([sys.executable, *args], returncode, out.read_text(), err.read_text())
-
-
-def run_python(args, timeout: float = 600, env=None, check: bool = True, preloaded: bool = False):
-    """Runs `python <args>` from the repo root in a fresh process (single-process path).
-
-    preloaded=True forks the process from util/preloaded_python.py, which has imported torch, torchvision, timm,
-    diffusers and scipy already (saves their ~5-10 CPU seconds per command); the command's own modules still run
-    fresh. Tests that check what a real interpreter start prints keep the default.
-    """
+def run_python(args, timeout: float = 600, env=None, check: bool = True):
+    """Runs `python <args>` from the repo root in a fresh process, one intra-op thread per process."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    args = [str(arg) for arg in args]
-    if preloaded:
-        result = run_preloaded(args, full_env, timeout)
-    else:
-        result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=full_env,
-                                capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        pytest.fail(f"python exited {result.returncode}\nSTDOUT:\n{result.stdout[-6000:]}\nSTDERR:\n{result.stderr[-6000:]}")
+        pytest.fail(f"{' '.join(map(str, args[:3]))} exited {result.returncode}\n"
+                    f"STDOUT:\n{result.stdout[-6000:]}\nSTDERR:\n{result.stderr[-6000:]}")
     return result

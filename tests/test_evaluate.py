@@ -281,7 +281,7 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, random_weights)
     np.savez(tmp_path / "ref.npz", arr_0=_images(5))
     np.savez(tmp_path / "samples.npz", arr_0=_images(5).astype(np.float64))
     result = run_python(["-m", "generation.evaluate", tmp_path / "ref.npz", tmp_path / "samples.npz",
-                         "--inception-weights", random_weights], check=False, preloaded=True)
+                         "--inception-weights", random_weights], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("generation.evaluate: error:")
     assert "expected uint8" in result.stderr and result.returncode == 2  # util.errors.EXIT_USER_ERROR

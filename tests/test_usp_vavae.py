@@ -78,7 +78,7 @@ def test_latent_cache_statistics_under_torchrun_match_one_process(vavae_dir, tmp
               vavae_dir, "--input_size", "32", "--batch_size", "4", "--shard_size", "4", "--num_workers", "0",
               "--device", "cpu", "--latent_stats", "--stats_max_samples", "10"]
     run_torchrun([*common, "--cached_path", tmp_path / "two"])
-    run_python([*common, "--cached_path", tmp_path / "one"], preloaded=True)
+    run_python([*common, "--cached_path", tmp_path / "one"])
     two, one = ChannelNorm.load(tmp_path / "two" / "latents_stats.pt"), ChannelNorm.load(tmp_path / "one" / "latents_stats.pt")
     assert two.mean.shape == (1, 32, 1, 1)
     torch.testing.assert_close(two.mean, one.mean, rtol=1e-6, atol=1e-6)
