@@ -29,7 +29,7 @@ from util.errors import UserError, run_cli
 from util.feature_cache import FeatureCache, read_manifest
 from util.latent_cache import (MANIFEST, CroppedImages, cache_transform, files_digest, manifest_differences,
                                shard_path, write_manifest)
-from util.precision import add_precision_arg, autocast
+from util.precision import PRECISIONS, autocast
 from util.run_log import progress
 
 FEATURE_CACHE_FORMAT = 1
@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard_size", type=int, default=1024)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda")
-    add_precision_arg(parser, "--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype of the encoder")
     return finish_parser(parser)
 
 

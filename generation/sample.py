@@ -29,7 +29,7 @@ from generation.transport import Sampler, create_transport
 from generation.transport.likelihood import bits_per_dim
 from util.errors import UserError, run_cli
 from util.cli import finish_parser
-from util.precision import add_precision_arg, configure_cuda
+from util.precision import PRECISIONS, configure_cuda
 
 DIT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's and SiT's sample.py
 
@@ -48,7 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="SiT ODE, cfg 1: print bits/dim of each sample under the probability-flow ODE")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     add_sampler_flags(parser)
-    add_precision_arg(parser, "--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                        help="autocast dtype of the network (fp32: none)")
     return finish_parser(parser)
 
 

@@ -37,8 +37,8 @@ from generation.train_utils import add_model_flags
 from util.cli import finish_parser
 from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
-from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
-from util.precision import add_precision_arg, configure_cuda
+from util.distributed import DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed
+from util.precision import PRECISIONS, configure_cuda
 
 # Arguments that do not change any image: a resume may alter them.
 NOT_IN_CONFIG = ("num_fid_samples", "sample_dir", "npz_workers", "progress")
@@ -60,8 +60,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ (DiT's default; --no-tf32 for strict fp32)")
     # This re-implementation's additions.
-    add_precision_arg(parser, "--precision", default="fp32")
-    add_dist_timeout_arg(parser)
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                        help="autocast dtype of the network (fp32: none)")
+    parser.add_argument("--dist-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                        help="minutes a collective may wait before the process group aborts (rank 0 packs the npz)")
     parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return finish_parser(parser)

@@ -27,7 +27,7 @@ from util.checkpoint import atomic_open
 from util.cli import finish_parser
 from util.data import build_image_folder
 from util.disk import ensure_writable_dir
-from util.distributed import add_dist_timeout_arg, barrier, cleanup, init_distributed
+from util.distributed import DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
 from util.latent_cache import (CROPS, MANIFEST, CroppedImages, LatentCacheDataset, cache_transform, files_digest,
                                manifest_differences, read_manifest, read_shard_tensor, shard_path, write_manifest)
@@ -133,7 +133,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"(LightningDiT's latent_norm, for VA-VAE users without the released file)")
     parser.add_argument("--stats_max_samples", type=int, default=OFFICIAL_MAX_SAMPLES,
                         help="images the statistics use (a seeded random choice, as LightningDiT); 0 = all")
-    add_dist_timeout_arg(parser, "--dist_timeout_minutes")
+    parser.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                        help="minutes a collective may wait before the process group aborts")
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
                         help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk, rounding at most "
                              "2^-11 relative)")

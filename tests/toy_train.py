@@ -24,7 +24,7 @@ from util.distributed import all_reduce_mean, cleanup, init_distributed, rank_se
 from util.ema import requires_grad, update_ema
 from util.run_log import RunLogger, Throughput
 from util.lr_sched import adjust_learning_rate
-from util.precision import add_precision_arg, autocast, make_grad_scaler
+from util.precision import PRECISIONS, autocast, make_grad_scaler
 from util.preemption import NonFiniteLossError, PreemptionHandler, check_finite
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
@@ -59,7 +59,7 @@ def get_args_parser():
     parser.add_argument("--resume", default="")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sync_every", type=int, default=2, help="steps between preemption-flag all-reduces")
-    add_precision_arg(parser, default="fp32")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
     # Test hooks: fail the way real runs fail.
     parser.add_argument("--die_at_step", type=int, default=None, help="SIGKILL rank 0 right after this step")
     parser.add_argument("--nan_at_step", type=int, default=None, help="make the loss NaN at this step")

@@ -39,19 +39,13 @@ class DistEnv:
 DEFAULT_TIMEOUT_MINUTES = 30.0
 
 
-def add_dist_timeout_arg(parser, flag: str = "--dist-timeout-minutes") -> None:
-    """The collective timeout as a flag: rank 0 alone may pack 50K PNGs and run the evaluator inside a
-    training run's FID hook while the other ranks wait in a barrier, which can outlast NCCL's 30 minutes."""
-    parser.add_argument(flag, type=float, default=DEFAULT_TIMEOUT_MINUTES,
-                        help="minutes a collective may wait before the process group aborts (NCCL/gloo)")
-
-
 def init_distributed(device: str = "cuda", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Initialises the default process group from torchrun's environment (or nothing without it).
 
     `device` is what the user asked for ("cuda" or "cpu"); "cuda" without a GPU warns and falls
     back to CPU so laptops and CI run the same command lines. `timeout_minutes` bounds every
-    collective (see `add_dist_timeout_arg`).
+    collective (rank 0 alone may pack 50K PNGs and run the evaluator inside a training run's FID
+    hook while the other ranks wait in a barrier, which can outlast NCCL's default 30 minutes).
     """
     if not timeout_minutes > 0:
         raise ValueError(f"the process-group timeout must be positive minutes, got {timeout_minutes}.")

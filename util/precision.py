@@ -1,16 +1,10 @@
 """Mixed precision as one flag: bf16 (default on CUDA), fp16 with a grad scaler, or fp32."""
-import argparse
 import contextlib
 import os
 
 import torch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def add_precision_arg(parser: argparse.ArgumentParser, flag: str = "--precision", default: str = "bf16") -> None:
-    parser.add_argument(flag, default=default, choices=sorted(PRECISIONS),
-                        help="autocast dtype: bf16, fp16 (with a dynamic grad scaler) or fp32 (no autocast)")
 
 
 def autocast(device: torch.device | str, precision: str):
@@ -65,12 +59,6 @@ def tf32_enabled(enabled: bool):
             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
         else:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def add_determinism_arg(parser: argparse.ArgumentParser, flag: str = "--deterministic") -> None:
-    parser.add_argument(flag, action="store_true",
-                        help="deterministic CUDA kernels (bit-exact GPU resume, slower: no flash-attention "
-                             "backward atomics, no cuDNN autotuning); CPU runs are deterministic without it")
 
 
 def configure_cuda(tf32: bool = True, deterministic: bool = False) -> None:
