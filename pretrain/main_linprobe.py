@@ -46,8 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (pretrain.cache_latents)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
     parser.add_argument("--skip_depth", default=0, type=int,
-                        help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
-                             "block depth - skip_depth (USP)")
+                        help="probe the output of block depth - skip_depth: the ViT or DiT backbone is built "
+                             "without its last skip_depth blocks (USP)")
     return finish_parser(parser)
 
 

@@ -27,7 +27,6 @@ launch -m generation.train \
   --log-every 100 \
   --eval-every 50000 \
   --cfg-scale 1.0 \
-  --fid-cfg-scale 1.0 \
   --num-sampling-steps 250 \
   --per-proc-batch-size 128 \
   --precision fp32 \

@@ -43,10 +43,10 @@ launch -m generation.train \
   --max-steps 400000 \
   --ckpt-every 50000 \
   --log-every 100 \
-  --eval-every 10000 \
-  --cfg-scale 4.0 \
+  --eval-every 50000 \
+  --cfg-scale 1.0 \
   --num-sampling-steps 250 \
-  --precision bf16 \
+  --precision fp32 \
   --repa \
   --enc-type dinov2-vit-b \
   --repa-encoder-path "$REPA_ENCODER" \
