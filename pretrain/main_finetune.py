@@ -243,10 +243,12 @@ def check_class_count(dataset, nb_classes: int, root) -> None:
 
 
 def build_eval_loader(args, dist_env, pixel: bool):
-    """Validation loader: resize to input_size / 0.875 + center crop; sharded with --dist_eval."""
+    """Validation loader: resize to input_size / 0.875 (or the probe's --eval_resize) + center crop; sharded
+    with --dist_eval."""
     corruption = GaussianNoise(args.noise_level) if getattr(args, "add_noise", False) else None
     dataset = build_image_folder(args.data_path, "val",
-                                 transform=eval_transform(args.input_size, pixel=pixel, corruption=corruption))
+                                 transform=eval_transform(args.input_size, pixel=pixel, corruption=corruption,
+                                                          resize=getattr(args, "eval_resize", None)))
     check_class_count(dataset, args.nb_classes, Path(args.data_path) / "val")
     if args.dist_eval and dist_env.world_size > 1:
         sampler = EvalShardSampler(len(dataset), dist_env.world_size, dist_env.rank)

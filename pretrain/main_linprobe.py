@@ -48,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_depth", default=0, type=int,
                         help="probe the output of block depth - skip_depth: the ViT or DiT backbone is built "
                              "without its last skip_depth blocks (USP)")
+    parser.add_argument("--eval_resize", default=None, type=int,
+                        help="resize the short side of validation images to N before the center crop (MAE/USP's "
+                             "probe: 256 at every size; default: MAE's fine-tuning rule, the same at 224 and 256 px)")
     return finish_parser(parser)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from util.data import eval_crop
 from util.tf_crop import RandomResizedCrop
@@ -213,3 +214,19 @@ def test_train_vae_flat_is_usps_train_vae(tiny_vae_dir, tmp_path):
         dist.destroy_process_group()
     assert "vae_encoder" not in state and set(state["vae"]) == set(codec.autoencoder.state_dict())
     assert any(k.startswith("decoder.") for k in state["vae"])
+
+
+def test_probe_eval_resize_256_is_usps_probe_crop(tiny_image_folder):
+    """AMAP-ML/USP pretrain/main_linprobe.py: transform_val = Resize(256, bicubic) + CenterCrop(input_size) at
+    every input size (at 240 px MAE's fine-tuning rule would resize to 240)."""
+    from pretrain.main_finetune import build_eval_loader
+    from pretrain.main_linprobe import get_args_parser
+    from util.distributed import DistEnv
+
+    args = get_args_parser().parse_args(["--data_path", str(tiny_image_folder), "--nb_classes", "4", "--input_size",
+                                         "240", "--eval_resize", "256", "--num_workers", "0", "--device", "cpu"])
+    loader = build_eval_loader(args, DistEnv(0, 1, 0, torch.device("cpu"), None), pixel=False)
+    crop = loader.dataset.transform.transforms[0]
+    assert [type(t).__name__ for t in crop.transforms] == ["Resize", "CenterCrop"]
+    assert crop.transforms[0].size == 256 and crop.transforms[0].interpolation == InterpolationMode.BICUBIC
+    assert crop.transforms[1].size == (240, 240)
