@@ -21,18 +21,8 @@ VAE_PATH=${VAE_PATH:?set VAE_PATH to a local sd-vae-ft-ema diffusers folder (or 
 MODEL=${MODEL:-vit_xlarge_patch_vae}
 EPOCHS=${EPOCHS:-1600}               # USP's PRETRAIN.md command says 800; the released weights use 1600
 BATCH_SIZE=${BATCH_SIZE:-64}         # per GPU, as USP
-PAPER_BATCH=4096                     # 64 per GPU x 64 GPUs
-PER_STEP=$((BATCH_SIZE * NNODES * GPUS))
-if [ -z "${ACCUM_ITER:-}" ]; then
-  ACCUM_ITER=$(( (PAPER_BATCH + PER_STEP / 2) / PER_STEP )); ACCUM_ITER=$(( ACCUM_ITER > 0 ? ACCUM_ITER : 1 ))
-  if [ $((PER_STEP * ACCUM_ITER)) -ne $PAPER_BATCH ]; then
-    printf '[recipe] %s GPUs x --batch_size %s cannot reach the paper'"'"'s batch %s with a whole --accum_iter, so this run uses batch %s and the lr that --blr scales to it.\n' \
-      "$((NNODES * GPUS))" "$BATCH_SIZE" "$PAPER_BATCH" "$((PER_STEP * ACCUM_ITER))" >&2
-  fi
-fi
-printf '[recipe] effective batch %s = --batch_size %s x %s GPUs x --accum_iter %s; lr = 1.5e-4 x batch / 256 = %s\n' \
-  "$((PER_STEP * ACCUM_ITER))" "$BATCH_SIZE" "$((NNODES * GPUS))" "$ACCUM_ITER" \
-  "$(awk -v b=$((PER_STEP * ACCUM_ITER)) 'BEGIN { printf "%.4g", 1.5e-4 * b / 256 }')" >&2
+source "$(dirname "${BASH_SOURCE[0]}")/paper_batch.sh"
+paper_batch 4096 "$BATCH_SIZE" 1.5e-4  # 64 per GPU x 64 GPUs
 OUTPUT_DIR=${OUTPUT_DIR:-output_pretrain/${MODEL}_${EPOCHS}ep}
 
 launch -m pretrain.main_pretrain \

@@ -56,9 +56,10 @@ PAPER = {
                           last_step="Mean", last_step_size=0.04, cfg_scale=1.0, num_sampling_steps=250,
                           per_proc_batch_size=128, precision="fp32"),
     "finetune.sh": dict(precision="fp16", vae_precision="fp16", blr=5e-4, layer_decay=0.65, mixup=0.8, cutmix=1.0,
-                        image_mix=False, drop_path=0.1, smoothing=0.1, reprob=0.25, epochs=100, batch_size=32),
+                        image_mix=False, drop_path=0.1, smoothing=0.1, reprob=0.25, epochs=100, batch_size=32,
+                        accum_iter=4),
     "linprobe.sh": dict(precision="fp16", vae_precision="fp16", blr=0.1, weight_decay=0.0, epochs=90,
-                        batch_size=512, global_pool=False),
+                        batch_size=512, global_pool=False, accum_iter=4),
 }
 ENV = dict(DATA_PATH="/data/imagenet", VAE_PATH="/weights/sd-vae-ft-ema", FINETUNE="/ckpt/usp.pth", CKPT="/ckpt/x.pt",
            REPA_ENCODER="/ckpt/dinov2_vitb14_pretrain.pth")
@@ -79,10 +80,18 @@ def test_pretrain_recipe_reaches_batch_4096_on_any_gpu_count(tmp_path, nodes, gp
     _, args, printed = run_recipe(tmp_path, "pretrain.sh", NNODES=str(nodes), GPUS=str(gpus), **ENV)
     assert args[args.index("--accum_iter") + 1] == str(accum_iter)
     assert f"effective batch 4096 = --batch_size 64 x {nodes * gpus} GPUs x --accum_iter {accum_iter}" in printed
-    assert "lr = 1.5e-4 x batch / 256 = 0.0024" in printed and "cannot reach" not in printed
+    assert "lr = 1.5e-4 x batch / 256 = 0.0024" in printed and "cannot make" not in printed
 
 
 def test_pretrain_recipe_says_when_the_gpu_count_cannot_reach_4096(tmp_path):
     _, args, printed = run_recipe(tmp_path, "pretrain.sh", NNODES="3", GPUS="4", **ENV)  # 768 per step
     assert args[args.index("--accum_iter") + 1] == "5"
-    assert "12 GPUs x --batch_size 64 cannot reach the paper's batch 4096" in printed
+    assert "12 GPUs x --batch_size 64 x --accum_iter 5 cannot make the paper's batch 4096" in printed
+
+
+# MAE's fine-tuning (1024, blr 5e-4) and probe (16384, blr 0.1) batches (facebookresearch/mae FINETUNE.md, LINPROBE.md).
+@pytest.mark.parametrize("script, accum_iter, lr", [("finetune.sh", 2, "0.002"), ("linprobe.sh", 2, "6.4")])
+def test_understanding_recipes_reach_maes_batch_on_16_gpus(tmp_path, script, accum_iter, lr):
+    _, args, printed = run_recipe(tmp_path, script, NNODES="2", GPUS="8", **ENV)
+    assert args[args.index("--accum_iter") + 1] == str(accum_iter)
+    assert f"x 16 GPUs x --accum_iter {accum_iter}; lr = " in printed and f" / 256 = {lr}\n" in printed
