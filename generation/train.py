@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also log to Weights & Biases (SiT's flag; needs `pip install wandb`)")
     # USP's additions.
     parser.add_argument("--finetune", type=str, default=None, help="USP/MAE pretraining checkpoint to initialise from")
-    parser.add_argument("--use-pretrain-layer", type=int, default=None, help="load only the first N pretrained blocks")
+    parser.add_argument("--use-pretrain-layer", type=int, default=None,
+                        help="load only the first N pretrained blocks (0: none, as USP)")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint file or experiment directory")
     parser.add_argument("--exp-name", type=str, default=None, help="suffix of the experiment folder name")
     parser.add_argument("--evaluate", action="store_true",
