@@ -81,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=int, default=16, help="images in the EMA preview grid")
     parser.add_argument("--cfg-scale", type=float, default=1.0,
                         help="guidance of the FID samples and the preview grid (USP: 1.0 = none)")
-    parser.add_argument("--per-proc-batch-size", type=int, default=128, help="per-rank batch of the FID evaluation hook")
+    parser.add_argument("--per-proc-batch-size", type=int, default=128,
+                        help="per-rank batch of the FID evaluation hook (USP's default)")
     parser.add_argument("--num-fid-samples", type=int, default=0,
                         help="samples for FID at each evaluation (0 = preview grid only)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="evaluation outputs, inside the experiment")

@@ -7,7 +7,8 @@
 # --use_fp32). The full command is printed before it starts. USP releases no fine-tuned classifier; reference: MAE
 # ViT-B/16 in pixel space reaches 83.6% top-1 (MODEL=vit_base_patch16, no VAE). ViT-L: MODEL=vit_large_patch16_vae EPOCHS=50 LAYER_DECAY=0.75 DROP_PATH=0.2.
 #
-# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth bash scripts/finetune.sh
+# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth \
+#               bash scripts/finetune.sh
 # N nodes:    run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and NODE_RANK = 0..NNODES-1:
 #             MASTER_ADDR=node0 NNODES=4 NODE_RANK=1 DATA_PATH=... VAE_PATH=... FINETUNE=... bash scripts/finetune.sh
 # DATA_PATH holds train/<class>/<image> and val/<class>/<image>. Extra arguments are appended, e.g.
@@ -21,7 +22,7 @@ MODEL=${MODEL:-vit_base_patch16_vae}
 EPOCHS=${EPOCHS:-100}
 BATCH_SIZE=${BATCH_SIZE:-32}          # per GPU, as MAE
 source "$(dirname "${BASH_SOURCE[0]}")/paper_batch.sh"
-paper_batch 1024 "$BATCH_SIZE" 5e-4  # sets ACCUM_ITER: 4 on one 8-GPU node
+paper_batch 1024 5e-4  # sets ACCUM_ITER: 4 on one 8-GPU node
 LAYER_DECAY=${LAYER_DECAY:-0.65}
 DROP_PATH=${DROP_PATH:-0.1}
 OUTPUT_DIR=${OUTPUT_DIR:-output_finetune/${MODEL}_${EPOCHS}ep}

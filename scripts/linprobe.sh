@@ -6,7 +6,8 @@
 # The full command is printed before it starts. USP releases no probe weights; reference: MAE ViT-B/16 in pixel
 # space reaches 68.0% top-1 (MODEL=vit_base_patch16, no VAE).
 #
-# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth bash scripts/linprobe.sh
+# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth \
+#               bash scripts/linprobe.sh
 # N nodes:    run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and NODE_RANK = 0..NNODES-1:
 #             MASTER_ADDR=node0 NNODES=4 NODE_RANK=1 DATA_PATH=... VAE_PATH=... FINETUNE=... bash scripts/linprobe.sh
 # DATA_PATH holds train/ and val/. Extra arguments are appended, e.g. `--resume OUTPUT_DIR`, `--global_pool`,
@@ -20,7 +21,7 @@ MODEL=${MODEL:-vit_base_patch16_vae}
 EPOCHS=${EPOCHS:-90}
 BATCH_SIZE=${BATCH_SIZE:-512}          # per GPU, as MAE
 source "$(dirname "${BASH_SOURCE[0]}")/paper_batch.sh"
-paper_batch 16384 "$BATCH_SIZE" 0.1  # sets ACCUM_ITER: 4 on one 8-GPU node
+paper_batch 16384 0.1  # sets ACCUM_ITER: 4 on one 8-GPU node
 OUTPUT_DIR=${OUTPUT_DIR:-output_linprobe/${MODEL}_${EPOCHS}ep}
 VAE_ARGS=()
 if [[ "$MODEL" == *_vae ]]; then

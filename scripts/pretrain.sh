@@ -5,8 +5,8 @@
 # crops, 1600 epochs, mask ratio 0.75, norm_pix_loss, effective batch 4096 (USP: 64 per GPU on 64 GPUs), blr 1.5e-4
 # (lr 2.4e-3), wd 0.05 (cls/mask tokens decayed), 40 warmup epochs, fp16 autocast with a GradScaler, the VAE encoder
 # under the same fp16 autocast, checkpoints at epochs 0, 40, 80, ... and the last.
-# On fewer GPUs --accum_iter is computed to keep the batch at 4096 (8 GPUs: 8, 16: 4, 64: 1) and printed with the
-# lr; a GPU count that cannot reach 4096 exactly is said in one sentence before the launch. The full command is
+# --accum_iter is computed to keep the batch at 4096 (8 GPUs: 8, 16: 4, 64: 1; 128 GPUs: 32 per GPU) and printed
+# with the lr (scripts/paper_batch.sh); a GPU count that cannot reach 4096 is said in one sentence before the launch. The full command is
 # printed before it starts.
 #
 # One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema bash scripts/pretrain.sh
@@ -22,7 +22,7 @@ MODEL=${MODEL:-vit_xlarge_patch_vae}
 EPOCHS=${EPOCHS:-1600}               # USP's PRETRAIN.md command says 800; the released weights use 1600
 BATCH_SIZE=${BATCH_SIZE:-64}         # per GPU, as USP
 source "$(dirname "${BASH_SOURCE[0]}")/paper_batch.sh"
-paper_batch 4096 "$BATCH_SIZE" 1.5e-4  # 64 per GPU x 64 GPUs
+paper_batch 4096 1.5e-4  # 64 per GPU x 64 GPUs
 OUTPUT_DIR=${OUTPUT_DIR:-output_pretrain/${MODEL}_${EPOCHS}ep}
 
 launch -m pretrain.main_pretrain \

@@ -75,11 +75,13 @@ def test_recipe_runs_the_paper_setting_and_prints_it(tmp_path, script):
 
 
 # USP's pretraining batch: 64 per GPU on 64 GPUs = 4096 (AMAP-ML/USP pretrain/PRETRAIN.md), worked out per count.
-@pytest.mark.parametrize("nodes, gpus, accum_iter", [(1, 8, 8), (2, 8, 4), (8, 8, 1), (1, 1, 64)])
-def test_pretrain_recipe_reaches_batch_4096_on_any_gpu_count(tmp_path, nodes, gpus, accum_iter):
+@pytest.mark.parametrize("nodes, gpus, per_gpu, accum_iter", [(1, 8, 64, 8), (2, 8, 64, 4), (8, 8, 64, 1),
+                                                                (1, 1, 64, 64), (16, 8, 32, 1)])
+def test_pretrain_recipe_reaches_batch_4096_on_any_gpu_count(tmp_path, nodes, gpus, per_gpu, accum_iter):
     _, args, printed = run_recipe(tmp_path, "pretrain.sh", NNODES=str(nodes), GPUS=str(gpus), **ENV)
     assert args[args.index("--accum_iter") + 1] == str(accum_iter)
-    assert f"effective batch 4096 = --batch_size 64 x {nodes * gpus} GPUs x --accum_iter {accum_iter}" in printed
+    assert args[args.index("--batch_size") + 1] == str(per_gpu)
+    assert f"effective batch 4096 = --batch_size {per_gpu} x {nodes * gpus} GPUs x --accum_iter {accum_iter}" in printed
     assert "lr = 1.5e-4 x batch / 256 = 0.0024" in printed and "cannot make" not in printed
 
 
