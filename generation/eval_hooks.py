@@ -160,7 +160,7 @@ def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
     """The trainer's FID hook built from its arguments.
 
     The reference batch, Inception weights and guidance scale come from `--fid-ref-batch`,
-    `--inception-weights` and `--fid-cfg-scale` when the trainer defines them; without a reference batch
+    `--inception-weights` and `--cfg-scale` when the trainer defines them; without a reference batch
     the hook only writes the npz (evaluate it later with generation/evaluate.py).
     """
     spec = get_latent_spec(args.vae_version)
@@ -170,7 +170,7 @@ def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
                        num_steps=args.num_sampling_steps, num_classes=args.num_classes,
                        global_seed=args.global_seed, dist_env=dist_env, precision="fp32",
                        mode=getattr(args, "fid_mode", "SDE"),
-                       cfg_scale=getattr(args, "fid_cfg_scale", 1.0),
+                       cfg_scale=getattr(args, "cfg_scale", 1.0),
                        ref_batch=getattr(args, "fid_ref_batch", None),
                        inception_weights=getattr(args, "inception_weights", None))
 

@@ -68,25 +68,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also log to Weights & Biases (SiT's flag; needs `pip install wandb`)")
     # USP's additions.
     parser.add_argument("--finetune", type=str, default=None, help="USP/MAE pretraining checkpoint to initialise from")
-    parser.add_argument("--use-pretrain-layer", type=int, default=None, help="load only the first N pretrained blocks")
+    parser.add_argument("--use-pretrain-layer", type=int, default=None,
+                        help="load only the first N pretrained blocks (0: none, as USP)")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint file or experiment directory")
     parser.add_argument("--exp-name", type=str, default=None, help="suffix of the experiment folder name")
     parser.add_argument("--evaluate", action="store_true",
                         help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
                              "(its EMA weights; FID with --num-fid-samples) and exit without training")
     # Evaluation hooks (generation/eval_hooks.py), every --eval-every steps with the EMA weights.
-    parser.add_argument("--eval-every", type=int, default=10_000,
-                        help="EMA preview (and metrics) every N steps; 0 = off")
+    parser.add_argument("--eval-every", type=int, default=100_000,
+                        help="EMA preview (and metrics) every N steps; 0 = off (USP's default 100000)")
     parser.add_argument("--eval-images", type=int, default=16, help="images in the EMA preview grid")
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="per-rank batch of the FID evaluation hook")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="guidance of the FID samples and the preview grid (USP: 1.0 = none)")
+    parser.add_argument("--per-proc-batch-size", type=int, default=128,
+                        help="per-rank batch of the FID evaluation hook (USP's default)")
     parser.add_argument("--num-fid-samples", type=int, default=0,
                         help="samples for FID at each evaluation (0 = preview grid only)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="evaluation outputs, inside the experiment")
     parser.add_argument("--fid-ref-batch", type=str, default=None,
                         help="ADM reference batch .npz; with --inception-weights the FID hook logs FID/IS/sFID")
     parser.add_argument("--inception-weights", type=str, default=None, help="torch-fidelity Inception weights file")
-    parser.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples (1 = none)")
     parser.add_argument("--fid-mode", type=str, choices=["ODE", "SDE"], default="SDE",
                         help="SiT sampler of the FID hook (USP's train.py: SDE; always fp32)")
     # LightningDiT's transport and optimizer options (hustvl/LightningDiT config keys).

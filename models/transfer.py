@@ -302,8 +302,8 @@ def transfer_pretrained(model: nn.Module, checkpoint: Union[str, Path, dict], us
         raise UserError(f"transfer_pretrained initialises DiT/SiT and ViT/MAE models, not {type(model).__name__}.")
     target_sd = model.state_dict()
     depth = len({int(m[1]) for k in checkpoint_sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
-    if use_pretrain_layer is not None and not 1 <= use_pretrain_layer <= depth:
-        raise UserError(f"--use-pretrain-layer {use_pretrain_layer} is outside 1..{depth}, the number of blocks "
+    if use_pretrain_layer is not None and not 0 <= use_pretrain_layer <= depth:  # USP: 0 drops every block
+        raise UserError(f"--use-pretrain-layer {use_pretrain_layer} is outside 0..{depth}, the number of blocks "
                             f"in the pretrained checkpoint.")
 
     target_name = f"{type(model).__name__} (depth {len(model.blocks)}, width {_width(target_sd)})"

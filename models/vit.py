@@ -47,7 +47,13 @@ _LATENT = dict(img_size=28, in_chans=4, patch_size=2)  # SD-VAE latents of 224 p
 
 
 def _build(defaults: dict, kwargs: dict) -> VisionTransformer:
-    return VisionTransformer(**{"mlp_ratio": 4, "qkv_bias": True, "norm_layer": _LN, **defaults, **kwargs})
+    """`skip_depth` k builds the preset with its last k blocks left out (USP's linear probe of block depth - k)."""
+    config = {"mlp_ratio": 4, "qkv_bias": True, "norm_layer": _LN, **defaults, **kwargs}
+    skip_depth = config.pop("skip_depth", 0)
+    if not 0 <= skip_depth < config["depth"]:
+        raise UserError(f"--skip_depth must be in 0..{config['depth'] - 1} for a {config['depth']}-block ViT, "
+                        f"got {skip_depth}.")
+    return VisionTransformer(**{**config, "depth": config["depth"] - skip_depth})
 
 
 def vit_base_patch16(**kwargs):

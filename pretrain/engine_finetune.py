@@ -1,9 +1,10 @@
 """The classification loop (MAE's engine_finetune), shared by main_finetune and main_linprobe: one epoch of
-training, exact top-k evaluation, and the run around them (epochs, checkpoints last + best, resume, --eval).
+training, exact top-k evaluation, and the run around them (epochs, checkpoints last + best + MAE's numbered
+checkpoint-{epoch}.pth every --save_every epochs, resume, --eval).
 
 Checkpoints use the one schema of util/train_state.py: MAE's keys (`model` = the ViT's state dict, loadable with
-strict=True into the preset, `optimizer`, `epoch`, `scaler`, `args`) [+ `model_ema`, `vae_encoder`], `best_acc1`,
-and the `loop` resume record.
+strict=True into the preset, `optimizer`, `epoch`, `scaler`, `args`) [+ `model_ema`, `vae_encoder` (--train_vae) or
+USP's `vae` (--train_vae_flat)], `best_acc1`, and the `loop` resume record.
 """
 import argparse
 import math
@@ -213,8 +214,7 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
     scaler = make_grad_scaler(device, args.precision)
     model = classifier
     if dist_env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(classifier, args, device)
 
     position, best_acc1 = LoopPosition(epoch=args.start_epoch), 0.0
     if args.resume:
@@ -241,6 +241,17 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
         release_output_dir(args.output_dir)
     cleanup()
     return metrics
+
+
+def wrap_ddp(classifier: LatentClassifier, args, device) -> nn.Module:
+    """DDP over the classifier; with --train_vae_flat the VAE is left out of it, as USP wraps only the ViT, so
+    each rank's VAE encoder follows its own gradients."""
+    if getattr(args, "train_vae_flat", False) and getattr(args, "train_vae", False):
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            classifier, [name for name, _ in [*classifier.named_parameters(), *classifier.named_buffers()]
+                         if name.startswith("codec.")])
+    return torch.nn.parallel.DistributedDataParallel(classifier,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def fit(classifier: LatentClassifier, model, eval_model, eval_loader, optimizer, scaler, position: LoopPosition,
@@ -281,7 +292,11 @@ def fit(classifier: LatentClassifier, model, eval_model, eval_loader, optimizer,
             logger.info(f"Accuracy of the network on the {metrics['images']} test images: {metrics['acc1']:.1f}% "
                         f"(top-5 {metrics['acc5']:.1f}%, best top-1 {best_acc1:.2f}%)")
         if args.output_dir:
-            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
+            # MAE/USP's numbered checkpoints: after epochs 0, N, 2N, ... and the last one (with the full state).
+            numbered = stop_reason is None and (position.epoch % args.save_every == 0
+                                                or position.epoch + 1 == args.epochs)
+            save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run,
+                 also=[output_dir / f"checkpoint-{position.epoch}.pth"] if numbered else [])
             if is_best and run.dist.is_main:
                 save_checkpoint({"model": classifier.vit.state_dict(), "epoch": position.epoch,
                                  "acc1": metrics["acc1"], "args": args_to_dict(args)}, output_dir / BEST_NAME)
@@ -304,19 +319,23 @@ def evaluate_all(eval_model, eval_loader, run: Run, reduce: bool) -> dict:
     return metrics
 
 
-def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: Run) -> None:
-    """Saves the full training state atomically on rank 0 (every rank joins the RNG gather)."""
+def save(path: Path, classifier, optimizer, scaler, position, args, best_acc1, run: Run, also=()) -> None:
+    """Saves the full training state atomically on rank 0 to `path` and the paths in `also` (every rank
+    joins the RNG gather)."""
     state = checkpoint_state(classifier, optimizer, scaler, position, args, best_acc1,
                              run.steps_per_epoch * args.accum_iter, run.model_ema)
     if run.dist.is_main:
-        save_checkpoint(state, path)
+        for target in (path, *also):
+            save_checkpoint(state, target)
 
 
 def checkpoint_state(classifier: LatentClassifier, optimizer, scaler, position: LoopPosition, args, best_acc1: float,
                      batches_per_epoch: int, model_ema=None) -> dict:
     """Everything needed to continue the run exactly (a collective: gathers every rank's RNG)."""
     extra = {}
-    if getattr(args, "train_vae", False):
+    if getattr(args, "train_vae", False) and getattr(args, "train_vae_flat", False):
+        extra["vae"] = classifier.codec.autoencoder.state_dict()  # USP's key: the whole VAE
+    elif getattr(args, "train_vae", False):
         extra["vae_encoder"] = {k: v for k, v in classifier.codec.autoencoder.state_dict().items()
                                 if k.startswith(("encoder.", "quant_conv."))}
     return training_state({"model": classifier.vit, "optimizer": optimizer, "scaler": scaler,
@@ -345,6 +364,8 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
                          f"({str(error).splitlines()[0][:160]}); pass the matching checkpoint or model flags.") from None
     if "vae_encoder" in state:
         classifier.codec.autoencoder.load_state_dict(state["vae_encoder"], strict=False)
+    if "vae" in state:  # --train_vae_flat (USP's checkpoints carry it too; USP's own resume ignores it)
+        classifier.codec.autoencoder.load_state_dict(state["vae"])
     print(f"Resumed weights from {path}")
     position = LoopPosition(epoch=args.start_epoch)
     best_acc1 = float(state.get("best_acc1", 0.0))

@@ -69,20 +69,22 @@ def t_noise_alpha_bar(args, pixel: bool):
 def build_vit(args, head_init_std: float) -> nn.Module:
     """The ViT preset for the flags, initialised from --finetune (USP/MAE weights) when given.
 
-    The classifier head starts as trunc_normal(std=head_init_std) with zero bias (MAE: 2e-5 for
-    fine-tuning, 0.01 for the linear probe), whether or not pretrained weights are loaded.
+    With --finetune the classifier head starts as trunc_normal(std=head_init_std) with zero bias (MAE/USP: 2e-5
+    for fine-tuning, 0.01 for the linear probe); without it the head keeps timm's own initialisation, as USP's.
+    --skip_depth k (USP's probe) builds the ViT without its last k blocks.
     """
     if args.model in DIT_CLASSIFIERS:
         return build_dit_probe(args, head_init_std)
-    if getattr(args, "skip_depth", 0):
-        raise UserError(f"--skip_depth probes an intermediate block of a DiT backbone (dit_*); --model {args.model} "
-                         "is a ViT.")
-    vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
-                     drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
-                     **args.model_kwargs_dict)
-    nn.init.trunc_normal_(vit.head.weight, std=head_init_std)
-    nn.init.zeros_(vit.head.bias)
+    skip_depth = getattr(args, "skip_depth", 0)
+    try:
+        vit = create_vit(args.model, args.input_size, vae_version=args.vae_version, num_classes=args.nb_classes,
+                         drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
+                         **({"skip_depth": skip_depth} if skip_depth else {}), **args.model_kwargs_dict)
+    except TypeError:
+        raise UserError(f"--model {args.model} has no --skip_depth (USP's ViT and DiT probes do); drop it.") from None
     if args.finetune and not args.eval:
+        nn.init.trunc_normal_(vit.head.weight, std=head_init_std)
+        nn.init.zeros_(vit.head.bias)
         try:
             report = transfer_pretrained(vit, args.finetune, head_init_std=head_init_std)
         except UserError as error:
@@ -100,9 +102,9 @@ def build_dit_probe(args, head_init_std: float) -> nn.Module:
                                             skip_depth=getattr(args, "skip_depth", 0), **args.model_kwargs_dict)
     except (TypeError, ValueError) as error:
         raise UserError(f"--model {args.model} cannot be built from these flags: {error}") from None
-    nn.init.trunc_normal_(model.head.weight, std=head_init_std)
-    nn.init.zeros_(model.head.bias)
     if args.finetune and not args.eval:
+        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
         try:
             fresh = load_dit_backbone(model, load_checkpoint(args.finetune))
         except ValueError as error:

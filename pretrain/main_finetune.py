@@ -99,6 +99,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all ranks (every image counted exactly once)")
+    parser.add_argument("--save_every", default=20, type=int,
+                        help="also keep checkpoint-{epoch}.pth after epochs 0, N, 2N, ... and the last (MAE/USP: 20)")
     parser.add_argument("--eval_freq", default=1, type=int,
                         help="evaluate every N epochs (and always after the last one or an early stop)")
     parser.add_argument("--num_workers", default=default_num_workers(), type=int,
@@ -144,8 +146,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_vae", action="store_true",
                         help="also fine-tune the VAE encoder (its parameters join the optimizer)")
     parser.add_argument("--train_vae_flat", action="store_true",
-                        help="with --train_vae, USP's optimizer: one lr (no layer decay) and weight decay on every "
-                             "ViT and VAE parameter")
+                        help="with --train_vae, USP's --train_vae exactly: one lr (no layer decay) and weight decay on "
+                             "every ViT and VAE parameter, DDP over the ViT only (each rank's VAE follows its own "
+                             "gradients), the whole VAE saved as `vae`")
     parser.add_argument("--image_mix", action="store_true",
                         help="Mixup/CutMix the images before the VAE (default: the latents, as USP)")
     parser.add_argument("--no_aug", action="store_true",
@@ -206,7 +209,7 @@ def check_args(args) -> None:
                                               num_classes=args.nb_classes, global_pool=args.global_pool,
                                               **args.model_kwargs_dict),
                            "--model_kwargs", args.model, args.model_kwargs_dict)
-    for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq"):
+    for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq", "save_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
 
@@ -240,10 +243,12 @@ def check_class_count(dataset, nb_classes: int, root) -> None:
 
 
 def build_eval_loader(args, dist_env, pixel: bool):
-    """Validation loader: resize to input_size / 0.875 + center crop; sharded with --dist_eval."""
+    """Validation loader: resize to input_size / 0.875 (or the probe's --eval_resize) + center crop; sharded
+    with --dist_eval."""
     corruption = GaussianNoise(args.noise_level) if getattr(args, "add_noise", False) else None
     dataset = build_image_folder(args.data_path, "val",
-                                 transform=eval_transform(args.input_size, pixel=pixel, corruption=corruption))
+                                 transform=eval_transform(args.input_size, pixel=pixel, corruption=corruption,
+                                                          resize=getattr(args, "eval_resize", None)))
     check_class_count(dataset, args.nb_classes, Path(args.data_path) / "val")
     if args.dist_eval and dist_env.world_size > 1:
         sampler = EvalShardSampler(len(dataset), dist_env.world_size, dist_env.rank)
@@ -278,24 +283,30 @@ def posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
     return posterize(img, bits_to_keep, **kwargs)
 
 
-def guard_posterize(transform):
+def adapt_augment_ops(transform, fill):
     """Points every Posterize op of timm's RandAugment/AutoAugment inside `transform` at
-    `posterize_keep_zero_bits` (only this transform's op objects change, not timm's tables)."""
+    `posterize_keep_zero_bits` and makes every op fill uncovered pixels with `fill` (RGB 0..255); only this
+    transform's op objects change, not timm's tables."""
     stack = [transform]
     while stack:
         node = stack.pop()
         if isinstance(node, (list, tuple)):  # AutoAugment's policy is a list of sub-policy lists
             stack.extend(node)
             continue
-        if isinstance(node, AugmentOp) and node.aug_fn is posterize:
-            node.aug_fn = posterize_keep_zero_bits
+        if isinstance(node, AugmentOp):
+            node.kwargs["fillcolor"] = fill
+            if node.aug_fn is posterize:
+                node.aug_fn = posterize_keep_zero_bits
         stack.extend(child for child in (getattr(node, "transforms", None), getattr(node, "ops", None),
                                          getattr(node, "policy", None)) if isinstance(child, (list, tuple)))
     return transform
 
 
 def build_train_dataset(args, pixel: bool) -> SeededDataset:
-    """Train ImageFolder with timm's augmentation; per-sample randomness keyed by (seed, epoch, index)."""
+    """Train ImageFolder with timm's augmentation; per-sample randomness keyed by (seed, epoch, index).
+
+    Rotate/shear/translate fill with the ImageNet mean (124, 116, 104) also for VAE input normalised with
+    0.5, as USP's util/datasets.py does (timm would derive the fill from the normalisation mean: 128)."""
     mean, std = image_mean_std(pixel)
     transform = create_transform(
         input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
@@ -304,7 +315,8 @@ def build_train_dataset(args, pixel: bool) -> SeededDataset:
     )
     base = build_image_folder(args.data_path, "train", strict=args.strict_data)
     check_class_count(base, args.nb_classes, Path(args.data_path) / "train")
-    return SeededDataset(base, guard_posterize(transform), seed=args.seed)
+    fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)
+    return SeededDataset(base, adapt_augment_ops(transform, fill), seed=args.seed)
 
 
 def build_mixup(args):

@@ -46,8 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (pretrain.cache_latents)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
     parser.add_argument("--skip_depth", default=0, type=int,
-                        help="DiT backbones (dit_base_patch16_vae, dit_xlarge_patch16_vae): probe the output of "
-                             "block depth - skip_depth (USP)")
+                        help="probe the output of block depth - skip_depth: the ViT or DiT backbone is built "
+                             "without its last skip_depth blocks (USP)")
+    parser.add_argument("--eval_resize", default=None, type=int,
+                        help="resize the short side of validation images to N before the center crop (MAE/USP's "
+                             "probe: 256 at every size; default: MAE's fine-tuning rule, the same at 224 and 256 px)")
     return finish_parser(parser)
 
 

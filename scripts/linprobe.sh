@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Linear probe of a USP-pretrained ViT on SD-VAE (d8) latents with MAE's recipe: frozen encoder, BatchNorm
-# (no affine) + linear head on the cls token, LARS, effective batch 16384 (512 per GPU x 8 GPUs x 4 nodes,
-# or ACCUM_ITER=4 on one node), 90 epochs, blr 0.1, no weight decay, MAE's TF-style RandomResizedCrop + flip only,
+# (no affine) + linear head on the cls token, LARS, effective batch 16384 (512 per GPU; --accum_iter computed
+# from the GPU count: 8 GPUs 4), 90 epochs, blr 0.1, no weight decay, MAE's TF-style RandomResizedCrop + flip only,
 # fp16 autocast with a GradScaler and the VAE encoder under the same fp16 autocast (USP's main_linprobe).
-# The full command is printed before it starts.
-# Reference: MAE ViT-B/16 in pixel space reaches 68.0% top-1 (MODEL=vit_base_patch16, no VAE).
+# The full command is printed before it starts. USP releases no probe weights; reference: MAE ViT-B/16 in pixel
+# space reaches 68.0% top-1 (MODEL=vit_base_patch16, no VAE).
 #
-# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth ACCUM_ITER=4 \
+# One node:   DATA_PATH=/data/imagenet VAE_PATH=/weights/sd-vae-ft-ema FINETUNE=usp_pretrain.pth \
 #               bash scripts/linprobe.sh
 # N nodes:    run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES, and NODE_RANK = 0..NNODES-1:
 #             MASTER_ADDR=node0 NNODES=4 NODE_RANK=1 DATA_PATH=... VAE_PATH=... FINETUNE=... bash scripts/linprobe.sh
@@ -19,7 +19,9 @@ DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet folder that holds train/ an
 FINETUNE=${FINETUNE:?set FINETUNE to the USP pretraining checkpoint (checkpoint-*.pth)}
 MODEL=${MODEL:-vit_base_patch16_vae}
 EPOCHS=${EPOCHS:-90}
-ACCUM_ITER=${ACCUM_ITER:-1}          # 4 on a single 8-GPU node keeps the effective batch at 16384
+BATCH_SIZE=${BATCH_SIZE:-512}          # per GPU, as MAE
+source "$(dirname "${BASH_SOURCE[0]}")/paper_batch.sh"
+paper_batch 16384 0.1  # sets ACCUM_ITER: 4 on one 8-GPU node
 OUTPUT_DIR=${OUTPUT_DIR:-output_linprobe/${MODEL}_${EPOCHS}ep}
 VAE_ARGS=()
 if [[ "$MODEL" == *_vae ]]; then
@@ -33,7 +35,7 @@ launch -m pretrain.main_linprobe \
   --cls_token \
   --finetune "$FINETUNE" \
   --input_size 224 \
-  --batch_size 512 \
+  --batch_size "$BATCH_SIZE" \
   --accum_iter "$ACCUM_ITER" \
   --epochs "$EPOCHS" \
   --warmup_epochs 10 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # USP pretraining on VA-VAE latents (USP README, last table row "USP + VAVAE"): scripts/pretrain.sh's recipe (mask
-# ratio 0.75, norm_pix_loss, batch 64 per GPU, blr 1.5e-4, wd 0.05, 40 warmup epochs, 800 or EPOCHS=1600 epochs;
-# USP does not publish its VA-VAE pretraining length) with an encoder of LightningDiT blocks (SwiGLU, RMSNorm, 2-D
+# ratio 0.75, norm_pix_loss, batch 4096 at any GPU count, blr 1.5e-4, wd 0.05, 40 warmup epochs, 800 or EPOCHS=1600
+# epochs; USP publishes neither its VA-VAE pretraining length nor a checkpoint) with an encoder of LightningDiT blocks (SwiGLU, RMSNorm, 2-D
 # RoPE), lightningdit_xlarge_patch_vae, on 16x16x32 VA-VAE latents of 256 px crops (patch 1), so every encoder
 # weight transfers into LightningDiT-XL/1 (scripts/train_lightningdit.sh FINETUNE=...).
 #

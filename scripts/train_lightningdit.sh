@@ -5,7 +5,8 @@
 # weight decay), global batch 1024, 80000 steps (64 epochs of ImageNet), bf16, EMA 0.9999, no gradient clipping
 # (the official config sets no max_grad_norm; add `--max-grad-norm N` to clip). With FINETUNE set the model starts
 # from a USP checkpoint (scripts/pretrain_vavae.sh: USP + VAVAE, FID 4.2 / 1.81 at cfg 10), else from scratch
-# (LightningDiT-XL 64ep: FID 5.14 / 2.11; USP's table: 5.18 / 2.15).
+# (reproduces hustvl's released lightningdit-xl-imagenet256-64ep.pt: FID 5.14 / 2.11; USP's table: 5.18 / 2.15;
+# USP releases no USP + VAVAE checkpoint).
 #
 #   CACHE=/data/imagenet256_vavae_cache VAE_PATH=/weights/vavae-imagenet256-f16d32-dinov2 \
 #     FINETUNE=output_pretrain/lightningdit_xlarge_patch_vae_vavae_800ep/checkpoint-799.pth bash scripts/train_lightningdit.sh

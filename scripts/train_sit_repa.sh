@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # SiT-XL/2 initialised from a USP checkpoint and trained with REPA (the USP README's "USP + REPA" row:
-# FID 6.26 at 400K steps, 256 px, no guidance): USP's SiT recipe (Linear path, velocity, global batch 256,
-# lr 1e-4, 400K steps) plus REPA's alignment with REPA's settings: DINOv2-B/14 patch tokens as the target,
-# projector after block 8 (2048-wide MLP), proj-coeff 0.5, gradient clipping at 1.0.
+# FID 6.26 at 400K steps, 256 px, no guidance; no released checkpoint): USP's SiT recipe (Linear path, velocity,
+# global batch 256, lr 1e-4, 400K steps, fp32 with TF32 as USP's SiT train.py) plus REPA's alignment with REPA's
+# settings: DINOv2-B/14 patch tokens as the target, projector after block 8 (2048-wide MLP), proj-coeff 0.5,
+# gradient clipping at 1.0.
 #
 # One node (8 GPUs):
 #   DATA_PATH=/data/imagenet/train FINETUNE=/ckpt/usp_vit_xlarge_patch_vae.pth \
 #   REPA_ENCODER=/ckpt/dinov2_vitb14_pretrain.pth bash scripts/train_sit_repa.sh
 # N nodes: every node runs the same command with MASTER_ADDR/MASTER_PORT, NNODES (or WORLD_SIZE) = N,
 # NODE_RANK (or RANK) = its index and GPUS per node (scripts/launch.sh); the global batch stays 256.
-# From scratch (REPA's own row, FID 7.9): FINETUNE=none, which also switches to REPA's data/precision settings
+# From scratch (REPA's own 400K-step row, FID 7.9; REPA releases only its 4M-step SiT-XL/2): FINETUNE=none,
+# which also switches to REPA's data/precision settings
 # (sd-vae-ft-mse, no flips, fp16, no sigma outputs; see GENERATION.md "Differences from the official code").
 # With cached latents and features:
 #   ... bash scripts/train_sit_repa.sh --cached-path CACHE --repa-feature-cache FEATURES
@@ -43,10 +45,10 @@ launch -m generation.train \
   --max-steps 400000 \
   --ckpt-every 50000 \
   --log-every 100 \
-  --eval-every 10000 \
-  --cfg-scale 4.0 \
+  --eval-every 50000 \
+  --cfg-scale 1.0 \
   --num-sampling-steps 250 \
-  --precision bf16 \
+  --precision fp32 \
   --repa \
   --enc-type dinov2-vit-b \
   --repa-encoder-path "$REPA_ENCODER" \

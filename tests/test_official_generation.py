@@ -39,6 +39,22 @@ def test_training_fid_hook_samples_sit_with_the_sde_in_fp32():
     assert stochastic  # the SDE draws noise every step (the ODE would not)
 
 
+def test_training_evaluation_defaults_are_usps():
+    """AMAP-ML/USP generation/DiT/train.py (and SiT/train.py): --eval-every 100000, --per-proc-batch-size 128,
+    --cfg-scale 1.0, and `model_kwargs = dict(y=y, cfg_scale=args.cfg_scale)` for the FID samples."""
+    from generation.eval_hooks import fid_eval_hook
+    from generation.objectives import build_objective
+    from generation.train import get_args_parser
+
+    args = get_args_parser().parse_args(["--model", "DiT-S/2", "--data-path", "unused", "--cfg-scale", "1.5"])
+    assert (args.eval_every, args.per_proc_batch_size) == (100_000, 128)
+    assert get_args_parser().parse_args(["--model", "DiT-S/2", "--data-path", "unused"]).cfg_scale == 1.0
+    args.vae_version, args.image_size, args.num_classes = "d8", 32, 4
+    hook = fid_eval_hook(args, build_objective("DiT-S/2", num_classes=4), codec=None, sample_dir="unused",
+                         dist_env=None)
+    assert hook.guidance.scale == 1.5
+
+
 def test_training_loss_draws_timesteps_through_the_sampler_hook():
     """A TimestepSampler's u maps to DiT's t = floor(u * 1000); its weights scale the per-sample losses and
     `update` sees the unweighted ones (the contract of generation/objectives.py's hook)."""

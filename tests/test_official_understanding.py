@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from util.data import eval_crop
 from util.tf_crop import RandomResizedCrop
@@ -107,3 +108,125 @@ def test_add_noise_corrupts_the_evaluation_images_after_the_crop():
     steps = eval_transform(224, corruption=GaussianNoise(3)).transforms
     assert isinstance(steps[0], transforms.Compose) and isinstance(steps[1], GaussianNoise)
     assert isinstance(steps[2], transforms.ToTensor)
+
+
+def test_randaugment_fills_with_the_imagenet_mean_for_vae_input(tiny_image_folder):
+    """AMAP-ML/USP pretrain/util/datasets.py, transforms_vae_imagenet_train: the VAE input is normalised with 0.5,
+    but RandAugment gets img_mean = round(255 * IMAGENET_DEFAULT_MEAN) = (124, 116, 104) (0.485, 0.456, 0.406)."""
+    from timm.data.auto_augment import AugmentOp
+
+    from pretrain.main_finetune import build_train_dataset, get_args_parser
+
+    args = get_args_parser().parse_args(["--data_path", str(tiny_image_folder), "--nb_classes", "4",
+                                         "--input_size", "32"])
+    ops = [op for step in build_train_dataset(args, pixel=False).transform.transforms
+           for op in getattr(step, "ops", []) if isinstance(op, AugmentOp)]
+    rotate = next(op for op in ops if op.name == "Rotate")
+    rotate.prob, rotate.magnitude_std = 1.0, 0.0  # always rotate, by 9/10 of 30 degrees
+    out = rotate(Image.new("RGB", (32, 32), (255, 255, 255)))
+    assert out.getpixel((0, 0)) == (124, 116, 104)  # the corner the rotation uncovers
+
+
+def test_head_is_reinitialised_only_with_finetune():
+    """USP main_finetune.py / main_linprobe.py: `if args.finetune and not args.eval: ... trunc_normal_(
+    model.head.weight, std=2e-5)` (probe: 0.01); without --finetune the head keeps timm's ViT init,
+    trunc_normal(std=0.02) with zero bias (timm init_weights_vit_timm)."""
+    from argparse import Namespace
+
+    from models.mae import create_mae
+    from pretrain.latent_classifier import build_vit
+
+    args = Namespace(model="vit_base_patch16_vae", input_size=32, vae_version="d8", nb_classes=1000, drop_path=0.0,
+                     global_pool=True, eval=False, finetune="", skip_depth=0,
+                     model_kwargs_dict={"embed_dim": 256, "depth": 1, "num_heads": 4})
+    torch.manual_seed(0)
+    scratch = build_vit(args, head_init_std=2e-5).head
+    assert 0.018 < scratch.weight.std().item() < 0.022 and not scratch.bias.any()
+
+    mae = create_mae("vit_base_patch_vae", 32, vae_version="d8", embed_dim=256, depth=1, num_heads=4,
+                     decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    args.finetune = {"model": mae.state_dict()}
+    head = build_vit(args, head_init_std=2e-5).head
+    assert 1.5e-5 < head.weight.std().item() < 2.5e-5
+
+
+def test_probe_skip_depth_builds_a_shallower_vit():
+    """USP models_vit.py vit_*_patch16_vae: `depth = 12 - skip_depth` (24, 28 for L, XL), then strict=False
+    loading of the pretrained checkpoint: its first depth - skip_depth blocks."""
+    from argparse import Namespace
+
+    from models.mae import create_mae
+    from pretrain.latent_classifier import build_vit
+
+    tiny = {"embed_dim": 32, "num_heads": 2}
+    mae = create_mae("vit_base_patch_vae", 32, vae_version="d8", depth=3, decoder_embed_dim=32, decoder_depth=1,
+                     decoder_num_heads=2, **tiny)
+    args = Namespace(model="vit_base_patch16_vae", input_size=32, vae_version="d8", nb_classes=4, drop_path=0.0,
+                     global_pool=False, eval=False, finetune={"model": mae.state_dict()}, skip_depth=1,
+                     model_kwargs_dict={**tiny, "depth": 3})
+    vit = build_vit(args, head_init_std=0.01)
+    assert len(vit.blocks) == 2
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    assert len(build_vit(Namespace(**{**vars(args), "model_kwargs_dict": {**tiny}}), 0.01).blocks) == 12 - 1
+
+
+def test_use_pretrain_layer_zero_keeps_no_pretrained_block():
+    """USP generation/DiT/train.py: `if args.use_pretrain_layer >= 0:` delete every `blocks.i` with
+    i >= use_pretrain_layer, so 0 keeps the patch embedding and position embedding only."""
+    from models.mae import create_mae
+    from models.sit import SiT_models
+    from models.transfer import transfer_pretrained
+
+    mae = create_mae("vit_base_patch_vae", 32, vae_version="d8", embed_dim=32, depth=2, num_heads=2,
+                     decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    sit = SiT_models["SiT-B/2-VAE-simple"](input_size=4, num_classes=4, hidden_size=32, depth=2, num_heads=2)
+    report = transfer_pretrained(sit, mae.state_dict(), use_pretrain_layer=0)
+    assert "x_embedder.proj.weight" in report.loaded
+    assert not any(name.startswith("blocks.") for name in report.loaded)
+    assert report.reasons["blocks.0.attn.qkv.weight"] == "beyond --use-pretrain-layer 0"
+
+
+def test_train_vae_flat_is_usps_train_vae(tiny_vae_dir, tmp_path):
+    """AMAP-ML/USP pretrain/main_finetune.py with --train_vae: `model = DistributedDataParallel(model)` wraps the
+    ViT alone (the VAE is a separate module, its gradients never averaged), and util/misc.py save_model writes
+    `to_save['vae'] = vae.state_dict()`: the whole VAE, decoder included."""
+    import torch.distributed as dist
+    from argparse import Namespace
+
+    from models.vae import LatentCodec
+    from models.vit import create_vit
+    from pretrain.engine_finetune import checkpoint_state, wrap_ddp
+    from pretrain.latent_classifier import LatentClassifier
+    from util.loop import LoopPosition
+
+    vit = create_vit("vit_base_patch16_vae", 32, num_classes=4, embed_dim=32, depth=1, num_heads=2)
+    codec = LatentCodec.load("d8", tiny_vae_dir).train_encoder(True)
+    classifier = LatentClassifier(vit, codec)
+    args = Namespace(train_vae=True, train_vae_flat=True, batch_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = wrap_ddp(classifier, args, torch.device("cpu"))
+        assert {n for n, _ in codec.named_parameters(prefix="codec")} <= set(ddp.parameters_to_ignore)
+        assert not any(n.startswith("vit.") for n in ddp.parameters_to_ignore)
+        optimizer = torch.optim.AdamW(vit.parameters())
+        state = checkpoint_state(classifier, optimizer, None, LoopPosition(epoch=0), args, 0.0, batches_per_epoch=1)
+    finally:
+        dist.destroy_process_group()
+    assert "vae_encoder" not in state and set(state["vae"]) == set(codec.autoencoder.state_dict())
+    assert any(k.startswith("decoder.") for k in state["vae"])
+
+
+def test_probe_eval_resize_256_is_usps_probe_crop(tiny_image_folder):
+    """AMAP-ML/USP pretrain/main_linprobe.py: transform_val = Resize(256, bicubic) + CenterCrop(input_size) at
+    every input size (at 240 px MAE's fine-tuning rule would resize to 240)."""
+    from pretrain.main_finetune import build_eval_loader
+    from pretrain.main_linprobe import get_args_parser
+    from util.distributed import DistEnv
+
+    args = get_args_parser().parse_args(["--data_path", str(tiny_image_folder), "--nb_classes", "4", "--input_size",
+                                         "240", "--eval_resize", "256", "--num_workers", "0", "--device", "cpu"])
+    loader = build_eval_loader(args, DistEnv(0, 1, 0, torch.device("cpu"), None), pixel=False)
+    crop = loader.dataset.transform.transforms[0]
+    assert [type(t).__name__ for t in crop.transforms] == ["Resize", "CenterCrop"]
+    assert crop.transforms[0].size == 256 and crop.transforms[0].interpolation == InterpolationMode.BICUBIC
+    assert crop.transforms[1].size == (240, 240)

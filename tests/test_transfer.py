@@ -85,7 +85,7 @@ def test_sit_from_file_with_layer_cut(tmp_path):
     # Plain SiT has non-affine LayerNorms, so MAE's norm1/norm2 have nowhere to go.
     assert report.reasons["blocks.0.norm1.weight"] == "not in the model"
     assert "beyond --use-pretrain-layer 1" in str(report)
-    with pytest.raises(UserError, match=r"--use-pretrain-layer 5 is outside 1\.\.2"):
+    with pytest.raises(UserError, match=r"--use-pretrain-layer 5 is outside 0\.\.2"):
         transfer_pretrained(sit, path, use_pretrain_layer=5)
 
 

@@ -259,6 +259,21 @@ def test_train_vae_updates_the_encoder_only(tiny_image_folder, tiny_vae_dir, tmp
     assert not torch.equal(state["vae_encoder"]["encoder.conv_in.weight"], original["encoder.conv_in.weight"])
 
 
+@pytest.mark.slow
+def test_numbered_checkpoints_follow_maes_rule(tiny_image_folder, tiny_vae_dir, tmp_path):
+    """MAE/USP main_linprobe.py and main_finetune.py: `if args.output_dir and (epoch % 20 == 0 or epoch ==
+    args.epochs - 1): misc.save_model(...)` -> checkpoint-{epoch}.pth. Worked out for 3 epochs and N = 5:
+    epoch 0 (0 % 5 == 0) and epoch 2 (the last); plus this project's checkpoint-last / -best."""
+    from pretrain import main_linprobe
+
+    out = tmp_path / "lp"
+    main_linprobe.main(parse(main_linprobe, common_flags(tiny_image_folder, tiny_vae_dir, out, epochs=3, save_every=5,
+                                                         batch_size=32)))
+    assert sorted(p.name for p in out.glob("checkpoint-[0-9]*.pth")) == ["checkpoint-0.pth", "checkpoint-2.pth"]
+    assert (out / "checkpoint-last.pth").is_file()
+    assert torch.load(out / "checkpoint-2.pth", weights_only=True)["epoch"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

@@ -76,23 +76,24 @@ def generation_transform(image_size: int, random_flip: bool = True) -> transform
     return transforms.Compose([CenterCropArr(image_size), *flip, transforms.ToTensor(), _to_unit_range()])
 
 
-def eval_crop(input_size: int) -> transforms.Compose:
+def eval_crop(input_size: int, resize: int = None) -> transforms.Compose:
     """MAE/USP evaluation: resize the short side to input_size / crop_pct (bicubic), take the centre.
 
     crop_pct is 224 / 256 up to 224 px and 1.0 above (MAE's `build_transform`): 256 px evaluates on the
-    whole resized image, not a 256 / 0.875 = 292 px resize.
+    whole resized image, not a 256 / 0.875 = 292 px resize. `resize` fixes the short side instead (MAE/USP's
+    linear probe: 256 at every size).
     """
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
-        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(resize or int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
     ])
 
 
-def eval_transform(input_size: int, pixel: bool = False, corruption=None) -> transforms.Compose:
-    """Evaluation transform: `eval_crop`, then `corruption` (a PIL -> PIL callable, e.g. USP's
+def eval_transform(input_size: int, pixel: bool = False, corruption=None, resize: int = None) -> transforms.Compose:
+    """Evaluation transform: `eval_crop` (with `resize`), then `corruption` (a PIL -> PIL callable, e.g. USP's
     ImageNet-C noise) if given, then normalisation."""
-    steps = [eval_crop(input_size)] + ([corruption] if corruption is not None else [])
+    steps = [eval_crop(input_size, resize)] + ([corruption] if corruption is not None else [])
     return transforms.Compose([*steps, transforms.ToTensor(), _normalize(pixel)])
 
 
