@@ -1,0 +1,145 @@
+"""A SLURM stop played as slurmstepd plays it, through the recipes' launcher (scripts/launch.sh).
+
+On scancel, a time limit or a preemption, slurmstepd sends SIGTERM to every process of the step at once (the
+recipe's bash, torchrun, the workers and their DataLoader workers), and with `srun --kill-on-bad-exit=1` (as
+scripts/slurm/train.sbatch runs) a task that exits non-zero gets the rest of the step SIGKILLed. The run must
+save, the task exit 0, and `--resume` continue bit-exactly: its final weights equal an uninterrupted run's.
+Two processes on CPU (gloo), tiny models.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, free_port
+from util.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them
+
+MAE_KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+              "decoder_num_heads": 2}
+
+
+def recipe_env(**extra) -> dict:
+    """The recipe's environment: 2 processes on this node, the venv's torchrun first on PATH, one thread each."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", GPUS="2",
+                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun's workers start their own sessions, so no process group
+    holds them all; slurmstepd finds them through the step's cgroup, here through /proc)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def signal_all(pids, signum) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run_recipe(script: str, args, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def stop_like_slurmstepd(script: str, args, env: dict, started, timeout: float = 120) -> tuple[int, str]:
+    """Runs the recipe as an srun task; once `started()` is true, SIGTERMs its whole tree at once. Returns the
+    task's exit status and output; a non-zero status SIGKILLs what is left (--kill-on-bad-exit)."""
+    task = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    while not started():
+        assert task.poll() is None and time.time() < deadline, task.communicate()[0][-6000:]
+        time.sleep(0.05)
+    tree = descendants(task.pid)
+    assert len(tree) >= 4, tree  # bash -> torchrun (the same process: exec) -> 2 workers -> their loader workers
+    signal_all(tree, signal.SIGTERM)
+    try:
+        output, _ = task.communicate(timeout=timeout)
+    finally:
+        if task.returncode != 0:
+            signal_all(descendants(task.pid) + tree, signal.SIGKILL)
+    return task.returncode, output
+
+
+def logged_steps(log: Path, key: str = "step") -> int:
+    """The number of JSON log lines with a loss so far."""
+    if not log.is_file():
+        return 0
+    return sum('"loss"' in line for line in log.read_text().splitlines())
+
+
+def assert_same_weights(reference: dict, resumed: dict, keys) -> None:
+    for key in keys:
+        assert reference[key].keys() == resumed[key].keys()
+        for name, value in reference[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_usp_checkpoint(tmp_path_factory, tiny_image_folder, tiny_vae_dir):
+    """A USP checkpoint made by pretrain/main_pretrain.py: a width-32 latent MAE, 8 masked-modeling steps."""
+    from pretrain import main_pretrain
+
+    output_dir = tmp_path_factory.mktemp("usp")
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args([
+        "--model", "vit_base_patch_vae", "--model_kwargs", json.dumps(MAE_KWARGS), "--input_size", "32",
+        "--data_path", str(tiny_image_folder), "--vae_path", str(tiny_vae_dir), "--device", "cpu",
+        "--precision", "fp32", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--blr", "1e-3",
+        "--num_workers", "0", "--output_dir", str(output_dir), "--log_dir", str(output_dir)]))
+    (checkpoint,) = sorted(output_dir.glob("checkpoint-*.pth"))
+    return checkpoint
+
+
+def dit_args(results: Path, steps: int, *extra) -> list:
+    """scripts/train_dit.sh's recipe shrunk: a width-32 DiT on 4x4 latents, batch 16 (4 steps per epoch)."""
+    return ["--image-size", "32", "--num-classes", "4", "--global-batch-size", "16", "--max-steps", steps,
+            "--log-every", "1", "--ckpt-every", "1000", "--eval-every", "0", "--device", "cpu", "--num-workers", "1",
+            "--model-kwargs", json.dumps({"hidden_size": 32, "depth": 2, "num_heads": 2}), "--lr", "1e-3",
+            "--results-dir", results, *extra]
+
+
+def test_dit_recipe_stopped_by_slurm_saves_exits_zero_and_resumes_exactly(tmp_path, tiny_image_folder, tiny_vae_dir,
+                                                                          tiny_usp_checkpoint):
+    env = recipe_env(DATA_PATH=str(tiny_image_folder / "train"), FINETUNE=str(tiny_usp_checkpoint),
+                     VAE_PATH=str(tiny_vae_dir), MODEL="DiT-S/2-VAE-simple")
+    steps = 200
+    run_recipe("train_dit.sh", dit_args(tmp_path / "reference", steps), env)
+    stopped_dir = tmp_path / "stopped"
+    status, output = stop_like_slurmstepd(
+        "train_dit.sh", dit_args(stopped_dir, steps), env,
+        started=lambda: any(logged_steps(path / "log.txt") >= 3 for path in stopped_dir.glob("*-usp")))
+    assert status == 0, output[-6000:]
+    (experiment,) = stopped_dir.glob("*-usp")
+    (saved,) = sorted((experiment / "checkpoints").glob("*.pt"))
+    stopped_at = load_checkpoint(saved)["loop"]["global_step"]
+    assert 3 <= stopped_at < steps, stopped_at
+    run_recipe("train_dit.sh", dit_args(stopped_dir, steps, "--resume", experiment), env)
+    (reference,) = (tmp_path / "reference").glob("*-usp")
+    name = f"{steps:07d}.pt"
+    assert_same_weights(load_checkpoint(reference / "checkpoints" / name),
+                        load_checkpoint(experiment / "checkpoints" / name), ("model", "ema"))
