@@ -127,7 +127,7 @@ def test_dit_recipe_stopped_by_slurm_saves_exits_zero_and_resumes_exactly(tmp_pa
                                                                           tiny_usp_checkpoint):
     env = recipe_env(DATA_PATH=str(tiny_image_folder / "train"), FINETUNE=str(tiny_usp_checkpoint),
                      VAE_PATH=str(tiny_vae_dir), MODEL="DiT-S/2-VAE-simple")
-    steps = 200
+    steps = 60
     run_recipe("train_dit.sh", dit_args(tmp_path / "reference", steps), env)
     stopped_dir = tmp_path / "stopped"
     status, output = stop_like_slurmstepd(
@@ -143,3 +143,30 @@ def test_dit_recipe_stopped_by_slurm_saves_exits_zero_and_resumes_exactly(tmp_pa
     name = f"{steps:07d}.pt"
     assert_same_weights(load_checkpoint(reference / "checkpoints" / name),
                         load_checkpoint(experiment / "checkpoints" / name), ("model", "ema"))
+
+
+def pretrain_args(*extra) -> list:
+    """scripts/pretrain.sh's recipe shrunk: a width-32 latent MAE on 32 px crops, batch 4 per process (8 steps per
+    epoch), fp32 on CPU."""
+    return ["--model_kwargs", json.dumps(MAE_KWARGS), "--input_size", "32", "--batch_size", "4", "--precision",
+            "fp32", "--vae_precision", "fp32", "--warmup_epochs", "1", "--blr", "1e-3", "--num_workers", "1",
+            "--save_every", "1000", "--log_every", "1", "--device", "cpu", *extra]
+
+
+def test_pretrain_recipe_stopped_by_slurm_saves_exits_zero_and_resumes_exactly(tmp_path, tiny_image_folder,
+                                                                               tiny_vae_dir):
+    epochs = 8
+    env = dict(DATA_PATH=str(tiny_image_folder), VAE_PATH=str(tiny_vae_dir), EPOCHS=str(epochs))
+    run_recipe("pretrain.sh", pretrain_args(), recipe_env(OUTPUT_DIR=str(tmp_path / "reference"), **env))
+    stopped_dir = tmp_path / "stopped"
+    env = recipe_env(OUTPUT_DIR=str(stopped_dir), **env)
+    status, output = stop_like_slurmstepd("pretrain.sh", pretrain_args(), env,
+                                          started=lambda: logged_steps(stopped_dir / "log.txt") >= 3)
+    assert status == 0, output[-6000:]
+    # checkpoint-0.pth (saved after epoch 0, as MAE does) and the stop's checkpoint.
+    stopped_at = max(load_checkpoint(path)["loop"]["global_step"] for path in stopped_dir.glob("checkpoint-*.pth"))
+    assert 3 <= stopped_at < 8 * epochs, stopped_at
+    run_recipe("pretrain.sh", pretrain_args("--resume", stopped_dir), env)
+    name = f"checkpoint-{epochs - 1}.pth"
+    assert_same_weights(load_checkpoint(tmp_path / "reference" / name), load_checkpoint(stopped_dir / name),
+                        ("model",))
