@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,36 @@ def test_pretrain_recipe_stopped_by_slurm_saves_exits_zero_and_resumes_exactly(t
     name = f"checkpoint-{epochs - 1}.pth"
     assert_same_weights(load_checkpoint(tmp_path / "reference" / name), load_checkpoint(stopped_dir / name),
                         ("model",))
+
+
+def test_stop_during_the_fid_evaluation_saves_and_the_resumed_run_finishes_it(tmp_path, tiny_image_folder,
+                                                                              tiny_vae_dir):
+    """A stop during step 2's FID sampling (the recipes: FID-50K every 50K steps, tens of minutes) finishes the
+    current batch of samples, keeps step 2's checkpoint (written before the evaluation) and exits 0; --resume
+    completes step 2's samples, then trains on."""
+    args = ["-m", "generation.train", "--model", "DiT-S/2-VAE-simple", "--data-path", tiny_image_folder / "train",
+            "--vae-path", tiny_vae_dir, "--precision", "fp32", "--eval-images", "2",
+            *dit_args(tmp_path, 4, "--eval-every", "2", "--num-fid-samples", "16", "--per-proc-batch-size", "2",
+                      "--num-sampling-steps", "100")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not any(tmp_path.glob("*/samples/fid-0000002/*.png")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-6000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-6000:]
+    (experiment,) = tmp_path.glob("*-DiT-S-2-VAE-simple")
+    assert [path.name for path in (experiment / "checkpoints").iterdir()] == ["0000002.pt"]
+    written = len(list((experiment / "samples" / "fid-0000002").glob("*.png")))
+    assert 0 < written < 16 and not (experiment / "samples" / "fid-0000002.npz").exists()
+    resumed = subprocess.run([sys.executable, *map(str, args), "--resume", experiment], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "Finishing the evaluation of step 2" in resumed.stdout + resumed.stderr
+    for step in (2, 4):
+        assert np.load(experiment / "samples" / f"fid-{step:07d}.npz")["arr_0"].shape[0] == 16
+    assert sorted(json.loads(line)["step"] for line in (experiment / "log.txt").read_text().splitlines()
+                  if '"loss"' in line) == [1, 2, 3, 4]
