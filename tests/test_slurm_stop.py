@@ -77,7 +77,7 @@ def stop_like_slurmstepd(script: str, args, env: dict, started, timeout: float =
         assert task.poll() is None and time.time() < deadline, task.communicate()[0][-6000:]
         time.sleep(0.05)
     tree = descendants(task.pid)
-    assert len(tree) >= 4, tree  # bash -> torchrun (the same process: exec) -> 2 workers -> their loader workers
+    assert len(tree) >= 4, tree  # the recipe's bash -> torchrun -> 2 workers (-> their DataLoader workers)
     signal_all(tree, signal.SIGTERM)
     try:
         output, _ = task.communicate(timeout=timeout)
@@ -87,7 +87,7 @@ def stop_like_slurmstepd(script: str, args, env: dict, started, timeout: float =
     return task.returncode, output
 
 
-def logged_steps(log: Path, key: str = "step") -> int:
+def logged_steps(log: Path) -> int:
     """The number of JSON log lines with a loss so far."""
     if not log.is_file():
         return 0
