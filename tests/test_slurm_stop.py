@@ -60,30 +60,41 @@ def signal_all(pids, signum) -> None:
             pass
 
 
-def run_recipe(script: str, args, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
+def start_recipe(script: str, args, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def stop_like_slurmstepd(script: str, args, env: dict, started, timeout: float = 120) -> tuple[int, str]:
-    """Runs the recipe as an srun task; once `started()` is true, SIGTERMs its whole tree at once. Returns the
-    task's exit status and output; a non-zero status SIGKILLs what is left (--kill-on-bad-exit)."""
-    task = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while not started():
-        assert task.poll() is None and time.time() < deadline, task.communicate()[0][-6000:]
-        time.sleep(0.05)
-    tree = descendants(task.pid)
-    assert len(tree) >= 4, tree  # the recipe's bash -> torchrun -> 2 workers (-> their DataLoader workers)
-    signal_all(tree, signal.SIGTERM)
+def finish(task: subprocess.Popen, timeout: float, tree=()) -> str:
+    """The task's output once it exits; if it exits non-zero or times out, SIGKILL what is left of its tree (as
+    srun --kill-on-bad-exit does, and so that no stray worker outlives the test)."""
     try:
         output, _ = task.communicate(timeout=timeout)
     finally:
         if task.returncode != 0:
-            signal_all(descendants(task.pid) + tree, signal.SIGKILL)
+            signal_all(descendants(task.pid) + list(tree), signal.SIGKILL)
+    return output
+
+
+def run_recipe(script: str, args, env: dict, timeout: float = 120) -> None:
+    task = start_recipe(script, args, env)
+    output = finish(task, timeout)
+    assert task.returncode == 0, output[-6000:]
+
+
+def stop_like_slurmstepd(script: str, args, env: dict, started, timeout: float = 120) -> tuple[int, str]:
+    """Runs the recipe as an srun task; once `started()` is true, SIGTERMs its whole tree at once. Returns the
+    task's exit status and output."""
+    task = start_recipe(script, args, env)
+    deadline = time.time() + timeout
+    while not started():
+        if task.poll() is not None or time.time() > deadline:
+            pytest.fail(f"the run ended or stalled before it started training:\n{finish(task, 1)[-6000:]}")
+        time.sleep(0.05)
+    tree = descendants(task.pid)
+    assert len(tree) >= 4, tree  # the recipe's bash -> torchrun -> 2 workers (-> their DataLoader workers)
+    signal_all(tree, signal.SIGTERM)
+    output = finish(task, timeout, tree)
     return task.returncode, output
 
 
