@@ -65,3 +65,20 @@ def test_recipe_runs_the_paper_setting_and_prints_it(tmp_path, script):
     assert {key: parsed[key] for key in PAPER[script]} == PAPER[script]
     assert "[recipe]" in printed and module in printed
     assert all(flag in printed for flag in args if flag.startswith("--"))  # every flag is shown
+
+
+def test_sbatch_gives_srun_the_cpus_per_task(tmp_path):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: the template passes it on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.txt"
+    for name, body in {"srun": f'printf "%s\\n" "$@" > {record}', "scontrol": "echo node0", "scancel": "true"}.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECIPE="dit", SLURM_JOB_ID="7",
+               SLURM_JOB_NODELIST="node0", SLURM_CPUS_PER_TASK="16", SLURM_SUBMIT_DIR=str(tmp_path))
+    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    assert argv[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=16"]
