@@ -4,7 +4,8 @@
 - `FIDEvalHook` / `fid_eval_hook(args, ...)`: --num-fid-samples images on all ranks into an ADM npz, scored
   with generation/evaluate.py when a reference batch and Inception weights are given; every number the
   evaluator returns goes to the log, so a new metric is added in the evaluator only.
-Each hook is `hook(ema, step) -> dict` of metrics for the log, called on every rank (`EvalHook`);
+Each hook is `hook(ema, step) -> dict` of metrics for the log, called on every rank, and `hook.finished(step)`:
+whether that step's outputs exist (a resumed run redoes an evaluation a stop cut short) (`EvalHook`);
 `build_eval_hooks(args, ...)` makes the trainer's list.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ class EvalHook(Protocol):
 
     def __call__(self, ema: nn.Module, step: int) -> dict: ...
 
+    def finished(self, step: int) -> bool: ...
+
 
 class SampleGridHook:
     """Samples a few images with the EMA weights and writes `<sample_dir>/<step>.png` (rank 0 only).
@@ -59,6 +62,9 @@ class SampleGridHook:
         generator = torch.Generator().manual_seed(seed)
         self.z = torch.randn((num_images, *latent_shape), generator=generator)  # (n, C, h, w)
         self.y = torch.arange(num_images) % num_classes  # (n,): cycle through the classes
+
+    def finished(self, step: int) -> bool:
+        return (self.sample_dir / f"{step:07d}.png").is_file()
 
     def _wrap(self, fn):
         def wrapped(*args, **kwargs):
@@ -100,12 +106,14 @@ class FIDEvalHook:
     The sampler is USP's training-time evaluation (DiT: DDPM with --num-sampling-steps; SiT: `mode`, by
     default the Euler-Maruyama SDE with SiT's command-line defaults), in fp32 (TF32 allowed) whatever the
     training precision, without guidance unless `cfg_scale` > 1, as in USP's tables. The PNG folder is
-    removed once the npz exists.
+    removed once the npz exists. When `stop_requested()` turns true (a SLURM stop) every rank finishes its current
+    batch of samples and the hook returns {} without an npz; the PNGs stay for the resumed run to complete.
     """
 
     def __init__(self, objective, codec, sample_dir, latent_shape, *, num_samples: int, batch_size: int,
                  num_steps: int, num_classes: int, global_seed: int, dist_env, precision: str,
-                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None, mode: str = "SDE"):
+                 cfg_scale: float = 1.0, ref_batch=None, inception_weights=None, mode: str = "SDE",
+                 stop_requested=lambda: False):
         self.objective = objective
         self.codec = codec
         self.sample_dir = Path(sample_dir)
@@ -121,6 +129,10 @@ class FIDEvalHook:
         self.ref_batch = ref_batch
         self.inception_weights = inception_weights
         self.mode = mode
+        self.stop_requested = stop_requested
+
+    def finished(self, step: int) -> bool:
+        return (self.sample_dir / f"fid-{step:07d}.npz").is_file()
 
     def _sample_fn(self, ema):
         if hasattr(self.objective, "transport"):
@@ -134,8 +146,13 @@ class FIDEvalHook:
                                    guidance=self.guidance, precision=self.precision, stochastic=stochastic)
         folder = self.sample_dir / f"fid-{step:07d}"
         result = sample_to_folder(generator, folder, self.num_samples, self.batch_size, self.global_seed,
-                                  self.dist_env.rank, self.dist_env.world_size)
+                                  self.dist_env.rank, self.dist_env.world_size, stop_requested=self.stop_requested)
         _, _, rate = total_throughput(result["images"], result["seconds"], self.dist_env.device)
+        stopped = torch.tensor([int(result["stopped"])], device=self.dist_env.device)
+        if is_dist():
+            dist.all_reduce(stopped, op=dist.ReduceOp.MAX)
+        if stopped.item():
+            return {}
         barrier()
         metrics = {}
         if self.dist_env.is_main:
@@ -156,7 +173,7 @@ class FIDEvalHook:
         return metrics
 
 
-def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
+def fid_eval_hook(args, objective, codec, sample_dir, dist_env, stop_requested=lambda: False) -> FIDEvalHook:
     """The trainer's FID hook built from its arguments.
 
     The reference batch, Inception weights and guidance scale come from `--fid-ref-batch`,
@@ -172,17 +189,20 @@ def fid_eval_hook(args, objective, codec, sample_dir, dist_env) -> FIDEvalHook:
                        mode=getattr(args, "fid_mode", "SDE"),
                        cfg_scale=getattr(args, "cfg_scale", 1.0),
                        ref_batch=getattr(args, "fid_ref_batch", None),
-                       inception_weights=getattr(args, "inception_weights", None))
+                       inception_weights=getattr(args, "inception_weights", None), stop_requested=stop_requested)
 
 
-def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env) -> list[EvalHook]:
+def build_eval_hooks(args, objective, codec, experiment_dir: Path, latent_shape, dist_env,
+                     stop_requested=lambda: False) -> list[EvalHook]:
     """The trainer's hooks, run every --eval-every steps with the EMA model: the preview grid, and the FID hook
-    with --num-fid-samples (--per-proc-batch-size per rank, written under --sample-dir)."""
+    with --num-fid-samples (--per-proc-batch-size per rank, written under --sample-dir; it stops early when
+    `stop_requested()`)."""
     if args.eval_every <= 0:
         return []
     hooks = [SampleGridHook(objective, codec, experiment_dir / args.sample_dir, latent_shape, args.eval_images,
                             args.num_classes, args.cfg_scale, args.num_sampling_steps, args.global_seed,
                             dist_env.device, args.precision, dist_env.is_main)]
     if args.num_fid_samples > 0:
-        hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env))
+        hooks.append(fid_eval_hook(args, objective, codec, experiment_dir / args.sample_dir, dist_env,
+                                   stop_requested))
     return hooks

@@ -304,11 +304,14 @@ def _compare_sampling_config(sample_dir: Path, saved: dict, config: dict) -> Non
 
 
 def sample_to_folder(generator: ImageGenerator, sample_dir, num_samples: int, batch_size: int, global_seed: int,
-                     rank: int = 0, world_size: int = 1, progress: bool = False, log=print) -> dict:
+                     rank: int = 0, world_size: int = 1, progress: bool = False, log=print,
+                     stop_requested=lambda: False) -> dict:
     """Writes PNGs for indices 0..num_samples-1 (this rank's share), skipping batches already complete.
 
     A batch with any missing PNG is recomputed whole (its composition fixes its floating-point result) and
-    only the missing files are written. Returns {"images": written here, "seconds": wall time}.
+    only the missing files are written. `stop_requested()` is asked after every batch: when true (a SLURM stop
+    during a training run's FID hook) the rest is left for a later call. Returns {"images": written here,
+    "seconds": wall time, "stopped": whether batches were left}.
     """
     sample_dir = Path(sample_dir)
     sample_dir.mkdir(parents=True, exist_ok=True)
@@ -324,15 +327,18 @@ def sample_to_folder(generator: ImageGenerator, sample_dir, num_samples: int, ba
     if progress:
         from util.progress import progress_bar as tqdm
         iterator = tqdm(todo, desc="sampling", unit="batch")
-    start, written = time.perf_counter(), 0
+    start, written, done = time.perf_counter(), 0, 0
     for indices, missing in iterator:
+        if stop_requested():
+            break
         images, labels = generator.generate(global_seed, indices)
         images = images.numpy()
         for position, index in enumerate(indices):
             if index in missing:
                 write_png(png_path(sample_dir, index), images[position], int(labels[position]))
                 written += 1
-    return {"images": written, "seconds": time.perf_counter() - start}
+        done += 1
+    return {"images": written, "seconds": time.perf_counter() - start, "stopped": done < len(todo)}
 
 
 def npz_path_for(sample_dir) -> Path:

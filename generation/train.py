@@ -264,6 +264,7 @@ class Run:
     eval_hooks: list
     local_batch: int
     batches_per_epoch: int  # per-rank batches of a full epoch
+    preemption: PreemptionHandler
     logger: Optional[RunLogger] = None
     manager: Optional[CheckpointManager] = None
 
@@ -371,9 +372,12 @@ def build_run(args, dist_env, experiment_dir: Path, model_kwargs: dict, encoder_
                         alignment=alignment, max_grad_norm=args.max_grad_norm, seed=args.global_seed)
     loader = build_loader(dataset, sampler, local_batch, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=True, drop_last=True)
-    eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env)
+    # SIGTERM/SIGUSR1/Ctrl-C from here on finish the step (or the FID hook's batch of samples), save and stop.
+    preemption = PreemptionHandler()
+    eval_hooks = build_eval_hooks(args, objective, codec, experiment_dir, latent_shape, dist_env,
+                                  stop_requested=lambda: preemption.requested)
     return (Run(args, dist_env, experiment_dir, loader, sampler, step_fn, position, eval_hooks, local_batch,
-                batches_per_epoch), model, report)
+                batches_per_epoch, preemption), model, report)
 
 
 def save_checkpoint(run: Run) -> None:
@@ -399,15 +403,30 @@ def evaluate(run: Run) -> dict:
     return metrics
 
 
+def finish_interrupted_evaluation(run: Run) -> None:
+    """A run stopped during the evaluation of its checkpoint's step (its outputs are missing) redoes it first; the
+    FID hook continues from the PNGs it had written. Rank 0's view of the files decides for every rank."""
+    step, hooks = run.position.global_step, run.eval_hooks
+    pending = [step > 0 and run.args.eval_every > 0 and step % run.args.eval_every == 0
+               and not all(hook.finished(step) for hook in hooks)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(pending, src=0)
+    if pending[0]:
+        run.logger.info(f"Finishing the evaluation of step {step} that the previous run's stop cut short.")
+        evaluate(run)
+
+
 def train(run: Run) -> LoopPosition:
     """Optimizer steps until --epochs or --max-steps; a checkpoint every --ckpt-every steps and at the end.
 
     A resumed run skips the batches its epoch already consumed (the sampler skips them without loading).
     A non-finite loss raises before the next log line or checkpoint, so a diverged model is never saved;
-    SIGTERM/SIGUSR1 (preemption) finishes the step, saves and stops. The first step is always logged.
+    SIGTERM/SIGUSR1 (preemption) finishes the step, saves and stops. The checkpoint of a step is written before
+    its evaluation, and a signal during a long evaluation (the FID hook) stops it after the current batch of
+    samples, then saves and stops; the resumed run finishes that evaluation. The first step is always logged.
     """
-    args, position, logger = run.args, run.position, run.logger
-    preemption = PreemptionHandler()
+    args, position, logger, preemption = run.args, run.position, run.logger, run.preemption
+    finish_interrupted_evaluation(run)
     losses = LossWindow(run.dist_env.device)  # summed on the device since the last log step, never read in between
     throughput = Throughput()
     last_saved, logged_once = position.global_step, False
@@ -433,15 +452,17 @@ def train(run: Run) -> LoopPosition:
                     metrics[name] = all_reduce_mean(total / interval_steps).item()
                     total.zero_()
                 logger.log(position.global_step, metrics)
-            if args.eval_every > 0 and position.global_step % args.eval_every == 0:
-                evaluate(run)
-                throughput.reset()  # keep evaluation time out of the throughput numbers
-            stop = ((args.max_steps is not None and position.global_step >= args.max_steps)
-                    or preemption.should_stop(position.global_step))
+            preempted = preemption.should_stop(position.global_step)  # the same answer on every rank
+            stop = preempted or (args.max_steps is not None and position.global_step >= args.max_steps)
+            # Saved before the evaluation of the same step: a stop during a long FID evaluation loses no steps.
             if (args.ckpt_every > 0 and position.global_step % args.ckpt_every == 0) or stop:
                 losses.check(position.global_step)  # the steps since the last log line
                 save_checkpoint(run)
                 last_saved = position.global_step
+            if args.eval_every > 0 and position.global_step % args.eval_every == 0 and not preempted:
+                evaluate(run)
+                throughput.reset()  # keep evaluation time out of the throughput numbers
+                stop = preemption.agree() or stop  # a signal during the evaluation: save (below) and stop
             if stop:
                 break
         else:

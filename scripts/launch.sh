@@ -33,8 +33,27 @@ print_setting() {
   printf '\n' >&2
 }
 
+# SLURM (scancel, time limit, preemption) sends SIGTERM to every process of the step at once. The workers
+# (util/preemption.py) finish their step, save and exit 0; for the task to exit 0 too, neither this shell nor
+# torchrun may die of the signal (with --kill-on-bad-exit a task exiting 143 gets the workers SIGKILLed before
+# they save), and torchrun may not handle it (it would exit 1 with a traceback even when every worker exited 0).
+# So torchrun runs with SIGTERM ignored and unhandled and exits with its workers' status; this shell waits for it
+# and hands a SIGTERM sent to it alone (a user's kill, Kubernetes) on to the workers. Ctrl-C works as before.
+# torchrun before torch 2.9 has no --signals-to-handle: it then handles SIGTERM itself, its workers still save,
+# but it exits 1 (one line says so before the launch).
 launch() {
+  local torchrun_pid signals=(--signals-to-handle=SIGINT,SIGHUP,SIGQUIT)
   print_setting "$@"
-  torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
-    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
+  if ! torchrun --help 2> /dev/null | grep -q -- --signals-to-handle; then
+    signals=()
+    echo "[recipe] this torchrun has no --signals-to-handle (torch < 2.9): on SIGTERM the workers still save, but" \
+      "torchrun exits 1 instead of 0; use torch >= 2.9 for a clean exit status." >&2
+  fi
+  trap 'pkill -TERM -P "$torchrun_pid" || true' TERM
+  ( trap '' TERM
+    exec torchrun ${signals[@]+"${signals[@]}"} --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+      --nproc_per_node="$GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" ) &
+  torchrun_pid=$!
+  while kill -0 "$torchrun_pid" 2> /dev/null; do wait "$torchrun_pid" || true; done  # a trap interrupts wait
+  wait "$torchrun_pid"  # its exit status, which bash kept when it reaped it
 }

@@ -8,6 +8,8 @@
 # The official DiT-XL-2-256x256.pt works too (MODEL=DiT-XL/2). Rerunning the same command resumes an
 # interrupted run. Multi-node: as scripts/train_dit.sh (MASTER_ADDR/MASTER_PORT, NNODES or WORLD_SIZE, NODE_RANK or RANK, GPUS; see scripts/launch.sh).
 # Extra arguments are appended, e.g. `--sampler ddim --num-sampling-steps 50` or `--precision bf16`.
+# VAE_PATH: a local sd-vae-ft-ema diffusers folder (offline nodes; without it the hub id stabilityai/sd-vae-ft-ema
+# is downloaded).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 CKPT=${CKPT:?set CKPT to the DiT checkpoint (training checkpoint or official state dict)}
@@ -20,7 +22,7 @@ launch -m generation.sample_ddp \
   --ckpt "$CKPT" \
   --image-size 256 \
   --num-classes 1000 \
-  --vae ema \
+  --vae ema ${VAE_PATH:+--vae-path "$VAE_PATH"} \
   --sampler ddpm \
   --num-sampling-steps 250 \
   --cfg-scale "$CFG_SCALE" \

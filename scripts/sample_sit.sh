@@ -10,6 +10,8 @@
 # The official SiT-XL-2-256x256.pt works too (MODEL=SiT-XL/2). Rerunning the same command resumes an
 # interrupted run. Multi-node: as scripts/train_sit.sh (MASTER_ADDR/MASTER_PORT, NNODES or WORLD_SIZE, NODE_RANK or RANK, GPUS; see scripts/launch.sh).
 # Extra arguments are appended, e.g. `--sampling-method Heun` (SDE) or `--precision bf16`.
+# VAE_PATH: a local sd-vae-ft-ema diffusers folder (offline nodes; without it the hub id stabilityai/sd-vae-ft-ema
+# is downloaded).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 CKPT=${CKPT:?set CKPT to the SiT checkpoint (training checkpoint or official state dict)}
@@ -30,7 +32,7 @@ launch -m generation.sample_ddp "$MODE" \
   --ckpt "$CKPT" \
   --image-size 256 \
   --num-classes 1000 \
-  --vae ema \
+  --vae ema ${VAE_PATH:+--vae-path "$VAE_PATH"} \
   --path-type Linear \
   --prediction velocity \
   "${SAMPLER_FLAGS[@]}" \

@@ -10,6 +10,8 @@
 # NODE_RANK (or RANK) = this node's index and GPUS = GPUs per node (the variables the original scripts read).
 #   DATA_PATH=/data/imagenet/train FINETUNE=/ckpt/usp_vit_xlarge_patch_vae_1600ep.pth bash scripts/train_dit.sh
 # Extra arguments are appended, e.g. `--resume results/000-DiT-XL-2-VAE-simple-usp` or `--cached-path CACHE`.
+# VAE_PATH: a local sd-vae-ft-ema diffusers folder (offline nodes; without it the hub id stabilityai/sd-vae-ft-ema
+# is downloaded); INCEPTION_WEIGHTS: the FID hook's local Inception file (weights-inception-2015-12-05-6726825d.pth).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet train folder}
@@ -22,13 +24,14 @@ launch -m generation.train \
   --finetune "$FINETUNE" \
   --image-size 256 \
   --num-classes 1000 \
-  --vae ema \
+  --vae ema ${VAE_PATH:+--vae-path "$VAE_PATH"} \
   --global-batch-size 256 \
   --max-steps 400000 \
   --ckpt-every 50000 \
   --log-every 100 \
   --eval-every 50000 \
   --cfg-scale 1.0 \
+  ${INCEPTION_WEIGHTS:+--inception-weights "$INCEPTION_WEIGHTS"} \
   --num-sampling-steps 250 \
   --per-proc-batch-size 128 \
   --precision fp32 \

@@ -16,6 +16,8 @@
 # With cached latents and features:
 #   ... bash scripts/train_sit_repa.sh --cached-path CACHE --repa-feature-cache FEATURES
 # Extra arguments are appended, e.g. `--resume results/000-SiT-XL-2-VAE-simple-usp-repa`.
+# VAE_PATH: a local sd-vae-ft-ema diffusers folder (sd-vae-ft-mse with FINETUNE=none) for offline nodes; without it
+# the hub copy is downloaded.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet train folder}
@@ -38,7 +40,7 @@ launch -m generation.train \
   --data-path "$DATA_PATH" \
   --image-size 256 \
   --num-classes 1000 \
-  --vae ema \
+  --vae ema ${VAE_PATH:+--vae-path "$VAE_PATH"} \
   --path-type Linear \
   --prediction velocity \
   --global-batch-size 256 \

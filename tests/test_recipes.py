@@ -97,3 +97,20 @@ def test_understanding_recipes_reach_maes_batch_on_16_gpus(tmp_path, script, acc
     _, args, printed = run_recipe(tmp_path, script, NNODES="2", GPUS="8", **ENV)
     assert args[args.index("--accum_iter") + 1] == str(accum_iter)
     assert f"x 16 GPUs x --accum_iter {accum_iter}; lr = " in printed and f" / 256 = {lr}\n" in printed
+
+
+def test_sbatch_gives_srun_the_cpus_per_task(tmp_path):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: the template passes it on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.txt"
+    for name, body in {"srun": f'printf "%s\\n" "$@" > {record}', "scontrol": "echo node0", "scancel": "true"}.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECIPE="dit", SLURM_JOB_ID="7",
+               SLURM_JOB_NODELIST="node0", SLURM_CPUS_PER_TASK="16", SLURM_SUBMIT_DIR=str(tmp_path))
+    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    assert argv[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=16"]

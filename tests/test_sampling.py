@@ -207,3 +207,18 @@ def test_trainer_fid_hook_writes_npz(tiny_image_folder, tiny_vae_dir, tmp_path, 
     assert not (experiment / "samples" / "fid-0000002").exists()
     logged = [json.loads(line) for line in (experiment / "log.txt").read_text().splitlines()]
     assert any("fid_sampling_images_per_s" in json.dumps(entry) for entry in logged)
+
+
+def test_sample_to_folder_stops_after_the_current_batch_and_a_rerun_completes(tiny_vae_dir, tmp_path):
+    """A stop requested during batch 1 of 3 leaves batches 2 and 3 (indices 2..4) for the next call."""
+    generator = ImageGenerator(tiny_model("DiT-S/2", 0), LatentCodec.load("d8", str(tiny_vae_dir)),
+                               diffusion_sampler(2), num_classes=NUM_CLASSES, latent_shape=LATENT_SHAPE,
+                               device=torch.device("cpu"))
+    asked = []
+    stop_after_first = lambda: (asked.append(1), len(asked) > 1)[1]  # noqa: E731 - true from the second question
+    first = sample_to_folder(generator, tmp_path, 5, 2, global_seed=0, stop_requested=stop_after_first)
+    assert (first["images"], first["stopped"]) == (2, True)
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["000000.png", "000001.png"]
+    second = sample_to_folder(generator, tmp_path, 5, 2, global_seed=0)
+    assert (second["images"], second["stopped"]) == (3, False)
+    assert len(list(tmp_path.glob("*.png"))) == 5

@@ -7,6 +7,7 @@ in it, not on the rank, the worker process or the resume point.
 """
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -257,4 +258,13 @@ def build_loader(dataset, sampler, batch_size: int, num_workers: int = 0, pin_me
         pin_memory=pin_memory, drop_last=drop_last,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job step, loader workers included: a worker killed by it would
+    stop the training process mid-step. The training process alone decides when to stop (util/preemption.py)
+    and ends its workers itself."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)

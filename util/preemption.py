@@ -77,6 +77,13 @@ class PreemptionHandler:
             return self.requested
         if step % self.sync_every != 0:
             return False
+        return self.agree()
+
+    def agree(self) -> bool:
+        """True when any rank was signalled; a collective that every rank calls at the same point (e.g. after an
+        evaluation, so that a signal during it stops the run)."""
+        if not is_dist():
+            return self.requested
         flag = torch.tensor([int(self.requested)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and not self.requested:

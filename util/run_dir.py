@@ -4,7 +4,10 @@
 1. the folder must be writable (`util.disk.ensure_writable_dir`);
 2. the run takes an exclusive `fcntl.flock` on `<folder>/.run.lock`; a second run into the same folder is
    refused with one sentence. The kernel drops the lock with the process's file descriptor, so a run
-   killed with -9 leaves no stale lock in the way of its `--resume`;
+   killed with -9 leaves no stale lock in the way of its `--resume`. Where the file system has no flock
+   (Lustre mounted without it, NFS without a lock daemon) the run says so once and creates
+   `<folder>/.run.lock.owner` exclusively instead, holding its host and pid; a file left by a dead process
+   of the same host is taken over, one from another host must be deleted by hand;
 3. a folder that already holds checkpoints is another run's: it is refused unless the user continues it
    (`--resume`) or says to overwrite it (`--overwrite`), in which case the old checkpoints are moved into
    `<folder>/overwritten-<time>/`, not deleted, so neither rotation nor a later `--resume <folder>` can
@@ -13,6 +16,7 @@
    removed: holding the lock proves no other process is writing them.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -26,6 +30,8 @@ from util.disk import ensure_writable_dir
 from util.errors import UserError
 
 LOCK_NAME = ".run.lock"
+OWNER_NAME = ".run.lock.owner"  # the lock where flock is not supported
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
 # Checkpoint names of every trainer: MAE/USP "checkpoint-{epoch}.pth" (+ finetune's -last / -best),
 # DiT/SiT "checkpoints/{step:07d}.pt".
 CHECKPOINT_NAMES = (r"^checkpoint-(\d+|last|best)\.pth$", r"^\d+\.pt$")
@@ -33,34 +39,86 @@ CHECKPOINT_SUBFOLDERS = (".", "checkpoints")
 _HELD: dict = {}  # folder -> the RunLock this process holds on it
 
 
+def _in_use(folder, holder: str):
+    return UserError(f"{folder} is in use by another running process ({holder or 'unknown pid'}); "
+                     "wait for it to finish or choose another output folder.")
+
+
 class RunLock:
-    """An exclusive `flock` on `<folder>/.run.lock`, held until `release()` or the end of the process."""
+    """An exclusive `flock` on `<folder>/.run.lock` (or, without flock, the file `<folder>/.run.lock.owner`),
+    held until `release()` or the end of the process."""
 
     def __init__(self, folder):
         self.path = Path(folder) / LOCK_NAME
+        self.owner_file: Optional[Path] = None
         self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip()
-            os.close(self._fd)
-            self._fd = None
-            raise UserError(f"{folder} is in use by another running process ({holder or 'unknown pid'}); "
-                                  "wait for it to finish or choose another output folder.") from None
+            self._close()
+            raise _in_use(folder, holder) from None
+        except OSError as error:
+            self._close()
+            if error.errno not in NO_FLOCK:
+                raise
+            print(f"{folder} is on a file system without flock ({os.strerror(error.errno)}): locking it with the "
+                  f"file {OWNER_NAME} instead.", flush=True)
+            self.owner_file = _claim_owner_file(Path(folder) / OWNER_NAME)
+            return
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def _close(self) -> None:
+        os.close(self._fd)
+        self._fd = None
 
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if self.owner_file is not None:
+            self.owner_file.unlink(missing_ok=True)
+            self.owner_file = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _claim_owner_file(path: Path) -> Path:
+    """Creates `path` exclusively with "pid <pid> on <host>"; takes over one whose process is gone (same host)."""
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = path.read_text(errors="replace").strip()
+            match = re.fullmatch(r"pid (\d+) on (\S+)", holder)
+            if match is None or match.group(2) != host:
+                raise UserError(f"{path.parent} is in use by another run ({holder or 'unknown pid'}); wait for it to "
+                                f"finish, or delete {path} if that run is gone.") from None
+            if _alive(int(match.group(1))):
+                raise _in_use(path.parent, holder) from None
+            path.unlink(missing_ok=True)  # left by a run that died on this host
+            continue
+        with os.fdopen(fd, "w") as owner:
+            owner.write(f"pid {os.getpid()} on {host}\n")
+        return path
+    raise _in_use(path.parent, path.read_text(errors="replace").strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def existing_checkpoints(folder, names: Iterable[str] = CHECKPOINT_NAMES) -> list[Path]:
