@@ -1,17 +1,15 @@
-"""Held-out diffusion / transport loss of every checkpoint of a DiT or SiT experiment.
+"""Held-out diffusion / transport loss of every checkpoint of DiT or SiT experiments.
 
     python -m demo.heldout_loss --experiment demo_out/seed0/gen/dit_usp --cached_path demo_out/cache/val \
         --output demo_out/seed0/heldout/dit_usp.json [--experiment ... --output ...]
 
-The training loss is measured on the batch being fitted, with fresh t and noise every step, so two
-runs' curves are noisy and not on the same data. Here every checkpoint is scored on the same
-held-out latents (the val split's posterior means, unflipped) with the same timestep and noise
-per latent, drawn once from `--seed`: two experiments evaluated with the same flags see exactly
-the same (x, t, noise) triples, so their curves differ only by the weights (common random numbers).
-The objective is the run's own training loss (DiT: MSE + VB hybrid; SiT: the transport loss), with
-labels kept (no CFG dropout). Writes {"steps": [...], "loss": [...], "ema_loss": [...], ...} to --output
-and the same numbers as JSON lines ({"step": s, "heldout_loss": l, "heldout_ema_loss": e}, the trainers'
-log.txt format) next to it with the suffix .jsonl, which scripts/plot_convergence.py reads.
+The training loss is measured on the batch being fitted with fresh t and noise, so two runs' curves are
+noisy and not on the same data. Here every checkpoint is scored with the run's own training objective
+(labels kept, no CFG dropout) on the same held-out latents (the val split's posterior means, unflipped)
+with the same (t, noise) per latent, drawn once from `--seed`: curves differ only by the weights (common
+random numbers). Writes {"steps", "loss", "ema_loss", ...} to --output and the same numbers as JSON lines
+(`{"step", "heldout_loss", "heldout_ema_loss"}`, the trainers' log.txt format) next to it as .jsonl, which
+scripts/plot_convergence.py reads.
 """
 import argparse
 import json

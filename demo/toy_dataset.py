@@ -8,7 +8,11 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from util.data import build_image_folder
 
 CLASS_NAMES = (
     "circle", "square", "triangle", "cross", "ring",
@@ -92,3 +96,15 @@ def write_toy_dataset(root, num_classes: int = 10, train_per_class: int = 200, v
     return root
 
 
+def load_split(data_path, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """`<data_path>/<split>` -> (images (N, 3, H, W) uint8, labels (N,) int64, class names), in the
+    ImageFolder's sorted order (the latent cache's). The toy splits are small enough to hold at once."""
+    folder = build_image_folder(Path(data_path), split=split)
+    images = np.stack([np.asarray(folder.load(index)[0].convert("RGB")) for index in range(len(folder))])
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(folder.classes)
+
+
+def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float in [-1, 1], the range the VAE reads and writes."""
+    return images.float() / 127.5 - 1.0
