@@ -2,18 +2,18 @@
 
     python -m demo.report --out demo_out
 
-Every number is read from the stages' files (logs, held-out curves, convergence and toy-metric JSON). Each
-seed trains a USP-initialised and a scratch model on the same batches and noise, so the per-seed differences
-d_1..d_n are paired; their mean gets the t-interval mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n), which treats
-the seeds as independent draws of the whole run (with 3 seeds t = 4.303: wide on purpose). A verdict says
-"USP is ahead" / "behind" only when the interval excludes zero.
+Each seed trains a USP-initialised and a scratch model on the same batches and noise, so the per-seed
+differences are paired; their mean gets a two-sided 95% t-interval (the seeds as independent draws of the
+whole run; with 3 seeds t = 4.303: wide on purpose). A verdict says "USP is ahead" or "behind" only when
+the interval excludes zero.
 """
 import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 if __package__ in (None, ""):
@@ -32,15 +32,10 @@ from util.cli import finish_parser  # noqa: E402
 
 NO_DIFFERENCE = "no measurable difference at this scale"
 LOSS_KEYS = {"loss": "held-out loss", "ema_loss": "held-out loss of the EMA weights"}
-LABELS = {"dit_usp": "DiT, USP init", "dit_scratch": "DiT, scratch", "sit_usp": "SiT, USP init",
-          "sit_scratch": "SiT, scratch"}
+LABELS = {run: f"{S.FAMILY_NAMES[run[:3]]}, {'USP init' if run.endswith('usp') else 'scratch'}" for run in S.RUNS}
 COLOURS = {"usp": "tab:red", "scratch": "tab:blue", "random": "tab:blue"}
 SEED_STYLES = ("-", "--", ":", "-.")
 
-
-# ----------------------------------------------------------------------------------------------
-# The paired interval
-# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PairedInterval:
@@ -82,10 +77,6 @@ def sentence(subject: str, interval: PairedInterval, unit: str) -> str:
     return f"- **{subject}: {head}.** Mean paired advantage: {format_interval(interval, unit)}."
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading the stages' files
-# ----------------------------------------------------------------------------------------------
-
 def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -107,7 +98,7 @@ def fmt(value, digits: int = 4, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
 
 
-def collect(out: Path, cfg: S.DemoConfig) -> dict:
+def collect(out: Path, cfg: SimpleNamespace) -> dict:
     """{seed: {"heldout": {run: curve}, "probe": {init: final top-1}}} for the seeds whose files exist."""
     measured = {}
     for seed in cfg.seed_list:
@@ -117,10 +108,6 @@ def collect(out: Path, cfg: S.DemoConfig) -> dict:
         measured[seed] = {"heldout": {run: curve for run, curve in heldout.items() if curve}, "probe": probe}
     return measured
 
-
-# ----------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------
 
 def generation_rows(measured: dict, family: str, key: str) -> dict:
     """Per seed: (step, USP loss, scratch loss, relative advantage in % = 100 (scratch - USP) / scratch)."""
@@ -190,7 +177,7 @@ def samples_table(toy: dict, fid: dict) -> list:
     return rows
 
 
-def setup_section(out: Path, cfg: S.DemoConfig) -> list:
+def setup_section(out: Path, cfg: SimpleNamespace) -> list:
     vae = read_json(out / "vae" / "vae_stats.json") or {}
     losses = [[e["loss"] for e in read_jsonl(S.seed_dir(out, seed) / "pretrain" / "log.txt", "loss")]
               for seed in cfg.seed_list]
@@ -201,117 +188,80 @@ def setup_section(out: Path, cfg: S.DemoConfig) -> list:
         f"parameters) trained for {vae.get('steps')} steps; latents {vae.get('latent_shape')}; latent std "
         f"{fmt(vae.get('latent_std'), 3)} -> scale **{fmt(vae.get('scale'), 4)}** (1/std, as SD's 0.18215); "
         f"val reconstruction PSNR {fmt(vae.get('val_psnr_db'), 1)} dB.",
-        f"- USP pretraining (once per seed): `{S.MAE_MODEL}` with {json.dumps({**S.encoder_kwargs(cfg), **S.MAE_DECODER})}, "
-        f"mask ratio 0.75, {cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached "
+        f"- USP pretraining (once per seed): `{S.MAE_MODEL}` with {json.dumps({**S.encoder_kwargs(cfg), **S.MAE_DECODER})}"
+        f", mask ratio 0.75, {cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached "
         "posterior means; loss " + ", ".join(f"{run[0]:.3f} -> {run[-1]:.3f}" for run in losses if run) + ".",
         f"- Generators: `{S.GENERATORS['dit']}` / `{S.GENERATORS['sit']}` resized to "
-        f"{json.dumps(S.generator_kwargs(cfg))}; USP and scratch runs of a seed share it, the batch "
-        f"({cfg.gen_batch}), steps ({cfg.gen_steps}), lr ({cfg.gen_lr}) and EMA decay ({cfg.ema_decay}); only "
-        "`--finetune` differs.",
+        f"{json.dumps(S.generator_kwargs(cfg))}, batch {cfg.gen_batch}, {cfg.gen_steps} steps, lr {cfg.gen_lr}, "
+        f"EMA decay {cfg.ema_decay}; the USP and scratch runs of a seed differ only in `--finetune`.",
         f"- Samples (seed {cfg.seed_list[0]} only, pictures and toy metrics): {cfg.num_samples} per generator from "
         f"`generation.sample_ddp` (EMA, cfg 1.0, {cfg.sampling_steps} steps: DiT DDPM, SiT Euler ODE).",
     ]
 
 
-def why_toy(cfg: S.DemoConfig) -> str:
+def toy_section(toy: dict, cfg: SimpleNamespace) -> list:
+    """Why the toy numbers may differ from the paper's, and the toy metrics' references."""
     side = cfg.image_size // 8
-    return f"""\
-Why the toy numbers may differ from the paper's (read this before drawing conclusions):
-- Scale: the paper pretrains ViT-B..XL for 800-1600 epochs on ImageNet and finetunes for 400K steps; here a
-  {cfg.depth}-block, {cfg.embed_dim}-wide transformer pretrains for {cfg.pretrain_steps} steps on a few thousand procedural
-  images and DiT/SiT train for {cfg.gen_steps} steps. USP reports a convergence speed-up that grows with model size
-  and training length.
-- adaLN-Zero: DiT/SiT start with every block's residual branch gated to zero (as in the official code and USP),
-  so the transferred weights act only once the gates have opened; in a few hundred steps that delay is a large
-  share of the run.
-- The latent space is tiny ({side}x{side}x4 latents of a VAE trained for about a minute, {(side // S.PATCH_SIZE) ** 2} tokens), so
-  there is little structure for masked latent modeling to learn.
-- Noise: within a seed USP and scratch see the same latents, t and noise, so a seed's difference is due to the
-  weights; across seeds everything random changes, and the interval says how far the mean can be trusted.
-"""
+    lines = [
+        "Why the toy numbers may differ from the paper's (read this before drawing conclusions):",
+        f"- Scale: the paper pretrains ViT-B..XL for 800-1600 ImageNet epochs and finetunes for 400K steps; here a "
+        f"{cfg.depth}-block, {cfg.embed_dim}-wide transformer pretrains for {cfg.pretrain_steps} steps and DiT/SiT "
+        f"train for {cfg.gen_steps}. USP's speed-up grows with model size and training length.",
+        "- adaLN-Zero: DiT/SiT gate every block's residual branch to zero at the start (as the official code and "
+        "USP), so the transferred weights act only once the gates open, a large share of a few hundred steps.",
+        f"- The latents are tiny ({side}x{side}x4 of a VAE trained for about a minute, {(side // S.PATCH_SIZE) ** 2} "
+        "tokens): little for masked latent modeling to learn.",
+        "- Noise: within a seed USP and scratch see the same latents, t and noise; across seeds everything random "
+        "changes, and the interval says how far the mean can be trusted.", "",
+        "## Toy metrics (clearly toy: not FID)", "",
+        "A small CNN trained on the train images and their tiny-VAE reconstructions (`demo/toy_metrics.py`) scores "
+        "the samples: *class accuracy* = share assigned to the class they were generated for; *toy FD* = Fréchet "
+        "distance of its 64-d penultimate features to the real val images'.", "",
+        "| reference | class accuracy | toy FD |", "|---|---|---|"]
+    for name, key in (("real val images", "real_val"), ("val images through the tiny VAE (best reachable)",
+                                                         "vae_reconstruction")) if toy else ():
+        lines.append(f"| {name} | {fmt(toy[key]['class_accuracy'], percent=True)} | {fmt(toy[key]['toy_fd'], 3)} |")
+    return lines + ([f"| chance | {fmt(toy['chance_accuracy'], percent=True)} | |"] if toy else [])
 
 
-def toy_metrics_section(toy: dict) -> list:
-    lines = ["## Toy metrics (clearly toy: not FID)", "",
-             "A small CNN trained on the training images and on their reconstructions by the tiny VAE "
-             "(`demo/toy_metrics.py`) scores the samples: *class accuracy* = share of samples it assigns to the "
-             "class they were generated for; *toy FD* = Fréchet distance between its 64-d penultimate features "
-             "of the samples and of the real val images.", "",
-             "| reference | class accuracy | toy FD |", "|---|---|---|"]
-    if toy:
-        for name, key in (("real val images", "real_val"),
-                          ("val images through the tiny VAE (best reachable)", "vae_reconstruction")):
-            lines.append(f"| {name} | {fmt(toy[key]['class_accuracy'], percent=True)} | {fmt(toy[key]['toy_fd'], 3)} |")
-        lines.append(f"| chance | {fmt(toy['chance_accuracy'], percent=True)} | |")
-    return lines
-
-
-def pictures_section(out: Path, first: int, has_samples: bool) -> list:
-    lines = ["", "## Pictures", "", "Loss curves (held-out loss of every seed, training loss of the first seed, "
-             "MAE loss, probe accuracy):", "", "![loss curves](loss_curves.png)", ""]
+def pictures_section(out: Path, has_samples: bool) -> list:
+    lines = ["", "## Pictures", "", "Loss curves of every seed (held-out loss, MAE loss, probe accuracy):", "",
+             "![loss curves](loss_curves.png)", ""]
     for family, name in S.FAMILY_NAMES.items():
         if (out / f"convergence_{family}.png").is_file():
-            lines += [f"{name} convergence (`scripts/plot_convergence.py`; circles: where USP reaches scratch's final "
-                      "loss):", "", f"![{name} convergence](convergence_{family}.png)", ""]
+            lines += [f"{name} convergence (`scripts/plot_convergence.py`; circles: where USP reaches scratch's "
+                      "final loss):", "", f"![{name} convergence](convergence_{family}.png)", ""]
     if has_samples:
-        lines += ["Samples, one class per row (classes in the order of `data/train`):", "", "![samples](samples.png)", ""]
+        lines += ["Samples, one class per row (in the order of `data/train`):", "", "![samples](samples.png)", ""]
     if (out / "recon" / "reconstruction.png").is_file():
         lines += ["USP reconstruction (original | masked latent patches | reconstruction, decoded by the tiny VAE):",
                   "", "![reconstruction](recon/reconstruction.png)", ""]
-    previews = sorted(S.seed_dir(out, first).glob("gen/*/*/samples/*.png"))
-    if previews:
-        lines += ["EMA preview grids written by `generation.train` at the end of training: " +
-                  ", ".join(f"[{p.relative_to(S.seed_dir(out, first)).parts[1]}]({p.relative_to(out)})"
-                            for p in previews), ""]
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
-
-def smooth(values: list, weight: float = 0.6) -> np.ndarray:
-    """Exponential moving average (the training loss is one noisy batch per point), as TensorBoard draws it."""
-    smoothed, last = [], values[0] if values else 0.0
-    for value in values:
-        last = weight * last + (1 - weight) * value
-        smoothed.append(last)
-    return np.asarray(smoothed)
-
-
 def plot_curves(out: Path, measured: dict) -> None:
-    """2 x 3 panels: held-out loss (every seed) and training loss (first seed) of DiT and SiT, USP vs scratch;
-    MAE loss and probe accuracy of every seed. Line style = seed."""
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    """2 x 2 panels: held-out loss of DiT and SiT, USP vs scratch; MAE loss; probe accuracy. Line style = seed."""
+    figure, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     for index, seed in enumerate(measured):
         style = SEED_STYLES[index % len(SEED_STYLES)]
         for column, family in enumerate(S.FAMILY_NAMES):
             for init in ("usp", "scratch"):
-                run = f"{family}_{init}"
-                label, colour = f"{LABELS[run]}, seed {seed}", COLOURS[init]
-                if curve := measured[seed]["heldout"].get(run):
-                    axes[0, column].plot(curve["steps"], curve["loss"], style, marker="o", ms=3, color=colour,
-                                         label=label)
-                logs = sorted((S.seed_dir(out, seed) / "gen" / run).glob("*/log.txt")) if index == 0 else []
-                if log := (read_jsonl(logs[-1], "loss") if logs else []):  # training loss: the first seed only
-                    steps, losses = [e["step"] for e in log], [e["loss"] for e in log]
-                    axes[1, column].plot(steps, losses, color=colour, alpha=0.25)
-                    axes[1, column].plot(steps, smooth(losses), color=colour, label=label)
+                if curve := measured[seed]["heldout"].get(f"{family}_{init}"):
+                    axes[0, column].plot(curve["steps"], curve["loss"], style, marker="o", ms=3, color=COLOURS[init],
+                                         label=f"{LABELS[f'{family}_{init}']}, seed {seed}")
         if pretrain := read_jsonl(S.seed_dir(out, seed) / "pretrain" / "log.txt", "loss"):
-            axes[0, 2].plot([e["step"] for e in pretrain], [e["loss"] for e in pretrain], style, color=COLOURS["usp"],
+            axes[1, 0].plot([e["step"] for e in pretrain], [e["loss"] for e in pretrain], style, color=COLOURS["usp"],
                             label=f"seed {seed}")
         for init in ("usp", "random"):
             if history := probe_history(out, seed, init):
-                axes[1, 2].plot([e + 1 for e, _ in history], [a for _, a in history], style, marker="o",
-                                color=COLOURS[init], label=f"{'USP' if init == 'usp' else 'random'} encoder, seed {seed}")
-    for column, family in enumerate(S.FAMILY_NAMES):
-        name = "DiT (MSE + VB)" if family == "dit" else "SiT (velocity MSE)"
-        axes[0, column].set_title(f"{name}: held-out loss", fontsize=10)
-        axes[1, column].set_title(f"{name}: training loss (smoothed)", fontsize=10)
-    axes[0, 2].set_title("USP pretraining: masked latent modeling loss", fontsize=10)
-    axes[1, 2].set_title("Linear probe: val top-1 (%)", fontsize=10)
+                axes[1, 1].plot([e + 1 for e, _ in history], [a for _, a in history], style, marker="o",
+                                color=COLOURS[init], label=f"{init} encoder, seed {seed}")
+    axes[0, 0].set_title("DiT (MSE + VB): held-out loss", fontsize=10)
+    axes[0, 1].set_title("SiT (velocity MSE): held-out loss", fontsize=10)
+    axes[1, 0].set_title("USP pretraining: masked latent modeling loss", fontsize=10)
+    axes[1, 1].set_title("Linear probe: val top-1 (%)", fontsize=10)
     for axis in axes.flat:
-        axis.set_xlabel("epoch" if axis is axes[1, 2] else "optimizer step")
+        axis.set_xlabel("epoch" if axis is axes[1, 1] else "optimizer step")
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     figure.tight_layout()
@@ -325,7 +275,7 @@ def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
     if not present:
         return False
     figure, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 4.8))
-    for column, (axis, run) in enumerate(zip(np.atleast_1d(axes), present)):
+    for axis, run in zip(np.atleast_1d(axes), present):
         with np.load(out / "samples" / f"{run}.npz") as npz:
             images, labels = npz["arr_0"], npz["arr_1"]
         size = images.shape[1] + 2  # a 2-pixel white gap between images
@@ -339,9 +289,7 @@ def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
             if metrics else ""
         axis.set_title(LABELS[run] + subtitle, fontsize=9)
         axis.set_xticks([])
-        axis.tick_params(length=0)
-        class_names = (toy or {}).get("classes") or [str(k) for k in range(S.NUM_CLASSES)]
-        axis.set_yticks((np.arange(S.NUM_CLASSES) + 0.5) * size, class_names if column == 0 else [], fontsize=7)
+        axis.set_yticks([])
         for spine in axis.spines.values():
             spine.set_visible(False)
     figure.suptitle("Generated samples (EMA weights, cfg 1.0), one class per row", fontsize=10)
@@ -351,13 +299,8 @@ def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------------------
-
 def write_report(out: Path) -> Path:
-    saved = read_json(out / CONFIG_NAME) or {}
-    cfg = S.DemoConfig(**{**asdict(S.FULL), **{k: v for k, v in saved.items() if k in asdict(S.FULL)}})
+    cfg = SimpleNamespace(**json.loads((out / CONFIG_NAME).read_text()))
     measured = collect(out, cfg)
     toy = read_json(out / "toy_metrics.json")
     fid = {run: value for run in S.RUNS if (value := read_json(out / "fid" / f"{run}.json"))}
@@ -387,7 +330,7 @@ def write_report(out: Path) -> Path:
         f"token, LARS (blr {cfg.probe_blr}: a probe of ~100 steps needs a far larger lr than MAE's 0.1 over ~100K "
         f"steps), {cfg.probe_epochs} epochs on cached train latents, evaluated on the val images "
         "(`pretrain.main_linprobe`).", "",
-        why_toy(cfg), *toy_metrics_section(toy), *pictures_section(out, cfg.seed_list[0], has_samples),
+        *toy_section(toy, cfg), *pictures_section(out, has_samples),
         "Commands of every stage: `logs/<stage>.log` (first line). Rerun one stage (and what depends on it) "
         "with `bash scripts/demo.sh --out <this folder> --redo <stage>`.", ""]
     report = out / "report.md"

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo.stages import FAST, FULL, build_stages
+from demo.stages import FAST, FULL, build_stages, make_config
 from util.cli import finish_parser
 from util.errors import UserError
 
@@ -35,15 +35,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("USP toy demo: pretrain, probe, generate, evaluate, report (CPU)")
     parser.add_argument("--out", default="demo_out", help="output folder (everything goes under it)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (CI)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="paired seeds of pretraining, probes and generators (default 3; 2 with --fast)")
-    parser.add_argument("--first-seed", type=int, default=None, help="the first of those seeds (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of the configuration in demo/stages.py (repeatable)")
+    # --seeds N and --first-seed S are short for --set seeds=N and --set first_seed=S
+    parser.add_argument("--seeds", dest="set", action="append", type=lambda n: f"seeds={n}", metavar="N",
+                        help="paired seeds of pretraining, probes and generators (default 3; 2 with --fast)")
+    parser.add_argument("--first-seed", dest="set", action="append", type=lambda s: f"first_seed={s}", metavar="S",
+                        help="the first of those seeds (default 0)")
     parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
                         help="rerun STAGE and everything after it (repeatable; 'all' = start over)")
     parser.add_argument("--only", action="append", default=[], metavar="STAGE",
-                        help="run only STAGE and the stages it needs (repeatable; 'heldout' = every seed's heldout_s<s>)")
+                        help="run STAGE and what it needs only (repeatable; 'heldout' = every seed's heldout_s<s>)")
     parser.add_argument("--inception-weights", default=None,
                         help="weights-inception-2015-12-05-6726825d.pth: also compute FID/IS (adds minutes on CPU)")
     return finish_parser(parser)
@@ -146,22 +148,9 @@ def run_stage(stage, out: Path) -> None:
     print(f"[demo] {stage.name} done in {time.time() - started:.1f}s", flush=True)
 
 
-def resolve_config(args):
-    """FULL or FAST with --seeds, --first-seed and --set applied; a bad value stops here with one sentence."""
-    overrides = list(args.set)
-    if args.seeds is not None:
-        overrides.append(f"seeds={args.seeds}")
-    if args.first_seed is not None:
-        overrides.append(f"first_seed={args.first_seed}")
-    try:
-        return (FAST if args.fast else FULL).with_overrides(overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-
-
 def main(args) -> int:
     started = time.time()
-    cfg = resolve_config(args)
+    cfg = make_config(FAST if args.fast else FULL, args.set)
     out = Path(args.out).resolve()
     if args.inception_weights and not Path(args.inception_weights).is_file():
         raise UserError(f"--inception-weights {args.inception_weights} does not exist; pass the file "

@@ -1,26 +1,24 @@
 """The demo's budget (the full and the --fast configuration) and its stages: what each runs, needs and writes.
 
-Every stage but the dataset runs a real entry point as a user would type it (`python -m pretrain.main_pretrain
-...`); the command is built when the stage starts, so it can name a file an earlier stage wrote.
-
   data -> vae -> cache_train, cache_val; for every seed s (USP and scratch differ only in `--finetune`):
   pretrain_s<s> -> {dit,sit}_{usp,scratch}_s<s>, probe_{usp,random}_s<s> -> heldout_s<s> -> convergence_<family>;
   on the first seed's models: recon, samples_<run> -> toy_metrics, [--inception-weights] fid_*; all -> report.
 
-The full run is sized for about 10 minutes on 2 quiet CPU cores. Generators train at lr 2e-3 (4x DiT's 5e-4)
-so that Adam opens the zero-initialised adaLN gates, through which the USP weights act, sooner. The settings
-were chosen on a data split the report never measures (`--set data_seed=10 --first-seed 100`). All networks
-share one tiny transformer shape (the USP encoder's weights must fit the probed ViT and the DiT/SiT); the
-official preset names are resized with --model_kwargs. Image size 32 gives 4x4 SD-VAE-style latents.
+Generators train at lr 2e-3 (4x DiT's 5e-4) so that Adam opens the zero-initialised adaLN gates, through which
+the USP weights act, sooner; the settings were chosen on a split the report never measures (`--set data_seed=10
+--first-seed 100`). All networks share one tiny shape, so the USP encoder fits the probed ViT and the DiT/SiT.
 """
 import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
+
+from util.errors import UserError
 
 NUM_CLASSES = 10
 VAE_VERSION = "d8"
@@ -33,85 +31,50 @@ FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
 RUNS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes and step counts of one demo run."""
-
-    name: str
-    train_per_class: int
-    val_per_class: int
-    vae_steps: int
-    vae_batch: int
-    vae_width: int
-    classifier_epochs: int
-    pretrain_steps: int
-    pretrain_batch: int
-    probe_epochs: int
-    probe_batch: int
-    probe_blr: float              # LARS moves the head by ~lr x 0.001 of its norm per step: MAE's 0.1 needs
-                                  # its ~100K steps; a probe of ~100 steps needs a proportionally larger lr
-    gen_steps: int
-    gen_batch: int
-    gen_checkpoints: int          # held-out loss is measured at this many evenly spaced checkpoints
-    gen_lr: float
-    ema_decay: float
-    num_samples: int              # generated images per model for the toy metrics (first seed only)
-    sampling_steps: int
-    heldout_repeats: int          # (t, noise) draws per held-out latent
-    image_size: int = 32
-    embed_dim: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    pretrain_lr: float = 1e-3     # MAE's blr 1.5e-4 is scaled for batch 4096; a 64-batch toy run takes 1e-3
-    seeds: int = 3                # paired seeds of pretraining, probes and generators: first_seed, first_seed + 1, ...
-    first_seed: int = 0
-    data_seed: int = 0            # dataset, VAE, toy classifier (val split drawn from data_seed + 1)
-
-    @property
-    def seed_list(self) -> list:
-        return list(range(self.first_seed, self.first_seed + self.seeds))
-
-    def with_overrides(self, assignments: list) -> "DemoConfig":
-        """A copy with `KEY=VALUE` strings applied (values parsed as the field's type)."""
-        types = {field.name: field.type for field in fields(self) if field.name != "name"}
-        changes = {}
-        for assignment in assignments:
-            key, _, value = assignment.partition("=")
-            if key not in types or not value:
-                raise ValueError(f"--set {assignment}: expected KEY=VALUE with KEY one of {', '.join(types)}.")
-            try:
-                changes[key] = types[key](value)
-            except ValueError:
-                raise ValueError(f"--set {assignment}: {value!r} is not a valid {types[key].__name__}.") from None
-        if changes.get("seeds", self.seeds) < 1:
-            raise ValueError(f"--seeds {changes['seeds']}: need at least 1 (2 or more for an interval).")
-        return replace(self, **changes)
+FULL = dict(  # sized for about 10 minutes on 2 quiet CPU cores
+    name="full", data_seed=0,  # the dataset, VAE and toy classifier (the val split is drawn from data_seed + 1)
+    seeds=3, first_seed=0,  # paired seeds of pretraining, probes and generators: first_seed, first_seed + 1, ...
+    train_per_class=300, val_per_class=50, image_size=32, vae_steps=400, vae_batch=8, vae_width=16,
+    classifier_epochs=1, embed_dim=128, depth=4, num_heads=4,
+    pretrain_steps=600, pretrain_batch=64,
+    pretrain_lr=1e-3,  # MAE's blr 1.5e-4 is scaled for batch 4096; a 64-batch toy run takes 1e-3
+    probe_epochs=5, probe_batch=256,
+    probe_blr=20.0,  # LARS moves the head by ~lr x 0.001 of its norm per step: MAE's 0.1 needs its ~100K steps
+    gen_steps=300, gen_batch=16, gen_lr=2e-3, ema_decay=0.99,
+    gen_checkpoints=6,  # held-out loss is measured at this many evenly spaced checkpoints
+    heldout_repeats=1,  # (t, noise) draws per held-out latent
+    num_samples=100, sampling_steps=25,  # generated images per model for the toy metrics (first seed only)
+)
+FAST = {**FULL, "name": "fast", "seeds": 2, "train_per_class": 24, "val_per_class": 8, "vae_steps": 6,
+        "vae_batch": 16, "vae_width": 8, "pretrain_steps": 6, "pretrain_batch": 32, "probe_epochs": 1,
+        "probe_batch": 64, "gen_steps": 6, "gen_batch": 32, "gen_checkpoints": 2, "gen_lr": 5e-4,
+        "ema_decay": 0.9, "num_samples": 20, "sampling_steps": 5}  # every stage, a few steps each (the tests)
 
 
-def encoder_kwargs(cfg: DemoConfig) -> dict:
+def make_config(base: dict, assignments: list) -> SimpleNamespace:
+    """`base` with `KEY=VALUE` strings applied (parsed as the value's type), plus the derived `seed_list`."""
+    cfg = dict(base)
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        if key not in base or key == "name" or not value:
+            raise UserError(f"--set {assignment}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(k for k in base if k != 'name')}.")
+        try:
+            cfg[key] = type(base[key])(value)
+        except ValueError:
+            raise UserError(f"--set {assignment}: {value!r} is not a valid {type(base[key]).__name__}.") from None
+    if cfg["seeds"] < 1:
+        raise UserError(f"--seeds {cfg['seeds']}: need at least 1 (2 or more for an interval).")
+    return SimpleNamespace(**cfg, seed_list=list(range(cfg["first_seed"], cfg["first_seed"] + cfg["seeds"])))
+
+
+def encoder_kwargs(cfg) -> dict:
     """The USP encoder's and the probed ViT's shape (the MAE adds MAE_DECODER)."""
     return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
 
 
-def generator_kwargs(cfg: DemoConfig) -> dict:
+def generator_kwargs(cfg) -> dict:
     return dict(hidden_size=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
-
-
-FULL = DemoConfig(
-    name="full", train_per_class=300, val_per_class=50,
-    vae_steps=400, vae_batch=8, vae_width=16, classifier_epochs=1,
-    pretrain_steps=600, pretrain_batch=64, probe_epochs=5, probe_batch=256, probe_blr=20.0,
-    gen_steps=300, gen_batch=16, gen_checkpoints=6, gen_lr=2e-3, ema_decay=0.99,
-    num_samples=100, sampling_steps=25, heldout_repeats=1,
-)
-
-FAST = DemoConfig(  # every stage, a few steps each: the test suite runs the whole pipeline
-    name="fast", train_per_class=24, val_per_class=8,
-    vae_steps=6, vae_batch=16, vae_width=8, classifier_epochs=1,
-    pretrain_steps=6, pretrain_batch=32, probe_epochs=1, probe_batch=64, probe_blr=20.0,
-    gen_steps=6, gen_batch=32, gen_checkpoints=2, gen_lr=5e-4, ema_decay=0.9,
-    num_samples=20, sampling_steps=5, heldout_repeats=1, seeds=2,
-)
 
 
 @dataclass
@@ -139,9 +102,9 @@ def newest(directory: Path, pattern: str) -> Path:
 
 
 class Commands:
-    """The command line of every stage."""
+    """The command line of every stage, built when the stage starts (so it can name a file an earlier stage wrote)."""
 
-    def __init__(self, out: Path, cfg: DemoConfig, inception_weights: Optional[str]):
+    def __init__(self, out: Path, cfg: SimpleNamespace, inception_weights: Optional[str]):
         self.out, self.cfg, self.inception_weights = out, cfg, inception_weights
         self.py = sys.executable
         self.data, self.vae = out / "data", out / "vae"
@@ -225,10 +188,10 @@ class Commands:
     def heldout(self, seed: int) -> list:
         # The (t, noise) draws change with the seed, so the interval over seeds includes the evaluation's noise.
         folder = seed_dir(self.out, seed)
-        pairs = [["--experiment", str(folder / "gen" / run), "--output", str(folder / "heldout" / f"{run}.json")]
-                 for run in RUNS]
-        return [self.py, "-m", "demo.heldout_loss", *sum(pairs, []), "--cached_path", str(self.cache_val),
-                "--repeats", str(self.cfg.heldout_repeats), "--seed", str(1234 + seed)]
+        experiments = sum((["--experiment", str(folder / "gen" / run)] for run in RUNS), [])
+        return [self.py, "-m", "demo.heldout_loss", *experiments, "--output_dir", str(folder / "heldout"),
+                "--cached_path", str(self.cache_val), "--repeats", str(self.cfg.heldout_repeats),
+                "--seed", str(1234 + seed)]
 
     def convergence(self, family: str) -> list:
         runs = [f"--run=s{seed}/{init}={seed_dir(self.out, seed) / 'heldout' / f'{family}_{init}.jsonl'}"
@@ -268,7 +231,7 @@ class Commands:
         return [self.py, "-m", "demo.report", "--out", str(self.out)]
 
 
-def build_stages(out: Path, cfg: DemoConfig, inception_weights: Optional[str] = None) -> list:
+def build_stages(out: Path, cfg: SimpleNamespace, inception_weights: Optional[str] = None) -> list:
     """The stage table, in dependency order (the order they run in)."""
     c, first = Commands(out, cfg, inception_weights), cfg.seed_list[0]
     stages = [Stage("data", (), ("data",), function=c.write_data),

@@ -3,14 +3,12 @@
     python -m demo.toy_metrics --data_path demo_out/data --vae_path demo_out/vae \
         --samples demo_out/samples/dit_usp.npz ... --output demo_out/toy_metrics.json
 
-A small CNN is trained on the train pixels as they are and as the tiny VAE reconstructs them (samples are
-VAE decodings: it must know a shape after the VAE's blur). It never sees generated images. For each sample
-npz (ADM layout of generation.sample_ddp: arr_0 uint8 (N, H, W, 3), arr_1 labels):
-  class accuracy  share of samples it assigns to the class they were generated for (chance = 1 / classes);
-  toy FD          Fréchet distance between its 64-d penultimate features of the samples and of the real
-                  val images (FID's formula in a toy feature space; lower is better).
-References: the real val images and their VAE reconstructions (the best a generator in this latent space
-can do). TOY metrics: they only rank the demo's generators against each other.
+A small CNN learns the train images as they are and as the tiny VAE reconstructs them (samples are VAE
+decodings); it never sees generated images. Of each sample npz (generation.sample_ddp's) it measures the
+class accuracy (share of samples it assigns to the class they were generated for) and the toy FD (Fréchet
+distance of its 64-d penultimate features to the real val images'), with the real val images and their VAE
+reconstructions (the best a generator in this latent space can do) as references. Toy metrics: they only
+rank the demo's generators against each other.
 """
 import argparse
 import json
@@ -24,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from demo.toy_dataset import load_split, to_signed_unit
+from demo.toy_dataset import fit, load_split, to_signed_unit
 from generation.adm_metrics import frechet_distance
 from generation.sampling import to_uint8
 from models.vae import LatentCodec
 from util.cli import finish_parser
-from util.progress import progress_bar as tqdm
 
 FEATURE_DIM = 64
+BATCH_SIZE, LR = 64, 2e-3
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,8 +39,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", nargs="+", required=True, help="sample npz files (arr_0 images, arr_1 labels)")
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--epochs", type=int, default=2, help="classifier passes over the real + reconstructed images")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     return finish_parser(parser)
 
@@ -90,23 +86,11 @@ def train_classifier(args, real: torch.Tensor, labels: torch.Tensor, num_classes
     """AdamW + one-cycle on the real and VAE-reconstructed train images, with random flips (as the generators)."""
     images, labels = torch.cat([real, vae_reconstructions(args.vae_path, real)]), labels.repeat(2)
     model = ToyClassifier(num_classes)
-    steps = args.epochs * (len(images) // args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=max(steps, 1))
-    generator = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(steps), desc="toy classifier")
-    model.train()
-    for _ in bar:
-        index = torch.randint(0, len(images), (args.batch_size,), generator=generator)
-        batch = to_signed_unit(images[index])
-        flip = torch.rand(args.batch_size, generator=generator) < 0.5
-        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-        loss = nn.functional.cross_entropy(model(batch)[1], labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    steps = args.epochs * (len(images) // BATCH_SIZE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=max(steps, 1))
+    fit(lambda batch, index: nn.functional.cross_entropy(model(batch)[1], labels[index]), optimizer, schedule,
+        images, steps, BATCH_SIZE, args.seed, "toy classifier")
     return model
 
 

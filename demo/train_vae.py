@@ -19,10 +19,9 @@ if __package__ in (None, ""):
 
 import torch
 
-from demo.toy_dataset import load_split, to_signed_unit
+from demo.toy_dataset import fit, load_split, to_signed_unit
 from models.latent_spec import get_latent_spec
 from util.cli import finish_parser
-from util.progress import progress_bar as tqdm
 
 VAE_VERSION = "d8"  # the SD-VAE latent space: 4 channels, factor 8
 LR = 2e-3
@@ -35,20 +34,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--output", required=True, help="folder for save_pretrained + vae_stats.json")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="small batches: on a CPU minute, more updates beat bigger batches")
-    parser.add_argument("--width", type=int, default=16,
-                        help="channels of the full-resolution block (x2, x4, x4 in the deeper ones)")
+    parser.add_argument("--batch_size", type=int, default=8, help="small: in a CPU minute more updates win")
+    parser.add_argument("--width", type=int, default=16, help="channels of the full-resolution block")
     parser.add_argument("--seed", type=int, default=0)
     return finish_parser(parser)
 
 
 def build_autoencoder(width: int):
-    """A factor-8, 4-latent-channel AutoencoderKL (4 resolution levels like SD's).
-
-    Channels (w, 2w, 4w, 4w): the full-resolution level dominates the cost, so width goes to the
-    coarse levels, where the shape and colour of a whole 8x8 patch must be coded.
-    """
+    """A factor-8, 4-latent-channel AutoencoderKL (4 levels like SD's) with channels (w, 2w, 4w, 4w): width goes
+    to the coarse levels, where a whole 8x8 patch is coded; the full-resolution one dominates the cost."""
     from diffusers import AutoencoderKL
 
     spec = get_latent_spec(VAE_VERSION)
@@ -61,15 +55,15 @@ def build_autoencoder(width: int):
     )
 
 
-def vae_loss(autoencoder, images: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (N, 3, H, W) in [-1, 1] -> (total loss, reconstruction MSE), both scalars."""
+def vae_loss(autoencoder, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """images (N, 3, H, W) in [-1, 1] -> MSE + L1 + kl_weight x KL, a scalar."""
     posterior = autoencoder.encode(images).latent_dist
     reconstruction = autoencoder.decode(posterior.sample()).sample
     mse = torch.nn.functional.mse_loss(reconstruction, images)
     l1 = (reconstruction - images).abs().mean()
     # Per-element KL to N(0, I): 0.5 * (mu^2 + var - 1 - logvar).
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-    return mse + l1 + kl_weight * kl, mse
+    return mse + l1 + kl_weight * kl
 
 
 @torch.no_grad()
@@ -107,19 +101,8 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=LR, weight_decay=0.0)
     # Cosine decay: a short run still ends on a small lr, which sharpens the reconstructions.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(args.steps), desc="tiny VAE")
-    for _ in bar:
-        index = torch.randint(0, len(train_images), (args.batch_size,), generator=generator)
-        batch = to_signed_unit(train_images[index])
-        flip = torch.rand(args.batch_size, generator=generator) < 0.5
-        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-        loss, mse = vae_loss(autoencoder, batch, KL_WEIGHT)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
+    fit(lambda batch, _: vae_loss(autoencoder, batch, KL_WEIGHT), optimizer, schedule, train_images, args.steps,
+        args.batch_size, args.seed, "tiny VAE")
     autoencoder.eval()
     scale, std = measure_scale(autoencoder, train_images)
     stats = {"scale": scale, "latent_std": std, "val_psnr_db": reconstruction_psnr(autoencoder, val_images),

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from demo.report import NO_DIFFERENCE, direction, paired_interval
 from demo.run_demo import needed_for
-from demo.stages import FAST, RUNS, build_stages
+from demo.stages import FAST, RUNS, build_stages, make_config
 from util.errors import UserError
 from util import progress as progress_module
 from util.progress import PlainProgress, progress_bar
@@ -132,7 +132,7 @@ def test_pairs_differ_only_in_the_init_and_seeds_differ(fast_demo):
     """Within a seed the USP and scratch runs have the same arguments but --finetune (so the same batches
     and noise); across seeds the global seed changes."""
     out, _ = fast_demo
-    seeds = FAST.seed_list
+    seeds = make_config(FAST, []).seed_list
     assert len(seeds) >= 2
 
     def run_args(seed, run):
@@ -161,7 +161,7 @@ def test_report_intervals_and_verdicts_follow_from_the_seeds(fast_demo):
     """The mean row and the sentence of each comparison, recomputed here from the per-seed files."""
     out, _ = fast_demo
     report = (out / "report.md").read_text()
-    seeds = FAST.seed_list
+    seeds = make_config(FAST, []).seed_list
     for family, name in (("dit", "DiT"), ("sit", "SiT")):
         curves = {(seed, init): json.loads((out / f"seed{seed}" / "heldout" / f"{family}_{init}.json").read_text())
                   for seed in seeds for init in ("usp", "scratch")}
@@ -199,7 +199,7 @@ def test_report_numbers_are_finite(fast_demo):
         assert all(finite(float(cell)) for cell in cells), (title, cells)
     accuracies = table_row(report, "toy class accuracy of samples")
     assert all(re.fullmatch(r"\d+\.\d%", cell) for cell in accuracies), accuracies
-    for seed in FAST.seed_list:
+    for seed in make_config(FAST, []).seed_list:
         assert re.search(rf"\| {seed} \| \d+\.\d% \| \d+\.\d% \| [-+]\d+\.\d points \|", report)
         for run in RUNS:
             curve = json.loads((out / f"seed{seed}" / "heldout" / f"{run}.json").read_text())
@@ -209,7 +209,7 @@ def test_report_numbers_are_finite(fast_demo):
     for metrics in [toy["real_val"], toy["vae_reconstruction"], *toy["samples"].values()]:
         assert finite(metrics["class_accuracy"]) and finite(metrics["toy_fd"]) and metrics["toy_fd"] >= 0
     convergence = json.loads((out / "convergence_dit.json").read_text())
-    assert set(convergence["runs"]) == {f"s{seed}/{init}" for seed in FAST.seed_list for init in ("usp", "scratch")}
+    assert set(convergence["runs"]) == {f"s{seed}/{init}" for seed in make_config(FAST, []).seed_list for init in ("usp", "scratch")}
 
 
 @pytest.mark.slow
@@ -247,14 +247,14 @@ def test_rerun_skips_finished_stages_and_redo_reruns_downstream(fast_demo):
 
 
 def test_only_runs_the_named_stages_and_what_they_need():
-    stages = build_stages(Path("/nowhere"), FAST)
+    stages = build_stages(Path("/nowhere"), make_config(FAST, []))
     by_name = {stage.name: stage for stage in stages}
     # Written out from the pipeline in demo/stages.py: a seed's held-out scoring needs its four generators,
     # the USP ones need that seed's pretraining, everything needs the caches, the VAE and the data.
     upstream = {"data", "vae", "cache_train", "cache_val"}
     assert needed_for(stages, ["heldout_s0"]) == upstream | {"pretrain_s0", "heldout_s0"} | {f"{run}_s0" for run in RUNS}
     every_seed = needed_for(stages, ["heldout"])
-    assert every_seed == upstream | {f"{kind}_s{seed}" for seed in FAST.seed_list
+    assert every_seed == upstream | {f"{kind}_s{seed}" for seed in make_config(FAST, []).seed_list
                                      for kind in ("pretrain", "heldout", *RUNS)}
     assert needed_for(stages, ["probe_random_s1"]) == {"data", "vae", "cache_train", "probe_random_s1"}
     assert "report" not in every_seed and all(need in every_seed for name in every_seed for need in by_name[name].needs)
