@@ -11,7 +11,6 @@ by the weights (common random numbers). Writes `<output_dir>/<experiment>.json` 
 """
 import argparse
 import json
-import re
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -43,11 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def find_checkpoints(experiment) -> list[tuple[int, Path]]:
     """(step, path) of every `checkpoints/NNNNNNN.pt` under `experiment`, oldest first."""
-    paths = sorted(Path(experiment).glob("**/checkpoints/*.pt"))
-    found = [(int(match.group(1)), path) for path in paths if (match := re.fullmatch(r"(\d+)\.pt", path.name))]
+    paths = Path(experiment).glob("**/checkpoints/*.pt")
+    found = sorted((int(path.stem), path) for path in paths if path.stem.isdigit())
     if not found:
         raise SystemExit(f"heldout_loss: error: no checkpoints under {experiment}; run generation.train first.")
-    return sorted(found)
+    return found
 
 
 def heldout_batch(cached_path, repeats: int, seed: int):

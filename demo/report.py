@@ -19,16 +19,13 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: files only, no display or backend state
+from scipy import stats
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from demo import stages as S  # noqa: E402
-from demo.run_demo import CONFIG_NAME  # noqa: E402
-from util.cli import finish_parser  # noqa: E402
+from demo import stages as S
+from demo.run_demo import CONFIG_NAME
+from util.cli import finish_parser
 
 NO_DIFFERENCE = "no measurable difference at this scale"
 LOSS_KEYS = {"loss": "held-out loss", "ema_loss": "held-out loss of the EMA weights"}
@@ -72,8 +69,7 @@ def format_interval(interval: PairedInterval, unit: str, short: bool = False) ->
 
 
 def sentence(subject: str, interval: PairedInterval, unit: str) -> str:
-    verdict = direction(interval)
-    head = f"USP is {verdict}" if verdict != NO_DIFFERENCE else NO_DIFFERENCE
+    head = NO_DIFFERENCE if direction(interval) == NO_DIFFERENCE else f"USP is {direction(interval)}"
     return f"- **{subject}: {head}.** Mean paired advantage: {format_interval(interval, unit)}."
 
 
@@ -166,21 +162,20 @@ def probe_section(measured: dict) -> tuple[list, list]:
 def samples_table(toy: dict, fid: dict) -> list:
     """The four generators of the first seed side by side: toy sample metrics (and FID/IS)."""
     samples = (toy or {}).get("samples", {})
-    rows = ["| | " + " | ".join(LABELS[run] for run in S.RUNS) + " |", "|" + "---|" * (len(S.RUNS) + 1),
-            "| toy class accuracy of samples (chance 10%) | " + " | ".join(
-                fmt(samples[run]["class_accuracy"], percent=True) if run in samples else "n/a" for run in S.RUNS) + " |",
-            "| toy FD of samples vs val (lower is better) | " + " | ".join(
-                fmt(samples[run]["toy_fd"], 3) if run in samples else "n/a" for run in S.RUNS) + " |"]
-    for key, name in (("fid", "FID (Inception, vs val)"), ("inception_score", "Inception Score")):
-        if fid:
-            rows.append(f"| {name} | " + " | ".join(fmt(fid.get(run, {}).get(key), 2) for run in S.RUNS) + " |")
-    return rows
+    metrics = [("toy class accuracy of samples (chance 10%)", samples, "class_accuracy", 1, True),
+               ("toy FD of samples vs val (lower is better)", samples, "toy_fd", 3, False)]
+    if fid:
+        metrics += [("FID (Inception, vs val)", fid, "fid", 2, False),
+                    ("Inception Score", fid, "inception_score", 2, False)]
+    return ["| | " + " | ".join(LABELS[run] for run in S.RUNS) + " |", "|" + "---|" * (len(S.RUNS) + 1)] + [
+        f"| {name} | " + " | ".join(fmt(source.get(run, {}).get(key), digits, percent) for run in S.RUNS) + " |"
+        for name, source, key, digits, percent in metrics]
 
 
 def setup_section(out: Path, cfg: SimpleNamespace) -> list:
     vae = read_json(out / "vae" / "vae_stats.json") or {}
-    losses = [[e["loss"] for e in read_jsonl(S.seed_dir(out, seed) / "pretrain" / "log.txt", "loss")]
-              for seed in cfg.seed_list]
+    trend = ", ".join(f"{log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}" for seed in cfg.seed_list
+                      if (log := read_jsonl(S.seed_dir(out, seed) / "pretrain" / "log.txt", "loss")))
     return [
         f"- Data: {S.NUM_CLASSES} procedural shape classes at {cfg.image_size} px, "
         f"{cfg.train_per_class} train + {cfg.val_per_class} val images per class (`data/`, data seed {cfg.data_seed}).",
@@ -188,9 +183,9 @@ def setup_section(out: Path, cfg: SimpleNamespace) -> list:
         f"parameters) trained for {vae.get('steps')} steps; latents {vae.get('latent_shape')}; latent std "
         f"{fmt(vae.get('latent_std'), 3)} -> scale **{fmt(vae.get('scale'), 4)}** (1/std, as SD's 0.18215); "
         f"val reconstruction PSNR {fmt(vae.get('val_psnr_db'), 1)} dB.",
-        f"- USP pretraining (once per seed): `{S.MAE_MODEL}` with {json.dumps({**S.encoder_kwargs(cfg), **S.MAE_DECODER})}"
-        f", mask ratio 0.75, {cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached "
-        "posterior means; loss " + ", ".join(f"{run[0]:.3f} -> {run[-1]:.3f}" for run in losses if run) + ".",
+        f"- USP pretraining (per seed): `{S.MAE_MODEL}` with {json.dumps({**S.encoder_kwargs(cfg), **S.MAE_DECODER})},"
+        f" mask ratio 0.75, {cfg.pretrain_steps} steps of batch {cfg.pretrain_batch} at lr {cfg.pretrain_lr} on cached "
+        f"posterior means; loss {trend}.",
         f"- Generators: `{S.GENERATORS['dit']}` / `{S.GENERATORS['sit']}` resized to "
         f"{json.dumps(S.generator_kwargs(cfg))}, batch {cfg.gen_batch}, {cfg.gen_steps} steps, lr {cfg.gen_lr}, "
         f"EMA decay {cfg.ema_decay}; the USP and scratch runs of a seed differ only in `--finetune`.",
@@ -241,7 +236,8 @@ def pictures_section(out: Path, has_samples: bool) -> list:
 
 def plot_curves(out: Path, measured: dict) -> None:
     """2 x 2 panels: held-out loss of DiT and SiT, USP vs scratch; MAE loss; probe accuracy. Line style = seed."""
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    figure = Figure(figsize=(11, 8.5))
+    axes = figure.subplots(2, 2)
     for index, seed in enumerate(measured):
         style = SEED_STYLES[index % len(SEED_STYLES)]
         for column, family in enumerate(S.FAMILY_NAMES):
@@ -255,18 +251,16 @@ def plot_curves(out: Path, measured: dict) -> None:
         for init in ("usp", "random"):
             if history := probe_history(out, seed, init):
                 axes[1, 1].plot([e + 1 for e, _ in history], [a for _, a in history], style, marker="o",
-                                color=COLOURS[init], label=f"{init} encoder, seed {seed}")
-    axes[0, 0].set_title("DiT (MSE + VB): held-out loss", fontsize=10)
-    axes[0, 1].set_title("SiT (velocity MSE): held-out loss", fontsize=10)
-    axes[1, 0].set_title("USP pretraining: masked latent modeling loss", fontsize=10)
-    axes[1, 1].set_title("Linear probe: val top-1 (%)", fontsize=10)
-    for axis in axes.flat:
+                                color=COLOURS[init], label=f"{init.replace('usp', 'USP')} encoder, seed {seed}")
+    titles = ("DiT (MSE + VB): held-out loss", "SiT (velocity MSE): held-out loss",
+              "USP pretraining: masked latent modeling loss", "Linear probe: val top-1 (%)")
+    for axis, title in zip(axes.flat, titles):
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch" if axis is axes[1, 1] else "optimizer step")
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "loss_curves.png", dpi=90)
-    plt.close(figure)
 
 
 def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
@@ -274,7 +268,8 @@ def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
     present = [run for run in S.RUNS if (out / "samples" / f"{run}.npz").is_file()]
     if not present:
         return False
-    figure, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 4.8))
+    figure = Figure(figsize=(3.4 * len(present), 4.8))
+    axes = figure.subplots(1, len(present))
     for axis, run in zip(np.atleast_1d(axes), present):
         with np.load(out / "samples" / f"{run}.npz") as npz:
             images, labels = npz["arr_0"], npz["arr_1"]
@@ -288,14 +283,10 @@ def plot_samples(out: Path, toy: dict, per_class: int = 8) -> bool:
         subtitle = f"\nclass acc {fmt(metrics['class_accuracy'], percent=True)}, toy FD {fmt(metrics['toy_fd'], 2)}" \
             if metrics else ""
         axis.set_title(LABELS[run] + subtitle, fontsize=9)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        for spine in axis.spines.values():
-            spine.set_visible(False)
+        axis.axis("off")
     figure.suptitle("Generated samples (EMA weights, cfg 1.0), one class per row", fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(out / "samples.png", dpi=110)
-    plt.close(figure)
     return True
 
 
@@ -327,9 +318,8 @@ def write_report(out: Path) -> Path:
         f"Samples of seed {cfg.seed_list[0]}'s models:", "", *samples_table(toy, fid), "",
         "## Understanding: linear probe", "", *probe_lines, "",
         f"Frozen `{S.VIT_MODEL}` encoder ({json.dumps(S.encoder_kwargs(cfg))}), BatchNorm + linear head on the cls "
-        f"token, LARS (blr {cfg.probe_blr}: a probe of ~100 steps needs a far larger lr than MAE's 0.1 over ~100K "
-        f"steps), {cfg.probe_epochs} epochs on cached train latents, evaluated on the val images "
-        "(`pretrain.main_linprobe`).", "",
+        f"token, LARS (blr {cfg.probe_blr}), {cfg.probe_epochs} epochs on cached train latents, evaluated on the val "
+        "images (`pretrain.main_linprobe`).", "",
         *toy_section(toy, cfg), *pictures_section(out, has_samples),
         "Commands of every stage: `logs/<stage>.log` (first line). Rerun one stage (and what depends on it) "
         "with `bash scripts/demo.sh --out <this folder> --redo <stage>`.", ""]

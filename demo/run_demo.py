@@ -1,7 +1,4 @@
-"""Runs the demo's stages (demo/stages.py) one after another in this process and writes <out>/report.md.
-
-    python -m demo.run_demo [--out demo_out] [--fast] [--seeds N] [--first-seed S] [--set KEY=VALUE ...]
-                            [--redo STAGE|all ...] [--only STAGE ...] [--inception-weights PATH]
+"""Runs the demo's stages (demo/stages.py) one after another in this process (`bash scripts/demo.sh [--fast]`).
 
 Each stage runs its entry point as `python -m` would (runpy: torch & co. are imported once, not once per
 stage); its output goes to `<out>/logs/<stage>.log`, whose first line is the command to rerun it by hand.
@@ -81,10 +78,9 @@ def stages_to_run(stages, out: Path, redo: list) -> list:
 def needed_for(stages, targets: list) -> set:
     """The stages named in `targets` (a name without its `_s<seed>` suffix names every seed's stage) and,
     transitively, every stage they need."""
-    chosen = {stage.name for stage in stages for target in targets
-              if re.fullmatch(re.escape(target) + r"(_s\d+)?", stage.name)}
-    unknown = [target for target in targets
-               if not any(re.fullmatch(re.escape(target) + r"(_s\d+)?", name) for name in chosen)]
+    matches = {target: {stage.name for stage in stages if re.fullmatch(re.escape(target) + r"(_s\d+)?", stage.name)}
+               for target in targets}
+    chosen, unknown = set().union(*matches.values()), [target for target, names in matches.items() if not names]
     if unknown:
         raise UserError(f"--only {unknown[0]} is not a stage; choose one of {', '.join(s.name for s in stages)} "
                         "(or a name without its _s<seed> suffix).")
@@ -143,8 +139,7 @@ def run_stage(stage, out: Path) -> None:
             raise UserError(f"stage {stage.name} failed (exit code {returncode}); the end of {log_path}:\n"
                             + "\n".join(tail) + f"\ncommand: {shlex.join(command)}")
     marker_path(out, stage.name).parent.mkdir(parents=True, exist_ok=True)
-    marker_path(out, stage.name).write_text(json.dumps({"seconds": round(time.time() - started, 2),
-                                                        "command": command}, indent=1))
+    marker_path(out, stage.name).write_text(json.dumps({"seconds": round(time.time() - started), "command": command}))
     print(f"[demo] {stage.name} done in {time.time() - started:.1f}s", flush=True)
 
 
@@ -166,11 +161,8 @@ def main(args) -> int:
     for stage in stages:
         if stage.name in pending:
             run_stage(stage, out)
-    where = f"report: {out / 'report.md'}" if "report" in wanted else f"outputs under {out}"
-    if not pending:
-        print(f"[demo] everything is up to date; {where}")
-    else:
-        print(f"[demo] finished in {time.time() - started:.0f}s ({cfg.name} run); {where}")
+    done = f"finished in {time.time() - started:.0f}s ({cfg.name} run)" if pending else "everything is up to date"
+    print(f"[demo] {done}; " + (f"report: {out / 'report.md'}" if "report" in wanted else f"outputs under {out}"))
     return 0
 
 

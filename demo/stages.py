@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
+from demo.toy_dataset import write_toy_dataset
 from util.errors import UserError
 
 NUM_CLASSES = 10
@@ -35,14 +36,12 @@ FULL = dict(  # sized for about 10 minutes on 2 quiet CPU cores
     name="full", data_seed=0,  # the dataset, VAE and toy classifier (the val split is drawn from data_seed + 1)
     seeds=3, first_seed=0,  # paired seeds of pretraining, probes and generators: first_seed, first_seed + 1, ...
     train_per_class=300, val_per_class=50, image_size=32, vae_steps=400, vae_batch=8, vae_width=16,
-    classifier_epochs=1, embed_dim=128, depth=4, num_heads=4,
-    pretrain_steps=600, pretrain_batch=64,
+    classifier_epochs=1, embed_dim=128, depth=4, num_heads=4, pretrain_steps=600, pretrain_batch=64,
     pretrain_lr=1e-3,  # MAE's blr 1.5e-4 is scaled for batch 4096; a 64-batch toy run takes 1e-3
     probe_epochs=5, probe_batch=256,
     probe_blr=20.0,  # LARS moves the head by ~lr x 0.001 of its norm per step: MAE's 0.1 needs its ~100K steps
     gen_steps=300, gen_batch=16, gen_lr=2e-3, ema_decay=0.99,
-    gen_checkpoints=6,  # held-out loss is measured at this many evenly spaced checkpoints
-    heldout_repeats=1,  # (t, noise) draws per held-out latent
+    gen_checkpoints=6, heldout_repeats=1,  # held-out loss at 6 evenly spaced checkpoints, 1 (t, noise) per latent
     num_samples=100, sampling_steps=25,  # generated images per model for the toy metrics (first seed only)
 )
 FAST = {**FULL, "name": "fast", "seeds": 2, "train_per_class": 24, "val_per_class": 8, "vae_steps": 6,
@@ -79,8 +78,7 @@ def generator_kwargs(cfg) -> dict:
 
 @dataclass
 class Stage:
-    """One step of the demo: `command()` -> [python, *argv], or `function()` for the dataset. `outputs`
-    (relative to the output folder) are deleted before the stage (re)runs."""
+    """One step: `command()` -> [python, *argv] (or `function()`: the dataset); `outputs` are deleted first."""
 
     name: str
     needs: tuple
@@ -117,8 +115,6 @@ class Commands:
         self.ckpt_every = max(1, cfg.gen_steps // cfg.gen_checkpoints)
 
     def write_data(self) -> None:
-        from demo.toy_dataset import write_toy_dataset
-
         cfg = self.cfg
         write_toy_dataset(self.data, NUM_CLASSES, cfg.train_per_class, cfg.val_per_class, cfg.image_size, cfg.data_seed)
 

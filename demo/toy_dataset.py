@@ -12,10 +12,7 @@ from PIL import Image, ImageDraw
 from util.data import build_image_folder
 from util.progress import progress_bar
 
-CLASS_NAMES = (
-    "circle", "square", "triangle", "cross", "ring",
-    "hbars", "vbars", "diagonal", "dots", "diamond",
-)
+CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring", "hbars", "vbars", "diagonal", "dots", "diamond")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, colour) -> None:
