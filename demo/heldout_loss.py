@@ -1,21 +1,16 @@
-"""Held-out diffusion / transport loss of every checkpoint of a DiT or SiT experiment.
+"""Held-out diffusion / transport loss of every checkpoint of DiT or SiT experiments.
 
-    python -m demo.heldout_loss --experiment demo_out/seed0/gen/dit_usp --cached_path demo_out/cache/val \
-        --output demo_out/seed0/heldout/dit_usp.json [--experiment ... --output ...]
+    python -m demo.heldout_loss --experiment demo_out/seed0/gen/dit_usp [--experiment ...] \
+        --cached_path demo_out/cache/val --output_dir demo_out/seed0/heldout
 
-The training loss is measured on the batch being fitted, with fresh t and noise every step, so two
-runs' curves are noisy and not on the same data. Here every checkpoint is scored on the same
-held-out latents (the val split's posterior means, unflipped) with the same timestep and noise
-per latent, drawn once from `--seed`: two experiments evaluated with the same flags see exactly
-the same (x, t, noise) triples, so their curves differ only by the weights (common random numbers).
-The objective is the run's own training loss (DiT: MSE + VB hybrid; SiT: the transport loss), with
-labels kept (no CFG dropout). Writes {"steps": [...], "loss": [...], "ema_loss": [...], ...} to --output
-and the same numbers as JSON lines ({"step": s, "heldout_loss": l, "heldout_ema_loss": e}, the trainers'
-log.txt format) next to it with the suffix .jsonl, which scripts/plot_convergence.py reads.
+The training loss is measured on the batch being fitted, with fresh t and noise. Here every checkpoint is
+scored with its run's training objective (labels kept, no CFG dropout) on the same held-out latents (the val
+split's posterior means) with the same (t, noise) per latent, drawn once from `--seed`: curves differ only
+by the weights (common random numbers). Writes `<output_dir>/<experiment>.json` ({"steps", "loss",
+"ema_loss", ...}) and the same numbers as `.jsonl` in the trainers' log.txt format, for plot_convergence.py.
 """
 import argparse
 import json
-import re
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -39,21 +34,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", required=True, action="append",
                         help="generation.train results folder (the NNN-<model> folder or its parent); repeatable")
     parser.add_argument("--cached_path", required=True, help="latent cache of the held-out images")
-    parser.add_argument("--output", required=True, action="append",
-                        help="JSON file to write, one per --experiment in the same order")
+    parser.add_argument("--output_dir", required=True, help="folder for <experiment folder name>.json[l]")
     parser.add_argument("--repeats", type=int, default=2, help="(t, noise) draws per held-out latent")
-    parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
     return finish_parser(parser)
 
 
 def find_checkpoints(experiment) -> list[tuple[int, Path]]:
     """(step, path) of every `checkpoints/NNNNNNN.pt` under `experiment`, oldest first."""
-    paths = sorted(Path(experiment).glob("**/checkpoints/*.pt"))
-    found = [(int(match.group(1)), path) for path in paths if (match := re.fullmatch(r"(\d+)\.pt", path.name))]
+    paths = Path(experiment).glob("**/checkpoints/*.pt")
+    found = sorted((int(path.stem), path) for path in paths if path.stem.isdigit())
     if not found:
         raise SystemExit(f"heldout_loss: error: no checkpoints under {experiment}; run generation.train first.")
-    return sorted(found)
+    return found
 
 
 def heldout_batch(cached_path, repeats: int, seed: int):
@@ -69,28 +62,12 @@ def heldout_batch(cached_path, repeats: int, seed: int):
     return latents, labels, bundle
 
 
-@torch.no_grad()
-def mean_loss(model, objective, latents, labels, bundle: NoiseBundle, batch_size: int) -> float:
-    model.eval()
-    total = 0.0
-    for start in range(0, len(latents), batch_size):
-        part = slice(start, start + batch_size)
-        chunk = NoiseBundle(bundle.u[part], bundle.noise[part], bundle.drop[part])
-        total += objective.loss(model, latents[part], labels[part], chunk).sum().item()
-    return total / len(latents)
-
-
 def main(args) -> list:
-    """Scores every --experiment (one process for several: the start-up costs more than the scoring)."""
-    if len(args.output) != len(args.experiment):
-        raise SystemExit(f"heldout_loss: error: {len(args.experiment)} --experiment but {len(args.output)} --output; "
-                         "give one --output per --experiment.")
     latents, labels, bundle = heldout_batch(args.cached_path, args.repeats, args.seed)
-    return [score_experiment(experiment, Path(output), latents, labels, bundle, args)
-            for experiment, output in zip(args.experiment, args.output)]
+    return [score_experiment(experiment, latents, labels, bundle, args) for experiment in args.experiment]
 
 
-def score_experiment(experiment, output: Path, latents, labels, bundle: NoiseBundle, args) -> dict:
+def score_experiment(experiment, latents, labels, bundle: NoiseBundle, args) -> dict:
     checkpoints = find_checkpoints(experiment)
     result = {"steps": [], "loss": [], "ema_loss": [], "num_latents": len(latents), "seed": args.seed}
     for step, path in tqdm(checkpoints, desc="held-out loss"):
@@ -106,7 +83,9 @@ def score_experiment(experiment, output: Path, latents, labels, bundle: NoiseBun
         result["steps"].append(step)
         for key, weights in (("loss", "model"), ("ema_loss", "ema")):
             model.load_state_dict(checkpoint[weights])
-            result[key].append(mean_loss(model, objective, latents, labels, bundle, args.batch_size))
+            with torch.no_grad():  # the toy's held-out set is a single batch
+                result[key].append(objective.loss(model.eval(), latents, labels, bundle).sum().item() / len(latents))
+    output = Path(args.output_dir) / f"{Path(experiment).name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     output.with_suffix(".jsonl").write_text("".join(

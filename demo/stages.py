@@ -1,18 +1,12 @@
-"""The demo pipeline as a table of stages: what each runs, what it needs, where it writes.
+"""The demo's budget (the full and the --fast configuration) and its stages: what each runs, needs and writes.
 
-Every stage but the first runs a real entry point exactly as a user would type it (`python -m
-pretrain.main_pretrain ...`, which demo/run_demo.py runs in its own process; each stage's log starts with the
-command); the commands are built when the stage starts, so a stage can point at a file an earlier stage
-produced (e.g. the newest pretraining checkpoint).
+  data -> vae -> cache_train, cache_val; for every seed s (USP and scratch differ only in `--finetune`):
+  pretrain_s<s> -> {dit,sit}_{usp,scratch}_s<s>, probe_{usp,random}_s<s> -> heldout_s<s> -> convergence_<family>;
+  on the first seed's models: recon, samples_<run> -> toy_metrics, [--inception-weights] fid_*; all -> report.
 
-Pipeline, for every seed s (USP vs scratch differ only in `--finetune`; seed, steps, batch and lr are shared):
-  data -> vae -> cache_train, cache_val -> pretrain_s<s> -> probe_usp_s<s>, {dit,sit}_usp_s<s>
-                                cache_train -> probe_random_s<s>, {dit,sit}_scratch_s<s>
-  the four generators -> heldout_s<s> (held-out loss curves) -> convergence_<family> (scripts/plot_convergence.py)
-and once, on the first seed's models: recon, samples_<run> (sample_ddp npz) -> toy_metrics (with the toy
-classifier), [--inception-weights] fid_*;  all -> report.
-
-Per-seed outputs live under `<out>/seed<s>/` (pretrain/, probe/, gen/<run>/, heldout/<run>.json[l]).
+Generators train at lr 2e-3 (4x DiT's 5e-4) so that Adam opens the zero-initialised adaLN gates, through which
+the USP weights act, sooner; the settings were chosen on a split the report never measures (`--set data_seed=10
+--first-seed 100`). All networks share one tiny shape, so the USP encoder fits the probed ViT and the DiT/SiT.
 """
 import json
 import math
@@ -21,67 +15,108 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
-from demo import config as C
+from demo.toy_dataset import write_toy_dataset
+from util.errors import UserError
 
-RUNS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
+NUM_CLASSES = 10
+VAE_VERSION = "d8"
+PATCH_SIZE = 1
+MAE_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
+MAE_MODEL = "vit_base_patch_vae"          # USP's latent MAE preset (d8)
+VIT_MODEL = "vit_base_patch16_vae"        # the classifier preset the probe uses
+GENERATORS = {"dit": "DiT-B/2-VAE-simple", "sit": "SiT-B/2-VAE-simple"}  # affine norms: MAE norms load
 FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
+RUNS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
+
+
+FULL = dict(  # sized for about 10 minutes on 2 quiet CPU cores
+    name="full", data_seed=0,  # the dataset, VAE and toy classifier (the val split is drawn from data_seed + 1)
+    seeds=3, first_seed=0,  # paired seeds of pretraining, probes and generators: first_seed, first_seed + 1, ...
+    train_per_class=300, val_per_class=50, image_size=32, vae_steps=400, vae_batch=8, vae_width=16,
+    classifier_epochs=1, embed_dim=128, depth=4, num_heads=4, pretrain_steps=600, pretrain_batch=64,
+    pretrain_lr=1e-3,  # MAE's blr 1.5e-4 is scaled for batch 4096; a 64-batch toy run takes 1e-3
+    probe_epochs=5, probe_batch=256,
+    probe_blr=20.0,  # LARS moves the head by ~lr x 0.001 of its norm per step: MAE's 0.1 needs its ~100K steps
+    gen_steps=300, gen_batch=16, gen_lr=2e-3, ema_decay=0.99,
+    gen_checkpoints=6, heldout_repeats=1,  # held-out loss at 6 evenly spaced checkpoints, 1 (t, noise) per latent
+    num_samples=100, sampling_steps=25,  # generated images per model for the toy metrics (first seed only)
+)
+FAST = {**FULL, "name": "fast", "seeds": 2, "train_per_class": 24, "val_per_class": 8, "vae_steps": 6,
+        "vae_batch": 16, "vae_width": 8, "pretrain_steps": 6, "pretrain_batch": 32, "probe_epochs": 1,
+        "probe_batch": 64, "gen_steps": 6, "gen_batch": 32, "gen_checkpoints": 2, "gen_lr": 5e-4,
+        "ema_decay": 0.9, "num_samples": 20, "sampling_steps": 5}  # every stage, a few steps each (the tests)
+
+
+def make_config(base: dict, assignments: list) -> SimpleNamespace:
+    """`base` with `KEY=VALUE` strings applied (parsed as the value's type), plus the derived `seed_list`."""
+    cfg = dict(base)
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        if key not in base or key == "name" or not value:
+            raise UserError(f"--set {assignment}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(k for k in base if k != 'name')}.")
+        try:
+            cfg[key] = type(base[key])(value)
+        except ValueError:
+            raise UserError(f"--set {assignment}: {value!r} is not a valid {type(base[key]).__name__}.") from None
+    if cfg["seeds"] < 1:
+        raise UserError(f"--seeds {cfg['seeds']}: need at least 1 (2 or more for an interval).")
+    return SimpleNamespace(**cfg, seed_list=list(range(cfg["first_seed"], cfg["first_seed"] + cfg["seeds"])))
+
+
+def encoder_kwargs(cfg) -> dict:
+    """The USP encoder's and the probed ViT's shape (the MAE adds MAE_DECODER)."""
+    return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
+
+
+def generator_kwargs(cfg) -> dict:
+    return dict(hidden_size=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=PATCH_SIZE)
 
 
 @dataclass
 class Stage:
-    """One step of the demo.
-
-    command: () -> [python, *argv] (an entry point's command line), or None when `function` is the stage.
-    outputs: paths (relative to the output folder) deleted before the stage (re)runs.
-    """
+    """One step: `command()` -> [python, *argv] (or `function()`: the dataset); `outputs` are deleted first."""
 
     name: str
     needs: tuple
     outputs: tuple
     command: Optional[Callable[[], list]] = None
     function: Optional[Callable[[], None]] = None
-    about: str = ""
-
-
-def newest(directory: Path, pattern: str) -> Path:
-    """The file matching `pattern` under `directory` with the highest number in its name."""
-    found = sorted(directory.glob(pattern), key=lambda p: [int(part) for part in _digits(p.name)])
-    if not found:
-        raise FileNotFoundError(f"no {pattern} under {directory}; rerun the stage that writes it (--redo).")
-    return found[-1]
-
-
-def _digits(name: str) -> list:
-    return re.findall(r"\d+", name) or ["0"]
 
 
 def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed{seed}"
 
 
-class Commands:
-    """The command line of every stage, built when the stage starts, so it can name a file an earlier stage
-    wrote (e.g. the newest pretraining checkpoint)."""
+def newest(directory: Path, pattern: str) -> Path:
+    """The file matching `pattern` under `directory` with the highest numbers in its name."""
+    found = sorted(directory.glob(pattern), key=lambda p: [int(part) for part in re.findall(r"\d+", p.name) or [0]])
+    if not found:
+        raise FileNotFoundError(f"no {pattern} under {directory}; rerun the stage that writes it (--redo).")
+    return found[-1]
 
-    def __init__(self, out: Path, cfg: C.DemoConfig, inception_weights: Optional[str]):
+
+class Commands:
+    """The command line of every stage, built when the stage starts (so it can name a file an earlier stage wrote)."""
+
+    def __init__(self, out: Path, cfg: SimpleNamespace, inception_weights: Optional[str]):
         self.out, self.cfg, self.inception_weights = out, cfg, inception_weights
         self.py = sys.executable
         self.data, self.vae = out / "data", out / "vae"
         self.cache_train, self.cache_val = out / "cache" / "train", out / "cache" / "val"
-        self.image_size = str(cfg.image_size)
-        self.vae_flags = ["--vae_version", C.VAE_VERSION, "--vae_path", str(self.vae), "--input_size", self.image_size]
+        self.size = str(cfg.image_size)
+        self.vae_flags = ["--vae_version", VAE_VERSION, "--vae_path", str(self.vae), "--input_size", self.size]
+        self.cpu = ["--device", "cpu", "--precision", "fp32"]
         self.first = cfg.seed_list[0]
-        self.pretrain_epochs = math.ceil(cfg.pretrain_steps / (C.NUM_CLASSES * cfg.train_per_class // cfg.pretrain_batch))
+        self.pretrain_epochs = math.ceil(cfg.pretrain_steps / (NUM_CLASSES * cfg.train_per_class // cfg.pretrain_batch))
         self.ckpt_every = max(1, cfg.gen_steps // cfg.gen_checkpoints)
 
     def write_data(self) -> None:
-        from demo.toy_dataset import write_toy_dataset
-
         cfg = self.cfg
-        write_toy_dataset(self.data, C.NUM_CLASSES, cfg.train_per_class, cfg.val_per_class, cfg.image_size,
-                          cfg.data_seed)
+        write_toy_dataset(self.data, NUM_CLASSES, cfg.train_per_class, cfg.val_per_class, cfg.image_size, cfg.data_seed)
 
     def train_vae(self) -> list:
         cfg = self.cfg
@@ -89,24 +124,27 @@ class Commands:
                 "--steps", str(cfg.vae_steps), "--batch_size", str(cfg.vae_batch), "--width", str(cfg.vae_width),
                 "--seed", str(cfg.data_seed)]
 
-    def cache(self, split: str, target: Path) -> list:
+    def cache(self, split: str) -> list:
         return [self.py, "-m", "pretrain.cache_latents", "--data_path", str(self.data / split),
-                "--cached_path", str(target), *self.vae_flags, "--batch_size", "250", "--shard_size", "4096",
-                "--num_workers", "0", "--device", "cpu"]
+                "--cached_path", str(self.out / "cache" / split), *self.vae_flags, "--batch_size", "250",
+                "--shard_size", "4096", "--num_workers", "0", "--device", "cpu"]
 
     def pretrain(self, seed: int) -> list:
         cfg, epochs, folder = self.cfg, self.pretrain_epochs, str(seed_dir(self.out, seed) / "pretrain")
-        return [self.py, "-m", "pretrain.main_pretrain", "--model", C.MAE_MODEL,
-                "--model_kwargs", json.dumps(C.mae_kwargs(cfg)), *self.vae_flags, "--use_cached",
+        return [self.py, "-m", "pretrain.main_pretrain", "--model", MAE_MODEL,
+                "--model_kwargs", json.dumps({**encoder_kwargs(cfg), **MAE_DECODER}), *self.vae_flags, "--use_cached",
                 "--cached_path", str(self.cache_train), "--data_path", str(self.data),
                 "--batch_size", str(cfg.pretrain_batch), "--epochs", str(epochs),
                 "--max_steps", str(cfg.pretrain_steps), "--warmup_epochs", str(max(1, epochs // 10)),
                 "--lr", str(cfg.pretrain_lr), "--weight_decay", "0.05", "--mask_ratio", "0.75",
                 "--output_dir", folder, "--log_dir", folder, "--save_every", str(epochs), "--log_every", "10",
-                "--device", "cpu", "--precision", "fp32", "--num_workers", "0", "--seed", str(seed)]
+                *self.cpu, "--num_workers", "0", "--seed", str(seed)]
 
     def usp_checkpoint(self, seed: int) -> str:
         return str(newest(seed_dir(self.out, seed) / "pretrain", "checkpoint-*.pth"))
+
+    def finetune(self, init: str, seed: int) -> list:
+        return ["--finetune", self.usp_checkpoint(seed)] if init == "usp" else []
 
     def recon(self) -> list:
         return [self.py, "-m", "pretrain.main_generate", "--checkpoint", self.usp_checkpoint(self.first),
@@ -114,56 +152,42 @@ class Commands:
                 "--output", str(self.out / "recon" / "reconstruction.png"), "--device", "cpu"]
 
     def probe(self, init: str, seed: int) -> list:
-        cfg = self.cfg
-        finetune = ["--finetune", self.usp_checkpoint(seed)] if init == "usp" else []
-        target = str(seed_dir(self.out, seed) / "probe" / init)
-        return [self.py, "-m", "pretrain.main_linprobe", "--model", C.VIT_MODEL,
-                "--model_kwargs", json.dumps(C.vit_kwargs(cfg)), *self.vae_flags, "--cls_token", *finetune,
-                "--use_cached", "--cached_path", str(self.cache_train), "--data_path", str(self.data),
-                "--nb_classes", str(C.NUM_CLASSES), "--batch_size", str(cfg.probe_batch),
+        cfg, target = self.cfg, str(seed_dir(self.out, seed) / "probe" / init)
+        return [self.py, "-m", "pretrain.main_linprobe", "--model", VIT_MODEL,
+                "--model_kwargs", json.dumps(encoder_kwargs(cfg)), *self.vae_flags, "--cls_token",
+                *self.finetune(init, seed), "--use_cached", "--cached_path", str(self.cache_train),
+                "--data_path", str(self.data), "--nb_classes", str(NUM_CLASSES), "--batch_size", str(cfg.probe_batch),
                 "--epochs", str(cfg.probe_epochs), "--warmup_epochs", "1",
                 "--eval_freq", str(cfg.probe_epochs),  # the report reads the final top-1 only
                 "--blr", str(cfg.probe_blr), "--weight_decay", "0.0", "--output_dir", target, "--log_dir", target,
-                "--device", "cpu", "--precision", "fp32", "--num_workers", "0", "--seed", str(seed),
-                "--log_every", "5"]
+                *self.cpu, "--num_workers", "0", "--seed", str(seed), "--log_every", "5"]
+
+    def model_flags(self, family: str) -> list:
+        return ["--model", GENERATORS[family], "--model-kwargs", json.dumps(generator_kwargs(self.cfg)),
+                "--image-size", self.size, "--num-classes", str(NUM_CLASSES), "--vae-version", VAE_VERSION,
+                "--vae-path", str(self.vae)]
 
     def generator(self, run: str, seed: int) -> list:
         cfg = self.cfg
         family, init = run.split("_")
-        finetune = ["--finetune", self.usp_checkpoint(seed)] if init == "usp" else []
-        return [self.py, "-m", "generation.train", "--model", C.GENERATORS[family],
-                "--model-kwargs", json.dumps(C.generator_kwargs(cfg)), "--image-size", self.image_size,
-                "--num-classes", str(C.NUM_CLASSES), "--vae-version", C.VAE_VERSION, "--vae-path", str(self.vae),
+        return [self.py, "-m", "generation.train", *self.model_flags(family),
                 "--cached-path", str(self.cache_train), "--results-dir", str(seed_dir(self.out, seed) / "gen" / run),
-                "--exp-name", init, *finetune, "--global-batch-size", str(cfg.gen_batch),
+                "--exp-name", init, *self.finetune(init, seed), "--global-batch-size", str(cfg.gen_batch),
                 "--max-steps", str(cfg.gen_steps), "--epochs", "100000", "--ckpt-every", str(self.ckpt_every),
                 # previews only for the first seed: the grids are pictures, not measurements
                 "--eval-every", str(cfg.gen_steps if seed == self.first else 0),
                 "--log-every", str(max(1, self.ckpt_every // 4)), "--eval-images", "20", "--cfg-scale", "1.0",
                 "--num-sampling-steps", str(cfg.sampling_steps), "--lr", str(cfg.gen_lr),
                 "--ema-decay", str(cfg.ema_decay), "--milestone-every", "0", "--keep-last", "0",
-                "--global-seed", str(seed), "--device", "cpu", "--precision", "fp32", "--num-workers", "0"]
+                "--global-seed", str(seed), *self.cpu, "--num-workers", "0"]
 
     def heldout(self, seed: int) -> list:
         # The (t, noise) draws change with the seed, so the interval over seeds includes the evaluation's noise.
         folder = seed_dir(self.out, seed)
-        pairs = [["--experiment", str(folder / "gen" / run), "--output", str(folder / "heldout" / f"{run}.json")]
-                 for run in RUNS]
-        return [self.py, "-m", "demo.heldout_loss", *sum(pairs, []), "--cached_path", str(self.cache_val),
-                "--repeats", str(self.cfg.heldout_repeats), "--seed", str(1234 + seed)]
-
-    def samples(self, run: str) -> list:
-        cfg = self.cfg
-        family = run.split("_")[0]
-        sampler = ["--sampler", "ddpm"] if family == "dit" else ["--mode", "ODE", "--sampling-method", "euler"]
-        checkpoint = newest(seed_dir(self.out, self.first) / "gen" / run, "*/checkpoints/*.pt")
-        return [self.py, "-m", "generation.sample_ddp", "--model", C.GENERATORS[family], "--ckpt", str(checkpoint),
-                "--model-kwargs", json.dumps(C.generator_kwargs(cfg)), "--image-size", self.image_size,
-                "--num-classes", str(C.NUM_CLASSES), "--vae-version", C.VAE_VERSION, "--vae-path", str(self.vae),
-                *sampler, "--sample-dir", str(self.out / "samples" / run), "--num-fid-samples", str(cfg.num_samples),
-                "--per-proc-batch-size", str(min(cfg.num_samples, 250)), "--cfg-scale", "1.0",
-                "--num-sampling-steps", str(cfg.sampling_steps), "--global-seed", str(self.first),
-                "--device", "cpu", "--precision", "fp32", "--npz-workers", "2"]
+        experiments = sum((["--experiment", str(folder / "gen" / run)] for run in RUNS), [])
+        return [self.py, "-m", "demo.heldout_loss", *experiments, "--output_dir", str(folder / "heldout"),
+                "--cached_path", str(self.cache_val), "--repeats", str(self.cfg.heldout_repeats),
+                "--seed", str(1234 + seed)]
 
     def convergence(self, family: str) -> list:
         runs = [f"--run=s{seed}/{init}={seed_dir(self.out, seed) / 'heldout' / f'{family}_{init}.jsonl'}"
@@ -173,20 +197,25 @@ class Commands:
                 "--output", str(self.out / f"convergence_{family}.png"),
                 "--json", str(self.out / f"convergence_{family}.json")]
 
-    def classifier(self) -> list:
-        return [self.py, "-m", "demo.toy_classifier", "--data_path", str(self.data), "--vae_path", str(self.vae),
-                "--output", str(self.out / "toy_classifier"), "--epochs", str(self.cfg.classifier_epochs),
-                "--seed", str(self.cfg.data_seed)]
+    def samples(self, run: str) -> list:
+        cfg, family = self.cfg, run.split("_")[0]
+        sampler = ["--sampler", "ddpm"] if family == "dit" else ["--mode", "ODE", "--sampling-method", "euler"]
+        checkpoint = newest(seed_dir(self.out, self.first) / "gen" / run, "*/checkpoints/*.pt")
+        return [self.py, "-m", "generation.sample_ddp", *self.model_flags(family), "--ckpt", str(checkpoint),
+                *sampler, "--sample-dir", str(self.out / "samples" / run), "--num-fid-samples", str(cfg.num_samples),
+                "--per-proc-batch-size", str(min(cfg.num_samples, 250)), "--cfg-scale", "1.0",
+                "--num-sampling-steps", str(cfg.sampling_steps), "--global-seed", str(self.first),
+                *self.cpu, "--npz-workers", "2"]
 
     def toy_metrics(self) -> list:
-        return [self.py, "-m", "demo.toy_metrics", "--data_path", str(self.data),
-                "--classifier", str(self.out / "toy_classifier"), "--vae_path", str(self.vae),
+        return [self.py, "-m", "demo.toy_metrics", "--data_path", str(self.data), "--vae_path", str(self.vae),
                 "--samples", *[str(self.out / "samples" / f"{run}.npz") for run in RUNS],
+                "--epochs", str(self.cfg.classifier_epochs), "--seed", str(self.cfg.data_seed),
                 "--output", str(self.out / "toy_metrics.json")]
 
     def fid_reference(self) -> list:
         return [self.py, "scripts/make_reference_batch.py", "--data-path", str(self.data / "val"),
-                "--image-size", self.image_size, "--inception-weights", self.inception_weights,
+                "--image-size", self.size, "--inception-weights", self.inception_weights,
                 "--output", str(self.out / "fid" / "reference.npz"), "--device", "cpu", "--num-workers", "0"]
 
     def fid(self, run: str) -> list:
@@ -198,50 +227,37 @@ class Commands:
         return [self.py, "-m", "demo.report", "--out", str(self.out)]
 
 
-def build_stages(out: Path, cfg: C.DemoConfig, inception_weights: Optional[str] = None) -> list:
-    """The ordered stage table; the order is also the scheduler's priority among ready stages."""
-    c = Commands(out, cfg, inception_weights)
-    first = c.first
-    stages = [
-        Stage("data", (), ("data",), function=c.write_data,
-              about=f"toy dataset (10 shape classes, {cfg.image_size} px)"),
-        Stage("vae", ("data",), ("vae",), c.train_vae, about="tiny AutoencoderKL + latent scale"),
-        Stage("cache_train", ("vae",), ("cache/train",), partial(c.cache, "train", c.cache_train),
-              about="latent cache (train)"),
-        Stage("cache_val", ("vae",), ("cache/val",), partial(c.cache, "val", c.cache_val), about="latent cache (val)"),
-    ]
+def build_stages(out: Path, cfg: SimpleNamespace, inception_weights: Optional[str] = None) -> list:
+    """The stage table, in dependency order (the order they run in)."""
+    c, first = Commands(out, cfg, inception_weights), cfg.seed_list[0]
+    stages = [Stage("data", (), ("data",), function=c.write_data),
+              Stage("vae", ("data",), ("vae",), c.train_vae),
+              Stage("cache_train", ("vae",), ("cache/train",), partial(c.cache, "train")),
+              Stage("cache_val", ("vae",), ("cache/val",), partial(c.cache, "val"))]
     for seed in cfg.seed_list:
-        folder = f"seed{seed}"
-        stages.append(Stage(f"pretrain_s{seed}", ("cache_train",), (f"{folder}/pretrain",), partial(c.pretrain, seed),
-                            about=f"USP masked latent modeling, seed {seed}"))
+        pretrain, folder = f"pretrain_s{seed}", f"seed{seed}"
+        stages.append(Stage(pretrain, ("cache_train",), (f"{folder}/pretrain",), partial(c.pretrain, seed)))
         for run in RUNS:
-            needs = (f"pretrain_s{seed}",) if run.endswith("usp") else ("cache_train",)
-            stages.append(Stage(f"{run}_s{seed}", needs, (f"{folder}/gen/{run}",), partial(c.generator, run, seed),
-                                about=f"{run.replace('_', ' from ')}, seed {seed}"))
+            needs = (pretrain,) if run.endswith("usp") else ("cache_train",)
+            stages.append(Stage(f"{run}_s{seed}", needs, (f"{folder}/gen/{run}",), partial(c.generator, run, seed)))
         for init in ("usp", "random"):
-            needs = (f"pretrain_s{seed}",) if init == "usp" else ("cache_train",)
-            stages.append(Stage(f"probe_{init}_s{seed}", needs, (f"{folder}/probe/{init}",), partial(c.probe, init, seed),
-                                about=f"linear probe, {'USP' if init == 'usp' else 'random'} encoder, seed {seed}"))
+            needs = (pretrain,) if init == "usp" else ("cache_train",)
+            stages.append(Stage(f"probe_{init}_s{seed}", needs, (f"{folder}/probe/{init}",),
+                                partial(c.probe, init, seed)))
         stages.append(Stage(f"heldout_s{seed}", (*(f"{run}_s{seed}" for run in RUNS), "cache_val"),
-                            (f"{folder}/heldout",), partial(c.heldout, seed), about=f"held-out loss curves, seed {seed}"))
-    stages += [
-        Stage("recon", (f"pretrain_s{first}",), ("recon",), c.recon, about="reconstruction grid"),
-        Stage("classifier", ("vae",), ("toy_classifier",), c.classifier, about="toy metric classifier"),
-    ]
-    for family in FAMILY_NAMES:
-        stages.append(Stage(f"convergence_{family}", tuple(f"heldout_s{seed}" for seed in cfg.seed_list),
-                            (f"convergence_{family}.png", f"convergence_{family}.json"), partial(c.convergence, family),
-                            about=f"convergence speed-up, {FAMILY_NAMES[family]}"))
-    for run in RUNS:
-        stages.append(Stage(f"samples_{run}", (f"{run}_s{first}",), (f"samples/{run}", f"samples/{run}.npz"),
-                            partial(c.samples, run), about=f"samples, {run}, seed {first}"))
-    stages.append(Stage("toy_metrics", ("classifier", "vae", *(f"samples_{run}" for run in RUNS)),
-                        ("toy_metrics.json",), c.toy_metrics, about="toy quality metrics"))
+                            (f"{folder}/heldout",), partial(c.heldout, seed)))
+    stages.append(Stage("recon", (f"pretrain_s{first}",), ("recon",), c.recon))
+    stages += [Stage(f"convergence_{family}", tuple(f"heldout_s{seed}" for seed in cfg.seed_list),
+                     (f"convergence_{family}.png", f"convergence_{family}.json"), partial(c.convergence, family))
+               for family in FAMILY_NAMES]
+    stages += [Stage(f"samples_{run}", (f"{run}_s{first}",), (f"samples/{run}", f"samples/{run}.npz"),
+                     partial(c.samples, run)) for run in RUNS]
+    stages.append(Stage("toy_metrics", ("vae", *(f"samples_{run}" for run in RUNS)), ("toy_metrics.json",),
+                        c.toy_metrics))
     if inception_weights:
-        stages.append(Stage("fid_reference", ("data",), ("fid/reference.npz",), c.fid_reference,
-                            about="Inception reference batch (val)"))
-        stages += [Stage(f"fid_{run}", ("fid_reference", f"samples_{run}"), (f"fid/{run}.json",), partial(c.fid, run),
-                         about=f"FID/IS, {run}") for run in RUNS]
-    stages.append(Stage("report", tuple(stage.name for stage in stages), ("report.md", "loss_curves.png", "samples.png"),
-                        c.report, about="report.md and plots"))
+        stages.append(Stage("fid_reference", ("data",), ("fid/reference.npz",), c.fid_reference))
+        stages += [Stage(f"fid_{run}", ("fid_reference", f"samples_{run}"), (f"fid/{run}.json",), partial(c.fid, run))
+                   for run in RUNS]
+    stages.append(Stage("report", tuple(stage.name for stage in stages), ("report.md", "loss_curves.png",
+                                                                         "samples.png"), c.report))
     return stages

@@ -1,19 +1,18 @@
-"""A procedural, class-labelled image dataset that needs no download.
-
-Ten classes of simple shapes drawn with random colour, size, position and background, written
-as an ImageFolder tree (`<root>/<split>/<class>/<index>.png`). The same (seed, counts, size)
-always produces the same files, so the demo and the tests share one deterministic dataset.
-"""
+"""A procedural, class-labelled image dataset that needs no download: ten classes of simple shapes with random
+colour, size, position and background, written as an ImageFolder tree (`<root>/<split>/<class>/<index>.png`).
+The same (seed, counts, size) always gives the same files; the demo and the tests share it."""
 import os
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-CLASS_NAMES = (
-    "circle", "square", "triangle", "cross", "ring",
-    "hbars", "vbars", "diagonal", "dots", "diamond",
-)
+from util.data import build_image_folder
+from util.progress import progress_bar
+
+CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring", "hbars", "vbars", "diagonal", "dots", "diamond")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, colour) -> None:
@@ -66,11 +65,8 @@ def render_toy_image(class_index: int, rng: random.Random, image_size: int) -> I
 
 def write_toy_dataset(root, num_classes: int = 10, train_per_class: int = 200, val_per_class: int = 50,
                       image_size: int = 32, seed: int = 0) -> Path:
-    """Writes `<root>/train` and `<root>/val` ImageFolder trees; returns `root`.
-
-    Skips the work when a complete tree (marked by `<root>/.complete`) already exists with the
-    same parameters, so re-running a demo stage is free.
-    """
+    """Writes `<root>/train` and `<root>/val` ImageFolder trees (unless `<root>/.complete` says they exist with
+    these parameters); returns `root`."""
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be between 1 and {len(CLASS_NAMES)}, got {num_classes}.")
     root = Path(root)
@@ -92,3 +88,32 @@ def write_toy_dataset(root, num_classes: int = 10, train_per_class: int = 200, v
     return root
 
 
+def load_split(data_path, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """`<data_path>/<split>` -> (images (N, 3, H, W) uint8, labels (N,) int64, class names), in the
+    ImageFolder's sorted order (the latent cache's). The toy splits are small enough to hold at once."""
+    folder = build_image_folder(Path(data_path), split=split)
+    images = np.stack([np.asarray(folder.load(index)[0].convert("RGB")) for index in range(len(folder))])
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(folder.classes)
+
+
+def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float in [-1, 1], the range the VAE reads and writes."""
+    return images.float() / 127.5 - 1.0
+
+
+def fit(loss_fn, optimizer, schedule, images: torch.Tensor, steps: int, batch_size: int, seed: int, desc: str):
+    """`steps` optimizer steps on `loss_fn(batch, index)`, batches drawn at random (from `seed`) from uint8
+    `images` (N, 3, H, W), scaled to [-1, 1] and flipped at random (the generators see flips too)."""
+    generator = torch.Generator().manual_seed(seed)
+    bar = progress_bar(range(steps), desc=desc)
+    for _ in bar:
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        batch = to_signed_unit(images[index])
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        loss = loss_fn(torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch), index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -2,19 +2,16 @@
 
     python -m demo.train_vae --data_path demo_out/data --output demo_out/vae --steps 600
 
-Same class and encode/decode path as the SD-VAE, only narrower: images (N, 3, H, W) in [-1, 1] ->
-posterior over (N, 4, H/8, W/8) -> images. Trained with reconstruction (MSE + L1) and a small KL
-term (no LPIPS/GAN: this is a toy). Afterwards its latent scale is measured the way Stable
-Diffusion's 0.18215 was (LDM's `scale_by_std`): 1 / std of posterior samples of training images.
-The scale is stored as `scaling_factor` in the saved `config.json` (diffusers' own place for it),
-where `models.vae.LatentCodec.load` reads it, so every entry point uses it through `--vae_path`.
-Also writes `<output>/vae_stats.json` (scale, latent std, reconstruction PSNR on val).
+The SD-VAE's class and encode/decode path, only narrower, trained with MSE + L1 and a small KL term (no
+LPIPS/GAN: a toy). Its latent scale is then measured as Stable Diffusion's 0.18215 was (LDM's
+`scale_by_std`: 1 / std of posterior samples of training images) and stored as `scaling_factor` in the
+saved config.json, where `models.vae.LatentCodec.load` reads it, so every entry point uses it through
+`--vae_path`. Also writes `<output>/vae_stats.json` (scale, latent std, reconstruction PSNR on val).
 """
 import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -22,12 +19,14 @@ if __package__ in (None, ""):
 
 import torch
 
-from demo.images import load_split, to_signed_unit
+from demo.toy_dataset import fit, load_split, to_signed_unit
 from models.latent_spec import get_latent_spec
 from util.cli import finish_parser
-from util.progress import progress_bar as tqdm
 
 VAE_VERSION = "d8"  # the SD-VAE latent space: 4 channels, factor 8
+LR = 2e-3
+KL_WEIGHT = 1e-4  # per-element KL to N(0, 1), small as SD-VAE's so the latents stay informative
+GROUPS = 8  # GroupNorm groups
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,24 +34,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--output", required=True, help="folder for save_pretrained + vae_stats.json")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="small batches: on a CPU minute, more updates beat bigger batches")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--kl_weight", type=float, default=1e-4,
-                        help="weight of the per-element KL to N(0, 1) (small, as SD-VAE's, so latents stay informative)")
-    parser.add_argument("--width", type=int, default=16,
-                        help="channels of the full-resolution block (x2, x4, x4 in the deeper ones)")
-    parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (norm_num_groups)")
+    parser.add_argument("--batch_size", type=int, default=8, help="small: in a CPU minute more updates win")
+    parser.add_argument("--width", type=int, default=16, help="channels of the full-resolution block")
     parser.add_argument("--seed", type=int, default=0)
     return finish_parser(parser)
 
 
-def build_autoencoder(width: int, groups: int = 8):
-    """A factor-8, 4-latent-channel AutoencoderKL (4 resolution levels like SD's).
-
-    Channels (w, 2w, 4w, 4w): the full-resolution level dominates the cost, so width goes to the
-    coarse levels, where the shape and colour of a whole 8x8 patch must be coded.
-    """
+def build_autoencoder(width: int):
+    """A factor-8, 4-latent-channel AutoencoderKL (4 levels like SD's) with channels (w, 2w, 4w, 4w): width goes
+    to the coarse levels, where a whole 8x8 patch is coded; the full-resolution one dominates the cost."""
     from diffusers import AutoencoderKL
 
     spec = get_latent_spec(VAE_VERSION)
@@ -61,19 +51,19 @@ def build_autoencoder(width: int, groups: int = 8):
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(width * min(2 ** level, 4) for level in range(levels)), layers_per_block=1,
-        latent_channels=spec.channels, norm_num_groups=groups,
+        latent_channels=spec.channels, norm_num_groups=GROUPS,
     )
 
 
-def vae_loss(autoencoder, images: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (N, 3, H, W) in [-1, 1] -> (total loss, reconstruction MSE), both scalars."""
+def vae_loss(autoencoder, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """images (N, 3, H, W) in [-1, 1] -> MSE + L1 + kl_weight x KL, a scalar."""
     posterior = autoencoder.encode(images).latent_dist
     reconstruction = autoencoder.decode(posterior.sample()).sample
     mse = torch.nn.functional.mse_loss(reconstruction, images)
     l1 = (reconstruction - images).abs().mean()
     # Per-element KL to N(0, I): 0.5 * (mu^2 + var - 1 - logvar).
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-    return mse + l1 + kl_weight * kl, mse
+    return mse + l1 + kl_weight * kl
 
 
 @torch.no_grad()
@@ -103,32 +93,20 @@ def reconstruction_psnr(autoencoder, images: torch.Tensor, batch_size: int = 256
 
 def train(args) -> dict:
     torch.manual_seed(args.seed)
-    train_images, _, _ = load_split(args.data_path, "train", show_progress=True)
+    train_images, _, _ = load_split(args.data_path, "train")
     val_images, _, _ = load_split(args.data_path, "val")
     spec = get_latent_spec(VAE_VERSION)
     spec.latent_size(train_images.shape[-1])  # the image size must be divisible by the factor
-    autoencoder = build_autoencoder(args.width, args.groups)
-    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=args.lr, weight_decay=0.0)
+    autoencoder = build_autoencoder(args.width)
+    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=LR, weight_decay=0.0)
     # Cosine decay: a short run still ends on a small lr, which sharpens the reconstructions.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    start_time = time.time()
-    bar = tqdm(range(args.steps), desc="tiny VAE")
-    for _ in bar:
-        index = torch.randint(0, len(train_images), (args.batch_size,), generator=generator)
-        batch = to_signed_unit(train_images[index])
-        flip = torch.rand(args.batch_size, generator=generator) < 0.5
-        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-        loss, mse = vae_loss(autoencoder, batch, args.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
+    fit(lambda batch, _: vae_loss(autoencoder, batch, KL_WEIGHT), optimizer, schedule, train_images, args.steps,
+        args.batch_size, args.seed, "tiny VAE")
     autoencoder.eval()
     scale, std = measure_scale(autoencoder, train_images)
     stats = {"scale": scale, "latent_std": std, "val_psnr_db": reconstruction_psnr(autoencoder, val_images),
-             "steps": args.steps, "train_seconds": time.time() - start_time,
+             "steps": args.steps,
              "parameters": sum(p.numel() for p in autoencoder.parameters()),
              "latent_shape": [spec.channels, *(2 * [train_images.shape[-1] // spec.factor])]}
     # diffusers keeps a VAE's latent scale in its config (SD-VAE: 0.18215); LatentCodec.load reads it.

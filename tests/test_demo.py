@@ -14,10 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from demo.config import FAST
-from demo.paired_stats import NO_DIFFERENCE, direction, paired_interval
+from demo.report import NO_DIFFERENCE, direction, paired_interval
 from demo.run_demo import needed_for
-from demo.stages import RUNS, build_stages
+from demo.stages import FAST, RUNS, build_stages, make_config
 from util.errors import UserError
 from util import progress as progress_module
 from util.progress import PlainProgress, progress_bar
@@ -107,7 +106,7 @@ def test_report_and_plots_exist(fast_demo):
     assert "finished in" in result.stdout
     report = (out / "report.md").read_text()
     for section in ("## What this run shows", "## Generation: USP init vs scratch", "## Understanding: linear probe",
-                    "## Toy metrics", "## Time per stage", "loss_curves.png", "samples.png",
+                    "## Toy metrics", "loss_curves.png", "samples.png",
                     "recon/reconstruction.png", "convergence_dit.png", "convergence_sit.png"):
         assert section in report
     for picture in ("loss_curves.png", "samples.png", "recon/reconstruction.png", "convergence_dit.png",
@@ -133,7 +132,7 @@ def test_pairs_differ_only_in_the_init_and_seeds_differ(fast_demo):
     """Within a seed the USP and scratch runs have the same arguments but --finetune (so the same batches
     and noise); across seeds the global seed changes."""
     out, _ = fast_demo
-    seeds = FAST.seed_list
+    seeds = make_config(FAST, []).seed_list
     assert len(seeds) >= 2
 
     def run_args(seed, run):
@@ -162,7 +161,7 @@ def test_report_intervals_and_verdicts_follow_from_the_seeds(fast_demo):
     """The mean row and the sentence of each comparison, recomputed here from the per-seed files."""
     out, _ = fast_demo
     report = (out / "report.md").read_text()
-    seeds = FAST.seed_list
+    seeds = make_config(FAST, []).seed_list
     for family, name in (("dit", "DiT"), ("sit", "SiT")):
         curves = {(seed, init): json.loads((out / f"seed{seed}" / "heldout" / f"{family}_{init}.json").read_text())
                   for seed in seeds for init in ("usp", "scratch")}
@@ -200,7 +199,7 @@ def test_report_numbers_are_finite(fast_demo):
         assert all(finite(float(cell)) for cell in cells), (title, cells)
     accuracies = table_row(report, "toy class accuracy of samples")
     assert all(re.fullmatch(r"\d+\.\d%", cell) for cell in accuracies), accuracies
-    for seed in FAST.seed_list:
+    for seed in make_config(FAST, []).seed_list:
         assert re.search(rf"\| {seed} \| \d+\.\d% \| \d+\.\d% \| [-+]\d+\.\d points \|", report)
         for run in RUNS:
             curve = json.loads((out / f"seed{seed}" / "heldout" / f"{run}.json").read_text())
@@ -210,7 +209,7 @@ def test_report_numbers_are_finite(fast_demo):
     for metrics in [toy["real_val"], toy["vae_reconstruction"], *toy["samples"].values()]:
         assert finite(metrics["class_accuracy"]) and finite(metrics["toy_fd"]) and metrics["toy_fd"] >= 0
     convergence = json.loads((out / "convergence_dit.json").read_text())
-    assert set(convergence["runs"]) == {f"s{seed}/{init}" for seed in FAST.seed_list for init in ("usp", "scratch")}
+    assert set(convergence["runs"]) == {f"s{seed}/{init}" for seed in make_config(FAST, []).seed_list for init in ("usp", "scratch")}
 
 
 @pytest.mark.slow
@@ -229,7 +228,7 @@ def test_measured_vae_scale_reaches_the_pipeline(fast_demo):
 def test_rerun_skips_finished_stages_and_redo_reruns_downstream(fast_demo):
     out, _ = fast_demo
     markers = {path.name: path.stat().st_mtime_ns for path in (out / ".stages").glob("*.json")}
-    bookkeeping = {".stages", "demo_config.json", "timings.json"}  # the runner's own records, rewritten each call
+    bookkeeping = {".stages", "demo_config.json"}  # the runner's own records, rewritten each call
     outputs = {path: path.stat().st_mtime_ns for path in out.rglob("*")
                if path.is_file() and not bookkeeping & set(path.relative_to(out).parts)}
     again = run_demo(out, "--fast")
@@ -239,26 +238,23 @@ def test_rerun_skips_finished_stages_and_redo_reruns_downstream(fast_demo):
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in outputs.items() if path.exists())
 
     redo = run_demo(out, "--fast", "--redo", "toy_metrics")
-    timings = json.loads((out / "timings.json").read_text())
-    assert timings["invocations"][-1]["ran"] == ["toy_metrics", "report"]
+    assert re.findall(r"\[demo\] (\S+) done in", redo.stdout) == ["toy_metrics", "report"]
+    rewritten = {path.name for path in (out / ".stages").glob("*.json") if path.stat().st_mtime_ns != markers[path.name]}
+    assert rewritten == {"toy_metrics.json", "report.json"}
     log = (out / "logs" / "toy_metrics.log").read_text().splitlines()
     assert log[0].startswith("$ ") and "-m demo.toy_metrics" in log[0] and "toy FD" in "\n".join(log[1:])
     assert "skipping finished stages" in redo.stdout
-    assert (out / ".stages" / "pretrain_s0.json").stat().st_mtime_ns == markers["pretrain_s0.json"]
-    # Every subprocess stage records its own CPU time (wait4), the in-process dataset stage none.
-    cpu = timings["stage_cpu_seconds"]
-    assert cpu["data"] is None and all(cpu[name] > 0 for name in cpu if name != "data")
 
 
 def test_only_runs_the_named_stages_and_what_they_need():
-    stages = build_stages(Path("/nowhere"), FAST)
+    stages = build_stages(Path("/nowhere"), make_config(FAST, []))
     by_name = {stage.name: stage for stage in stages}
     # Written out from the pipeline in demo/stages.py: a seed's held-out scoring needs its four generators,
     # the USP ones need that seed's pretraining, everything needs the caches, the VAE and the data.
     upstream = {"data", "vae", "cache_train", "cache_val"}
     assert needed_for(stages, ["heldout_s0"]) == upstream | {"pretrain_s0", "heldout_s0"} | {f"{run}_s0" for run in RUNS}
     every_seed = needed_for(stages, ["heldout"])
-    assert every_seed == upstream | {f"{kind}_s{seed}" for seed in FAST.seed_list
+    assert every_seed == upstream | {f"{kind}_s{seed}" for seed in make_config(FAST, []).seed_list
                                      for kind in ("pretrain", "heldout", *RUNS)}
     assert needed_for(stages, ["probe_random_s1"]) == {"data", "vae", "cache_train", "probe_random_s1"}
     assert "report" not in every_seed and all(need in every_seed for name in every_seed for need in by_name[name].needs)
