@@ -266,7 +266,7 @@ def trunk_gradient(model: torch.nn.Module, loss_fn, precision: str, device: torc
     scaler.scale(loss).backward()
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     grads = [param.grad.float().flatten() / scale for param in model.blocks.parameters() if param.grad is not None]
-    return float(loss), torch.cat(grads).cpu()
+    return float(loss.detach()), torch.cat(grads).cpu()
 
 
 def generation_gradient(model, objective, batch: dict, device, precision: str, compile: bool = False) -> tuple:
