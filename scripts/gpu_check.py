@@ -17,8 +17,8 @@ ViT-B MAE on GPU) each state the comparison they made, its value and its limit:
                        (CPU, or --deterministic on GPU)
   latent-cache-fp16    fp16 cached VAE moments within fp16 rounding of the fp32 ones
   evaluator            Inception statistics on the device against the CPU, and generation.evaluate end to end
-  bench-*              scripts/benchmark.py, one row per call: the recipes' configuration, bf16, bf16 + compile,
-                       LightningDiT-XL/1, SiT-XL/2 + REPA, MAE pretraining (XL, per-GPU batch of the recipes)
+  bench-*              scripts/benchmark.py, one row per call at the recipes' per-GPU batch: DiT-XL/2 in the recipe's
+                       configuration, bf16 and bf16 + compile, LightningDiT-XL/1, SiT-XL/2 + REPA, USP pretraining
 
 Writes to --out: gpu_check.json (after every step), gpu_check.txt (the table and the verdict) and
 gpu_check_logs.tar.gz. The exit code is 0 when every correctness step passed and no benchmark call crashed.
@@ -36,7 +36,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,18 +80,19 @@ class Scale:
     bench: list          # (row name, scripts/benchmark.py arguments)
     step_limit: float    # seconds one step may run
     budget_min: float | None
+    leave_out: tuple = ()  # checks the scale does not run
 
 
 def bench_rows(common: list, rows: list) -> list:
-    return [(f"bench-{workload}-{config}", ["--workload", workload, "--config", config, *common])
-            for workload, config in rows]
+    return [(f"bench-{workload}-{config}", ["--workload", workload, "--config", config, *common, *extra])
+            for workload, config, *extra in rows]
 
 
 GPU_SCALE = Scale(device="cuda", image_size=256, batch=8, mae=("vit_base_patch_vae", {}),
                   gen={"dit": ("DiT-B/2", {}), "sit": ("SiT-B/2", {})}, vae="sd", eval_images=128,
-                  bench=bench_rows(["--size", "XL"], [("dit", "recipe"), ("dit", "bf16"), ("sit", "recipe"),
-                                                      ("lightningdit", "recipe"), ("repa", "recipe"), ("mae", "recipe"),
-                                                      ("dit", "bf16-compile"), ("sit", "bf16")]),
+                  bench=bench_rows(["--size", "XL"], [("dit", "recipe"), ("dit", "bf16"), ("lightningdit", "recipe"),
+                                                      ("repa", "recipe"), ("dit", "bf16-compile"),
+                                                      ("mae", "recipe", "--size", "B", "--image-size", "224")]),
                   step_limit=150, budget_min=7.5)
 TINY_GEN = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 DRY_SCALE = Scale(device="cpu", image_size=32, batch=4,
@@ -103,7 +103,7 @@ DRY_SCALE = Scale(device="cpu", image_size=32, batch=4,
                                     "--batch-size", "4", "--warmup", "1", "--iters", "1"],
                                    [("dit", "recipe"), ("lightningdit", "recipe"), ("repa", "recipe"),
                                     ("mae", "recipe")]),
-                  step_limit=240, budget_min=None)
+                  step_limit=240, budget_min=None, leave_out=("resume-sit",))  # SiT resumes through DiT's code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def start(command: list, log: Path) -> subprocess.Popen:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         return subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                start_new_session=True)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -479,7 +479,8 @@ def latent_cache_fp16(scale, work: Path) -> dict:
 
 
 def evaluator(scale, work: Path) -> dict:
-    """Inception statistics (random weights: NOT FID) on the device against the CPU; generation.evaluate runs."""
+    """Inception statistics (random weights: NOT FID) on the device against the CPU (not on a CPU, where they are
+    the same computation); generation.evaluate end to end."""
     from generation.inception import InceptionFeatureExtractor
 
     rng = np.random.default_rng(0)
@@ -489,9 +490,9 @@ def evaluator(scale, work: Path) -> dict:
     images = np.load(pair[1])["arr_0"]
     weights = work / "inception-random.pth"
     features = {device: InceptionFeatureExtractor(weights, device).features(images)
-                for device in dict.fromkeys(("cpu", scale.device))}
+                for device in (("cpu", scale.device) if scale.device != "cpu" else ())}
     comparisons = []
-    for label, index in (("pool", 0), ("spatial", 1), ("logits", 2)):
+    for label, index in (("pool", 0), ("spatial", 1), ("logits", 2)) if features else ():
         a, b = features["cpu"][index].double(), features[scale.device][index].double()
         comparisons += [comparison(f"{label} mean, relative difference to the CPU",
                                    float((b.mean(0) - a.mean(0)).norm() / a.mean(0).norm()), 1e-3),
@@ -531,7 +532,8 @@ def run_check_here(name: str, scale, work: Path) -> None:
 def step_commands(scale, work: Path, dry_run: bool) -> list:
     """(name, kind, command): the correctness checks first, then one scripts/benchmark.py call per row."""
     me = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--out", str(work)]
-    steps = [(name, "check", [*me, "--run-step", name, *(["--dry-run"] if dry_run else [])]) for name in CHECKS]
+    steps = [(name, "check", [*me, "--run-step", name, *(["--dry-run"] if dry_run else [])]) for name in CHECKS
+             if name not in scale.leave_out]
     bench = str(REPO_ROOT / "scripts" / "benchmark.py")
     return steps + [(name, "bench", [sys.executable, bench, *argv, "--json", str(work / "results" / f"{name}.json")])
                     for name, argv in scale.bench]
@@ -540,6 +542,7 @@ def step_commands(scale, work: Path, dry_run: bool) -> list:
 def run_step(name: str, kind: str, command: list, work: Path, timeout: float) -> dict:
     """Runs one step's command under `timeout` and reads back what it wrote."""
     log, result_file = work / "logs" / f"{name}.log", work / "results" / f"{name}.json"
+    result_file.unlink(missing_ok=True)  # a reused --work folder must not answer for this run
     began = time.perf_counter()
     try:
         finish(start(command, log), log, timeout)
@@ -562,6 +565,12 @@ def verdict(steps: dict) -> str:
     return "PASS" if not bad else f"FAIL ({', '.join(bad)})"
 
 
+def show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return f"[{value[0]}..{value[-1]}]" if isinstance(value, list) and len(value) > 3 else str(value)
+
+
 def summary(entry: dict) -> str:
     from scripts.benchmark import format_row
 
@@ -569,10 +578,6 @@ def summary(entry: dict) -> str:
         return entry.get("error") or entry.get("reason", "")
     if entry["kind"] == "bench":
         return format_row(entry["result"])
-    def show(value):
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return f"[{value[0]}..{value[-1]}]" if isinstance(value, list) and len(value) > 3 else str(value)
     return "; ".join(f"{item['what']} {show(item['value'])} {item['rule']} {show(item['limit'])}"
                      for item in entry["result"]["comparisons"])
 
