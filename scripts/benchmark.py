@@ -1,369 +1,296 @@
-"""Throughput benchmark: the plain baseline vs the optimised path, side by side in one process.
+"""Training throughput of the project's own steps on one GPU: images/s, MFU, peak memory, one row per call.
 
-    python scripts/benchmark.py --preset cpu-quick --json bench_cpu.json          # a few minutes, 1 CPU thread
-    python scripts/benchmark.py --preset gpu --json bench_gpu.json                 # B and XL sizes on CUDA
-    python scripts/benchmark.py --workloads dit --sizes XL --image-size 256 --batch-size 256 --device cuda
+    python scripts/benchmark.py --workload dit --size XL --config recipe --json row.json
+    python scripts/benchmark.py --workload sit --size XL --config bf16-compile
 
-Workloads (scripts/benchmark_workloads.py): MAE (USP) pretraining step (`pretrain.engine_pretrain`'s step), DiT,
-SiT and LightningDiT training steps and REPA's cost (`generation.train.TrainStep`, the trainer's own step), the EMA
-update (`util.ema.update_ema` vs official DiT's per-parameter loop), DDPM sampling (DiT), ODE sampling (SiT), VAE
-encoding, Inception feature extraction. For each it reports images/s, FLOPs per image (FlopCounterMode, MAC = 2
-FLOPs), achieved TFLOP/s, MFU against a dense matmul measured in the same run (bf16 on CUDA, fp32 on CPU), and
-optimised/baseline.
-
-Modes (see scripts.benchmark_lib.ModeConfig): "baseline" = fp32, eager, explicit-math attention, one-parameter-
-at-a-time AdamW, VAE encoding inside the step (online), NCHW convs, and in the ema workload official DiT's
-per-parameter EMA loop. "optimised" = bf16 autocast (CUDA), TF32, SDPA, fused AdamW, cached latents, channels_last
-VAE/Inception, pinned host batches, foreach EMA [+ --compile, --grad-ckpt, DDP static graph]. On CPU bf16 only helps
-where the CPU has bf16 matrix units, so `--opt-precision auto` keeps "optimised" in fp32 there and adds an
-"optimised-bf16" column that measures it. Modes are interleaved (A B A B ...) so a busy host slows each alike.
-
-Networks are built with random weights (same shapes and FLOPs as the real ones), so nothing is downloaded:
-the VAE is SD-VAE's architecture (`--vae sd`) or a tiny one (`--vae tiny`), or a local folder via --vae.
+Workloads run the real training code with random weights of the real architecture (nothing is downloaded):
+mae is pretrain/engine_pretrain.py's step (prepare_batch -> masked_loss -> backward -> AdamW); dit, sit,
+lightningdit and repa (SiT + REPA, DINOv2-B/14 target) are generation/train.py's TrainStep with its objective.
+Configs: `recipe` is what the recipe runs (DiT/SiT/REPA: fp32 with TF32; LightningDiT: bf16; USP pretraining:
+fp16 with an fp16 VAE), always with SDPA attention and the VAE encoding inside the step (online); `bf16` is the
+same with bf16 autocast; `bf16-compile` adds torch.compile. MFU is against the datasheet dense peak of the
+detected GPU (tf32: half of bf16), with the matmul peak measured in this process beside it.
 """
 import argparse
 import json
-import os
+import statistics
 import sys
-from dataclasses import asdict
+import time
+from copy import deepcopy
 from pathlib import Path
-from typing import Callable, List
+from types import SimpleNamespace
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from models.latent_spec import get_latent_spec
-from models.vae import LatentCodec
-from scripts.benchmark_lib import ModeConfig, Workload, host_load, interleaved_timings, measure_matmul_peak
-from scripts.benchmark_workloads import (VAE_LAYOUTS, build_ema_workload, build_inception_workload, build_mae_workload,
-                                         build_repa_workload, build_sampling_workload, build_train_workload,
-                                         build_vae_workload, load_codec, vavae_codec)
 from util.cli import finish_parser
-from util.errors import UserError
 
-WORKLOADS = ("mae", "dit", "sit", "lightningdit", "repa", "ema", "sample-ddpm", "sample-ode", "vae", "inception")
-SIZES = ("tiny", "S", "B", "L", "XL")
-PRESETS = {
-    # 2 CPU cores, one thread per process (the machine is shared): finishes in a few minutes. The tiny VAE keeps
-    # the online baseline affordable; `--vae sd` measures SD-VAE's real encoder cost (one 64 px image ~ 1 s).
-    "cpu-quick": dict(device="cpu", workloads=list(WORKLOADS), sizes=["tiny", "S"], image_size=64, batch_size=8,
-                      sample_batch_size=4, sample_steps=10, vae="tiny", repeats=3, iters=1, warmup=1, threads=1),
-    # One GPU: the B and XL sizes at 256 px, the official per-GPU batch 32 for the training steps (the fp32 baseline
-    # fits there; at batch 256 it needs ~186 GiB: measure 256 with `--batch-size 256 --modes optimised`).
-    "gpu": dict(device="cuda", workloads=list(WORKLOADS), sizes=["B", "XL"], image_size=256, batch_size=32,
-                sample_batch_size=64, sample_steps=50, vae="sd", repeats=5, iters=5, warmup=3),
-    # scripts/gpu_check.py's short run (about a minute per call): DiT-XL/2 and SiT-XL/2 training and the VAE encode
-    # (channels_last vs NCHW); it adds --batch-size, --compile and --modes per call.
-    "gpu-check": dict(device="cuda", workloads=["dit", "sit", "vae"], sizes=["XL"], image_size=256, batch_size=32,
-                      sample_batch_size=32, vae="sd", repeats=3, iters=3, warmup=2),
-}
+# Dense bf16 TFLOP/s from the vendors' datasheets (without sparsity); tf32 is half of it, fp16 equals it.
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# Published training throughput, images/s per GPU (end to end, 256 px).
+ANCHORS = {"dit": "DiT-XL/2: official DiT ~26 img/s/A100, fast-DiT ~107 img/s/A100",
+           "sit": "SiT-XL/2 costs as DiT-XL/2: official ~26 img/s/A100, fast-DiT ~107 img/s/A100",
+           "repa": "SiT-XL/2 without REPA: ~26 (official) / ~107 (fast-DiT) img/s/A100",
+           "lightningdit": "LightningDiT-XL/1: ~285 img/s/H800"}
+RECIPE_PRECISION = {"mae": "fp16", "dit": "fp32", "sit": "fp32", "repa": "fp32", "lightningdit": "bf16"}
+RECIPE_BATCH = {"mae": 64, "dit": 32, "sit": 32, "repa": 32, "lightningdit": 32}  # per GPU
+MAE_PRESETS = {"B": "vit_base_patch_vae", "L": "vit_large_patch_vae", "XL": "vit_xlarge_patch_vae"}
+TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2)
+TINY_MAE = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
+VAE_LAYOUTS = {"sd": ((128, 256, 512, 512), 2, 32), "tiny": ((8, 8, 16, 16), 1, 4)}  # channels, layers, groups
+FLOPS_IMAGES = 2  # FLOPs are counted on 2 images and scaled (the count is linear in the batch)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("USP throughput benchmark: baseline vs optimised")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="a set of defaults (explicit flags still win)")
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["dit"])
-    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=["tiny"],
-                        help="transformer sizes for mae/dit/sit/sampling (tiny = width 64, depth 2)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32, help="per-step batch of the training workloads")
-    parser.add_argument("--sample-batch-size", type=int, default=32, help="batch of sampling / VAE / Inception")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps / ODE steps of the samplers")
-    parser.add_argument("--ode-method", default="euler", help="torchdiffeq method of sample-ode (fixed-step: euler, "
-                                                              "heun3, rk4; dopri5 is adaptive)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--vae", default="sd", help="sd | tiny (random weights, that architecture) | a diffusers folder")
-    parser.add_argument("--vae-version", default="d8", choices=["d8", "d16"])
-    parser.add_argument("--inception-weights", default=None, help="FID Inception weights (default: random, same net)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds per mode")
-    parser.add_argument("--iters", type=int, default=3, help="calls per timing round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--peak-size", type=int, default=None, help="matrix side of the peak measurement")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file (after every workload)")
-    parser.add_argument("--modes", nargs="+", default=None, choices=["baseline", "optimised", "optimised-bf16"],
-                        help="measure only these modes (e.g. optimised alone at a batch the fp32 baseline cannot fit)")
-    parser.add_argument("--seed", type=int, default=0)
-    # The optimised mode; every optimisation can be switched off or changed.
-    parser.add_argument("--opt-precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                        help="auto: bf16 on CUDA; on CPU fp32 plus a measured optimised-bf16 column")
-    parser.add_argument("--opt-attention", default="sdpa", choices=["sdpa", "math"])
-    parser.add_argument("--opt-optimizer", default="fused", choices=["fused", "foreach", "loop"])
-    parser.add_argument("--opt-ema", default="foreach", choices=["foreach", "loop"],
-                        help="the ema workload's optimised update (the training steps always run TrainStep's own)")
-    parser.add_argument("--no-tf32", action="store_true")
-    parser.add_argument("--no-latent-cache", action="store_true")
-    parser.add_argument("--no-channels-last", action="store_true")
-    parser.add_argument("--no-pin-memory", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the optimised network")
-    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the optimised blocks")
-    parser.add_argument("--ddp", action="store_true",
-                        help="wrap training steps in DDP (under torchrun: all ranks; else a 1-process group); the "
-                             "optimised mode uses static_graph + gradient_as_bucket_view")
-    parser.add_argument("--no-static-graph", action="store_true")
-    return finish_parser(parser)
+def datasheet_peak(gpu_name: str, precision: str, tf32: bool = True):
+    """(TFLOP/s, label) of the datasheet dense peak for `precision` on `gpu_name`; (None, why) if not known."""
+    if precision == "fp32" and not tf32:
+        return None, "fp32 without TF32 has no tensor-core peak"
+    for key, bf16 in DATASHEET_BF16_TFLOPS:
+        if key in gpu_name and "NVL" not in gpu_name:
+            return (bf16 / 2, f"{key} tf32 datasheet") if precision == "fp32" else (bf16, f"{key} {precision} datasheet")
+    return None, f"unknown GPU ({gpu_name})"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = get_args_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset is not None:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
-    for flag in ("batch_size", "sample_batch_size", "sample_steps", "repeats", "iters", "image_size"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}.")
-    spec = get_latent_spec(args.vae_version)
-    try:
-        spec.latent_size(args.image_size)
-    except UserError as error:
-        parser.error(str(error))
-    if (args.image_size // spec.factor) % 2:
-        parser.error(f"--image-size {args.image_size} gives an odd latent side; the /2 models need a multiple of "
-                     f"{2 * spec.factor}.")
-    if args.vae not in VAE_LAYOUTS and not Path(args.vae).exists():
-        parser.error(f"--vae {args.vae} is neither sd, tiny nor an existing diffusers folder; pass one of those.")
-    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
-        parser.error(f"--inception-weights {args.inception_weights} does not exist; pass the FID Inception file "
-                     f"or leave it out for random weights.")
-    return args
+def mfu(flops_per_image: float, images_per_sec: float, peak_tflops):
+    """Achieved model FLOP/s over the peak (both in TFLOP/s); None without a peak."""
+    return None if not peak_tflops else flops_per_image * images_per_sec / 1e12 / peak_tflops
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        print("benchmark: CUDA is not available, measuring on the CPU instead.", file=sys.stderr)
-        return torch.device("cpu")
-    return torch.device(requested)
+def dit_forward_macs(hidden_size: int, depth: int, tokens: int, mlp_ratio: float = 4.0) -> int:
+    """Multiply-accumulates of one DiT forward per image as the DiT paper (fvcore) counts them: per block
+    qkv 3D^2T + proj D^2T + MLP 2rD^2T + attention 2T^2D + adaLN 6D^2 (DiT-XL/2 at 256 px: 118.6e9)."""
+    d, t = hidden_size, tokens
+    return int(depth * ((4 + 2 * mlp_ratio) * d * d * t + 2 * t * t * d + 6 * d * d))
 
 
-def build_modes(args, device: torch.device, cpu_bf16: bool = True) -> List[ModeConfig]:
-    """The baseline, the optimised mode, and on CPU with --opt-precision auto an optimised-bf16 column
-    (only when `cpu_bf16`: `run` sets it from a measurement of bf16 vs fp32 matmuls on this CPU)."""
-    cuda = device.type == "cuda"
-    precision = ("bf16" if cuda else "fp32") if args.opt_precision == "auto" else args.opt_precision
-    optimised = ModeConfig(
-        name="optimised", precision=precision, tf32=cuda and not args.no_tf32, attention=args.opt_attention,
-        optimizer=args.opt_optimizer, ema=args.opt_ema, latent_cache=not args.no_latent_cache,
-        channels_last=not args.no_channels_last, compile=args.compile, grad_ckpt=args.grad_ckpt,
-        static_graph=args.ddp and not args.no_static_graph, pin_memory=cuda and not args.no_pin_memory)
-    modes = [ModeConfig(), optimised]
-    if args.opt_precision == "auto" and not cuda and cpu_bf16:
-        modes.append(optimised.with_(name="optimised-bf16", precision="bf16"))
-    if args.modes:
-        modes = [mode for mode in modes if mode.name in args.modes]
-    if not modes:
-        raise UserError(f"--modes {' '.join(args.modes)} selects no mode on this device; use baseline and/or optimised.")
-    return modes
+def count_flops(fn) -> int:
+    """Floating-point operations (a multiply-accumulate counts 2) that `fn()` dispatches, counted by shape."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
-def build_workloads(args, modes: List[ModeConfig], device: torch.device, codec: LatentCodec, ddp: bool = False,
-                    perturb: float = 0.0):
-    """Yields (label, build) for the workloads named by --workloads x --sizes (VAE and Inception have no
-    size); `build()` makes the Workload, so a caller can catch an out-of-memory error of one of them."""
-    for workload in args.workloads:
-        if workload == "vae":
-            yield workload, lambda: build_vae_workload(args, modes, device, codec)
-        elif workload == "inception":
-            yield workload, lambda: build_inception_workload(args, modes, device)
-        else:
-            for size in args.sizes:
-                if workload in ("dit", "sit"):
-                    build = lambda w=workload, s=size: build_train_workload(w, s, args, modes, device, codec, perturb,
-                                                                            ddp)
-                elif workload == "lightningdit":
-                    build = lambda s=size: build_train_workload("lightningdit", s, args, modes, device,
-                                                                vavae_codec(args, device), perturb, ddp)
-                elif workload == "repa":
-                    build = lambda s=size: build_repa_workload(s, args, modes, device, codec)
-                elif workload == "mae":
-                    build = lambda s=size: build_mae_workload(s, args, modes, device, codec, perturb, ddp)
-                elif workload == "ema":
-                    build = lambda s=size: build_ema_workload(s, args, modes, device, codec)
-                else:
-                    build = lambda w=workload, s=size: build_sampling_workload(w, s, args, modes, device, codec)
-                yield f"{workload} {size} batch {args.batch_size}", build
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Measuring and reporting
-# ----------------------------------------------------------------------------------------------
-
-def measure(workload: Workload, modes: List[ModeConfig], args, device: torch.device, peak_tflops: float) -> List[dict]:
-    modes = workload.modes or modes
-    timings = interleaved_timings(workload.runners, device, repeats=args.repeats, iters=args.iters,
-                                  warmup=args.warmup)
-    baseline = timings[modes[0].name]
-    rows = []
-    for mode in modes + workload.extra_modes:
-        timing = timings[mode.name]
-        seconds = timing.median_wall
-        row = {"workload": workload.name, "config": workload.config, "mode": mode.name, "settings": mode.describe(),
-               "images_per_sec": workload.images_per_call / seconds,
-               "seconds_per_call": seconds, "wall_seconds": timing.wall,
-               "ratio": baseline.median_wall / seconds,
-               "gflops_per_image": workload.flops_per_image / 1e9 if workload.flops_per_image else None}
-        if device.type == "cpu":
-            row["images_per_cpu_sec"] = workload.images_per_call / timing.median_cpu
-            row["ratio_cpu_time"] = baseline.median_cpu / timing.median_cpu
-        if workload.flops_per_image:
-            achieved = workload.flops_per_image * row["images_per_sec"] / 1e12
-            row["tflops"] = achieved
-            row["mfu"] = achieved / peak_tflops
-        if device.type == "cuda":
-            row.update(mode_peak_memory(workload.runners[mode.name], device))
-        row.update(workload.extra)
-        rows.append(row)
-    return rows
+def matmul_peak(device: torch.device, min_seconds: float = 0.5) -> dict:
+    """Best dense square matmul throughput seen: bf16 8192 on CUDA, fp32 1024 on CPU."""
+    dtype, size = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)
+    synchronize(device)
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return {"tflops": 2 * size ** 3 / best / 1e12, "dtype": str(dtype).replace("torch.", "")}
 
 
-def mode_peak_memory(runner: Callable[[], torch.Tensor], device: torch.device) -> dict:
-    """Peak CUDA memory of one more call of `runner`, the peak counter reset just before it.
+def random_codec(layout: str, device: torch.device):
+    """SD-VAE's layout (`sd`) or a tiny one, random weights: the encoder's real cost without a download."""
+    from diffusers import AutoencoderKL
 
-    `peak_mem_mb` includes whatever else is resident (the other modes' weights and optimizer states, which
-    the benchmark keeps on the device to interleave them); `call_peak_extra_mb` is the part this call adds
-    (activations, gradients, temporaries).
-    """
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    runner()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_mem_mb": peak / 2**20, "call_peak_extra_mb": (peak - before) / 2**20}
+    from models.latent_spec import get_latent_spec
+    from models.vae import LatentCodec
+
+    channels, layers, groups = VAE_LAYOUTS[layout]
+    autoencoder = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                block_out_channels=channels, layers_per_block=layers, latent_channels=4,
+                                norm_num_groups=groups)
+    return LatentCodec.from_autoencoder(autoencoder, get_latent_spec("d8")).to(device)
 
 
-def out_of_memory_errors() -> tuple:
-    """The exception types a CUDA (or other accelerator) allocation failure raises on this torch."""
-    found = [getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)]
-    return tuple({error for error in found if error is not None})
+def vavae_codec(layout: str, device: torch.device):
+    """VA-VAE's layout (LDM ch_mult (1, 1, 2, 2, 4), 32 channels, factor 16), random weights."""
+    from diffusers import AutoencoderKL
+
+    from models.latent_spec import get_latent_spec
+    from models.vae import LatentCodec
+
+    width = 128 if layout == "sd" else 32
+    autoencoder = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+                                up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+                                block_out_channels=tuple(width * m for m in (1, 1, 2, 2, 4)), layers_per_block=2,
+                                latent_channels=32, norm_num_groups=32)
+    return LatentCodec.from_autoencoder(autoencoder, get_latent_spec("vavae_f16d32")).to(device)
 
 
-def write_json(path, result: dict) -> None:
-    """Rewrites the JSON summary (tmp file + rename), after every workload: a crash keeps the rows so far."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, path)
+def generation_step(args, precision: str, device: torch.device):
+    """(step(), flops per image, what ran): TrainStep of DiT / SiT / LightningDiT / SiT+REPA, online VAE."""
+    from generation.objectives import NoiseBundle, build_objective
+    from generation.repa import Alignment
+    from generation.train import TrainStep
+    from models.dit import DiT_models
+    from models.lightningdit import LightningDiT_models
+    from models.repa import DinoV2Target
+    from models.sit import SiT_models
+    from util.precision import autocast, make_grad_scaler
+
+    lightning, tiny = args.workload == "lightningdit", args.size == "tiny"
+    size = "S" if tiny else args.size
+    name = f"LightningDiT-{'B' if tiny else size}/1" if lightning else \
+        f"{'DiT' if args.workload == 'dit' else 'SiT'}-{size}/2"
+    codec = (vavae_codec if lightning else random_codec)(args.vae, device)
+    latent_size, channels = codec.spec.latent_size(args.image_size), codec.spec.channels
+    kwargs = dict(input_size=latent_size, num_classes=1000, in_channels=channels, **(TINY_DIT if tiny else {}))
+    if lightning:
+        kwargs.update(use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    target, alignment = None, None
+    if args.workload == "repa":
+        target = DinoV2Target("dinov2-vit-b", None, args.image_size, model_kwargs=TINY_VIT if tiny else None).to(device)
+        kwargs.update(z_dims=[target.z_dim], encoder_depth=1 if tiny else 8)  # REPA: block 8 for L/XL
+        alignment = Alignment([target], 0.5, lambda: autocast(device, precision))
+    torch.manual_seed(0)
+    model = {**DiT_models, **SiT_models, **LightningDiT_models}[name](**kwargs).to(device)
+    objective = build_objective(name, 1000, use_lognorm=lightning, use_cosine_loss=lightning)
+    network = torch.compile(model) if args.config.endswith("compile") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    ema = deepcopy(model).requires_grad_(False).eval()
+    step = TrainStep(network, model, ema, objective, optimizer, make_grad_scaler(device, precision), device,
+                     precision, codec=codec, alignment=alignment, max_grad_norm=1.0 if alignment else None)
+    g, n = torch.Generator().manual_seed(0), args.batch_size
+    batch = {"x": torch.rand(n, 3, args.image_size, args.image_size, generator=g) * 2 - 1,
+             "posterior_noise": torch.randn(n, channels, latent_size, latent_size, generator=g),
+             "y": torch.randint(0, 1000, (n,), generator=g), "drop": (torch.rand(n, generator=g) < 0.1).long(),
+             "noise": torch.randn(n, channels, latent_size, latent_size, generator=g), "index": torch.arange(n)}
+    # Model FLOPs: the transformer's forward + backward (the VAE and the REPA target are not trained).
+    k = min(FLOPS_IMAGES, n)
+    latents = batch["noise"][:k].to(device)
+    bundle = NoiseBundle(torch.rand(k, generator=g).to(device), latents, batch["drop"][:k].to(device))
+    fp32_step = TrainStep(model, model, model, objective, None, None, device, "fp32")
+    flops = count_flops(lambda: objective.loss(fp32_step.model_fn, latents, batch["y"][:k].to(device),
+                                               bundle).mean().backward()) / k
+    model.zero_grad(set_to_none=True)
+    counter = iter(range(10**9))
+    label = f"{name}{' + REPA' if alignment else ''}{' (tiny)' if tiny else ''}"
+    return (lambda: step(batch, next(counter))), flops, label
 
 
-def format_table(rows: List[dict]) -> str:
-    header = f"{'workload':<12} {'mode':<15} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'ratio':>6}"
-    cpu = any("ratio_cpu_time" in row for row in rows)
-    if cpu:
-        header += f" {'ratio(cpu-t)':>12}"
-    lines, last = [], None
-    for row in rows:
-        if "error" in row:
-            lines.append(f"# {row['workload']}: {row['error']}")
-            continue
-        if (row["workload"], row["config"]) != last:
-            last = (row["workload"], row["config"])
-            lines.append(f"# {row['workload']}: {row['config']}")
-            lines.append(header)
-        gflops = f"{row['gflops_per_image']:.3g}" if row["gflops_per_image"] else "-"
-        tflops = f"{row['tflops']:.3g}" if "tflops" in row else "-"
-        mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
-        line = (f"{row['workload']:<12} {row['mode']:<15} {row['images_per_sec']:>9.2f} {gflops:>10} {tflops:>8} "
-                f"{mfu:>6} {row['ratio']:>5.2f}x")
-        if cpu:
-            line += f" {row.get('ratio_cpu_time', float('nan')):>11.2f}x"
-        lines.append(line)
-    return "\n".join(lines)
+def pretrain_step(args, precision: str, device: torch.device):
+    """(step(), flops per image, what ran): engine_pretrain's step (mask 0.75, norm_pix_loss, AdamW 0.9/0.95)."""
+    from models.mae import create_mae
+    from pretrain.engine_pretrain import masked_loss, prepare_batch
+    from util.loop import LoopPosition, backward_micro_batch, optimizer_step
+    from util.precision import make_grad_scaler
+
+    tiny = args.size == "tiny"
+    preset = MAE_PRESETS["B" if tiny else args.size]
+    torch.manual_seed(0)
+    model = create_mae(preset, args.image_size, vae_version="d8", norm_pix_loss=True,
+                       **(TINY_MAE if tiny else {})).to(device)
+    network = torch.compile(model) if args.config.endswith("compile") else model
+    codec = random_codec(args.vae, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = make_grad_scaler(device, precision)
+    settings = SimpleNamespace(vae_precision="fp16" if args.config == "recipe" else precision, add_noise=False,
+                               precision=precision, mask_ratio=0.75)
+    g, n = torch.Generator().manual_seed(0), args.batch_size
+    batch = {"images": torch.rand(n, 3, args.image_size, args.image_size, generator=g) * 2 - 1,
+             "mask_noise": torch.rand(n, model.patch_embed.num_patches, generator=g)}
+    position = LoopPosition(epoch=0)
+
+    def step():
+        inputs, target, mask_noise = prepare_batch(batch, codec, settings, device)
+        loss = backward_micro_batch(network, scaler, lambda: masked_loss(network, inputs, target, mask_noise,
+                                                                         settings, device), 1, True)
+        optimizer_step(optimizer, scaler, position)
+        return loss
+
+    k = min(FLOPS_IMAGES, n)
+    latents = torch.randn(k, 4, args.image_size // 8, args.image_size // 8, device=device)
+    noise = batch["mask_noise"][:k].to(device)
+    flops = count_flops(lambda: model(latents, mask_ratio=0.75, noise=noise)[0].backward()) / k
+    model.zero_grad(set_to_none=True)
+    return step, flops, f"{preset}{' (tiny)' if tiny else ''}"
 
 
-def setup_process_group(args, device: torch.device) -> bool:
-    """DDP needs a process group: torchrun's, or a single-process one on localhost for a 1-device measurement."""
-    if not args.ddp:
-        return False
-    import socket
-
-    import torch.distributed as dist
-
-    from util.distributed import init_distributed
-
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
-    init_distributed(device.type)
-    return dist.is_initialized()
+def time_steps(step, device: torch.device, warmup: int, iters: int) -> list:
+    """Seconds of each of `iters` steps after `warmup` steps (compilation, autotuning, allocator)."""
+    for _ in range(warmup):
+        step().item()
+    seconds = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step().item()  # reading the loss drains the queue
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def run(args) -> dict:
-    """Builds and measures every selected workload; returns {"device", "peak", "rows", ...}."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None:
-        # Under torchrun each rank drives GPU LOCAL_RANK; current_device() is still 0 before anything set it.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-        torch.cuda.set_device(device)
-    ddp = setup_process_group(args, device)
-    peak = measure_matmul_peak(device, size=args.peak_size)
-    cpu_bf16 = True
-    if device.type == "cpu" and args.opt_precision == "auto":
-        # bf16 autocast only pays on CPUs with bf16 matrix units (AVX512-BF16 / AMX); elsewhere it is emulated.
-        bf16_peak = measure_matmul_peak(device, dtype=torch.bfloat16, size=args.peak_size)
-        cpu_bf16 = bf16_peak["tflops"] > peak["tflops"]
-        print(f"cpu bf16 matmul {bf16_peak['tflops']:.3g} vs fp32 {peak['tflops']:.3g} TFLOP/s: "
-              f"{'measuring an optimised-bf16 column' if cpu_bf16 else 'bf16 autocast would slow this CPU down, skipped (force it with --opt-precision bf16)'}",
-              flush=True)
-    modes = build_modes(args, device, cpu_bf16)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {device_name}; measured matmul peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, "
-          f"{peak['size']}^3); load average {host_load()}", flush=True)
-    for mode in modes:
-        print(f"mode {mode.name}: {mode.describe()}", flush=True)
-    codec = load_codec(args, device)
-    rows = []
-    result = {"device": device_name, "torch": torch.__version__, "peak": peak, "load_average": host_load(),
-              "modes": [asdict(mode) for mode in modes], "args": vars(args), "rows": rows}
-    for label, build in build_workloads(args, modes, device, codec, ddp=ddp):
-        # On a shared host the neighbours' load moves the peak too: re-measure it around every workload and
-        # keep the best, which is what the hardware can do.
-        peak = max(peak, measure_matmul_peak(device, size=args.peak_size), key=lambda value: value["tflops"])
-        result["peak"] = peak
-        workload = None
-        try:
-            workload = build()
-            workload_rows = measure(workload, modes, args, device, peak["tflops"])
-        except out_of_memory_errors() as error:
-            workload_rows = [{"workload": label, "error": f"out of memory ({str(error).splitlines()[0][:160]})"}]
-        del workload
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.extend(workload_rows)
-        print(format_table(workload_rows), flush=True)
-        if args.json:
-            write_json(args.json, result)
-    peak = max(peak, measure_matmul_peak(device, size=args.peak_size), key=lambda value: value["tflops"])
-    result.update(peak=peak, load_average=host_load())
-    for row in rows:
-        if "tflops" in row:
-            row["mfu"] = row["tflops"] / peak["tflops"]
-    return result
+    from util.precision import configure_cuda
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        configure_cuda()  # TF32 on, cuDNN autotuning: what every trainer sets
+        torch.cuda.reset_peak_memory_stats(device)
+    precision = RECIPE_PRECISION[args.workload] if args.config == "recipe" else "bf16"
+    build = pretrain_step if args.workload == "mae" else generation_step
+    step, flops, model = build(args, precision, device)
+    seconds = time_steps(step, device, args.warmup, args.iters)
+    images_per_sec = args.batch_size / statistics.median(seconds)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak, peak_label = datasheet_peak(gpu, precision) if device.type == "cuda" else (None, "CPU: no datasheet peak")
+    measured = matmul_peak(device)
+    return {"workload": args.workload, "model": model, "config": args.config, "precision": precision,
+            "tf32": device.type == "cuda", "attention": "sdpa", "vae": "online", "batch": args.batch_size,
+            "image_size": args.image_size, "device": gpu, "torch": torch.__version__,
+            "images_per_sec": images_per_sec, "seconds_per_step": seconds, "gflops_per_image": flops / 1e9,
+            "tflops": flops * images_per_sec / 1e12, "datasheet_peak_tflops": peak, "datasheet_peak": peak_label,
+            "mfu_datasheet": mfu(flops, images_per_sec, peak), "measured_matmul_peak": measured,
+            "mfu_measured_peak": mfu(flops, images_per_sec, measured["tflops"]),
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "anchor": ANCHORS.get(args.workload, "")}
+
+
+def format_row(row: dict) -> str:
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+    memory = "" if row["peak_mem_gib"] is None else f", peak {row['peak_mem_gib']:.1f} GiB"
+    return (f"{row['model']} {row['config']} ({row['precision']}, batch {row['batch']}): "
+            f"{row['images_per_sec']:.1f} img/s, MFU {pct(row['mfu_datasheet'])} of {row['datasheet_peak']}, "
+            f"{pct(row['mfu_measured_peak'])} of the measured {row['measured_matmul_peak']['tflops']:.3g} TFLOP/s "
+            f"{row['measured_matmul_peak']['dtype']} matmul{memory}; published: {row['anchor'] or 'none'}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Training throughput of one workload in one configuration")
+    parser.add_argument("--workload", required=True, choices=sorted(RECIPE_PRECISION))
+    parser.add_argument("--size", default="XL", choices=["tiny", "B", "L", "XL"],
+                        help="tiny = width 32, depth 2 (CPU tests)")
+    parser.add_argument("--config", default="recipe", choices=["recipe", "bf16", "bf16-compile"])
+    parser.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: the recipe's)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vae", default="sd", choices=sorted(VAE_LAYOUTS), help="random VAE of this layout")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the row to this file")
+    return finish_parser(parser)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = run(args)
-    print(f"\nMFU against the best matmul peak seen in this run: {result['peak']['tflops']:.3g} TFLOP/s "
-          f"({result['peak']['dtype']}) on {result['device']}")
-    print(format_table(result["rows"]))
-    print(f"load average at the end: {host_load()}")
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or RECIPE_BATCH[args.workload]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible; pass --device cpu or run on a GPU node.")
+    if min(args.batch_size, args.iters) < 1 or args.warmup < 0 or args.image_size % 32:
+        parser.error("--batch-size and --iters must be positive, --warmup >= 0 and --image-size a multiple of 32.")
+    row = run(args)
+    print(format_row(row), flush=True)
     if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+        Path(args.json).write_text(json.dumps(row, indent=1) + "\n")
+    return row
 
 
 if __name__ == "__main__":
