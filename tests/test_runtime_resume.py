@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT, free_port, run_torchrun
 from util.checkpoint import load_checkpoint
-from util.preemption import NonFiniteLossError
+from util.errors import NonFiniteLossError
 from util.errors import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs (subprocesses / training loops): `pytest -m "not slow"` skips them

@@ -25,7 +25,8 @@ from util.ema import requires_grad, update_ema
 from util.run_log import RunLogger, Throughput
 from util.lr_sched import adjust_learning_rate
 from util.precision import PRECISIONS, autocast, make_grad_scaler
-from util.preemption import NonFiniteLossError, PreemptionHandler, check_finite
+from util.errors import NonFiniteLossError
+from util.preemption import PreemptionHandler, check_finite
 from util.rng import gather_rng_states, restore_rank_rng
 from util.sampler import ResumableDistributedSampler
 from util.errors import UserError

@@ -3,11 +3,11 @@
 A `UserError` is a problem the person running the command can fix (a missing path, a flag that does not
 fit a checkpoint, an image size the VAE cannot encode): `run_cli` prints its sentence once, on rank 0, and
 exits with `EXIT_USER_ERROR` (2, the code argparse uses for a bad command line). A diverged loss
-(`util.preemption.NonFiniteLossError`) is reported the same way with `EXIT_DIVERGED` (1): the command was
+(`NonFiniteLossError`) is reported the same way with `EXIT_DIVERGED` (1): the command was
 right, the run was not. Every other exception is a bug and keeps its traceback.
 
 The project has four exception classes: `UserError`, `util.disk.DiskFullError` (a `UserError` that the
-writers catch to remove a half-written file), `util.preemption.NonFiniteLossError` and the GPU check's
+writers catch to remove a half-written file), `NonFiniteLossError` and the GPU check's
 `CheckFailed`.
 """
 import os
@@ -17,6 +17,10 @@ from typing import Callable, Optional
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: training stops and no checkpoint is written after it (exit 1)."""
 
 
 class UserError(ValueError):
@@ -61,8 +65,6 @@ def run_cli(main_fn: Callable, *args, prog: str = "", cleanup: Optional[Callable
     prog: the name printed before `error:` (e.g. "generation.train"); `cleanup` (e.g. tearing down the
     process group) runs before exiting. Returns what `main_fn` returns.
     """
-    from util.preemption import NonFiniteLossError
-
     try:
         return main_fn(*args, **kwargs)
     except UserError as error:

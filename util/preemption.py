@@ -18,10 +18,7 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import is_dist
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: training stops and no checkpoint is written after it."""
+from util.errors import NonFiniteLossError
 
 
 def check_finite(loss_value, step: int) -> float:
