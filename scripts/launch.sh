@@ -78,8 +78,8 @@ launch() {
       --nproc_per_node="$GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" 2> "$pipe_dir/stderr" ) &
   torchrun_pid=$!
   while kill -0 "$torchrun_pid" 2> /dev/null; do wait "$torchrun_pid" || true; done  # a trap interrupts wait
-  wait "$torchrun_pid"  # its exit status, which bash kept when it reaped it
-  status=$?
+  status=0
+  wait "$torchrun_pid" || status=$?  # its exit status, which bash kept when it reaped it (the recipes use set -e)
   while kill -0 "$filter_pid" 2> /dev/null; do wait "$filter_pid" || true; done
   [ -s "$pipe_dir/code" ] && status=$(< "$pipe_dir/code")
   rm -rf "$pipe_dir"
