@@ -244,8 +244,8 @@ def test_cache_records_checksums_and_refuses_a_damaged_shard(tiny_image_folder, 
 def test_failed_recipe_ends_with_the_workers_sentence_and_exit_code(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", GPUS="2",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launch = (f"source {REPO_ROOT}/scripts/launch.sh; launch -m pretrain.main_pretrain --device cpu "
-              f"--data_path {tmp_path}/missing --output_dir {tmp_path}/out --log_dir {tmp_path}/out")
+    launch = (f"set -euo pipefail; source {REPO_ROOT}/scripts/launch.sh; launch -m pretrain.main_pretrain "
+              f"--device cpu --data_path {tmp_path}/missing --output_dir {tmp_path}/out --log_dir {tmp_path}/out")
     done = subprocess.run(["bash", "-c", launch], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-4000:]
     assert done.stderr.strip().splitlines()[-1].startswith("main_pretrain: error: "), done.stderr[-4000:]
