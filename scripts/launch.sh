@@ -36,19 +36,21 @@ print_setting() {
 # torchrun reports a failed worker with ~40 lines of its own (a log line, its traceback, the ChildFailedError box)
 # after the worker's one sentence, and exits 1 whatever the worker's code was. Its stderr goes through this filter:
 # torchrun's elastic log lines are held back and dropped when a failure report follows, so the worker's sentence is
-# the last line shown, and the worker's exit code (the box's "exitcode", 128 + N for signal N) is written to $1.
-# Lines of a run that does not fail pass through unchanged.
+# the last line shown, and the first failed worker's exit code (from "failed (exitcode: N)", 128 + S for signal S)
+# is written to $1. Lines of a run that does not fail pass through unchanged.
 quiet_torchrun_failure() {
   awk -v code_file="$1" '
-    hiding { if (code == "" && $1 == "exitcode" && $2 == ":") code = $3; next }
+    hiding { next }
     /^[EWI][0-9][0-9][0-9][0-9] / && /torch\/distributed\/elastic\// {
-      if (/\] failed \(exitcode: /) { hiding = 1; held = ""; next }
+      if (match($0, /\] failed \(exitcode: -?[0-9]+/)) {
+        code = substr($0, RSTART + 20, RLENGTH - 20) + 0; hiding = 1; held = ""; next
+      }
       held = held $0 "\n"; next
     }
     { printf "%s%s\n", held, $0; held = ""; fflush() }
     END {
       printf "%s", held
-      if (code != "") { code += 0; print (code < 0 ? 128 - code : code) > code_file }
+      if (hiding) print (code < 0 ? 128 - code : code) > code_file
     }'
 }
 
