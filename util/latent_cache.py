@@ -123,7 +123,8 @@ class CroppedImages(torch.utils.data.Dataset):
 
 
 def shard_crc32(path: Path, what: str = "latent cache") -> int:
-    """CRC-32 of a shard file (about 1 GB/s: 60 ms for a 64 MB ImageNet shard); an unreadable file is one sentence."""
+    """CRC-32 of a shard file (16 ms for a 64 MiB ImageNet shard in memory, plus reading it); an unreadable file is
+    one sentence."""
     checksum = 0
     try:
         with open(path, "rb") as handle:
