@@ -27,8 +27,8 @@ from util.data import build_image_folder
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
 from util.feature_cache import FeatureCache, read_manifest
-from util.latent_cache import (MANIFEST, CroppedImages, cache_transform, files_digest, manifest_differences,
-                               shard_path, write_manifest)
+from util.latent_cache import (CHECKSUMS, MANIFEST, CroppedImages, cache_transform, files_digest,
+                               manifest_differences, shard_crc32, shard_path, write_manifest)
 from util.precision import PRECISIONS, autocast
 from util.run_log import progress
 
@@ -90,7 +90,8 @@ def extract_feature_cache(image_root, cache_dir, encoder, encoder_identity: str,
         tokens, dim = first.get_slice("features").get_shape()[2:]
         count = sum(int(FeatureCache.open_shard(shard_path(cache_dir, k)).get_tensor("valid").sum())
                     for k in range(num_shards))
-        manifest.update(tokens=int(tokens), dim=int(dim), count=count)
+        checksums = [shard_crc32(shard_path(cache_dir, k), "feature cache") for k in range(num_shards)]
+        manifest.update(tokens=int(tokens), dim=int(dim), count=count, **{CHECKSUMS: checksums})
         write_manifest(cache_dir, manifest)
         print(f"feature cache {cache_dir}: {count} images ({tokens} tokens x {dim}) for {encoder_identity}")
     barrier()

@@ -12,6 +12,7 @@ and `samples/` (EMA preview grids, generation/eval_hooks.py).
 """
 import argparse
 import json
+import os
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from generation.train_utils import add_model_flags, build_model, build_vae, chec
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from util.checkpoint import CheckpointManager, args_to_dict, require_same_args, require_training_state, resolve_resume
-from util.cli import finish_parser
+from util.cli import advising_resume, continue_command, finish_parser
 from util.data import build_loader
 from util.distributed import (DEFAULT_TIMEOUT_MINUTES, all_reduce_mean, cleanup, init_distributed, rank_seed,
                               seed_everything)
@@ -50,6 +51,7 @@ from util.sampler import ResumableDistributedSampler
 from util.train_state import load_parts, read_record, resume_position, training_state
 
 CHECKPOINT_PATTERN = r"^(\d+)\.pt$"
+MODULE = "generation.train"  # how advice to the user names this command
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,6 +125,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="deterministic CUDA kernels (bit-exact GPU resume, slower); CPU runs are deterministic")
     parser.add_argument("--dist-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts (a long FID hook)")
+    parser.add_argument("--allow-changed-args", action="store_true",
+                        help="--resume with a changed run-defining flag (RESUME_MUST_MATCH), logging what changed")
     add_repa_flags(parser)
     return finish_parser(parser)
 
@@ -165,7 +169,8 @@ def check_args(args) -> dict:
 
 
 def check_resume(args, checkpoint: dict, path: Path) -> None:
-    require_same_args(checkpoint, args, RESUME_MUST_MATCH, path)
+    require_same_args(checkpoint, args, RESUME_MUST_MATCH, path, allow=args.allow_changed_args,
+                      log=print if os.environ.get("RANK", "0") == "0" else lambda _: None)  # before the process group
     require_training_state(checkpoint, path, keys=("model", "ema", "opt"),
                            hint="to start from these weights use --finetune.")
     if read_record(checkpoint) is None:
@@ -475,8 +480,8 @@ def train(run: Run) -> LoopPosition:
         losses.check(position.global_step)
         save_checkpoint(run)
     if preemption.requested:
-        logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; resume with --resume "
-                    f"{run.experiment_dir}")
+        logger.info(f"Stopped at step {position.global_step} on {preemption.signal_name}; "
+                    f"{continue_command(run.experiment_dir, MODULE)}")
     logger.close()
     release_output_dir(run.experiment_dir)
     return position
@@ -498,7 +503,8 @@ def main(argv=None):
     try:
         if args.evaluate:
             return evaluate_only(run)
-        run_cli(train, run, prog="generation.train")
+        # A diverged loss: one sentence, exit 1; a full disk: one sentence with the command that continues the run.
+        run_cli(advising_resume(train, run.experiment_dir, MODULE), run, prog="generation.train")
     finally:
         cleanup()
 

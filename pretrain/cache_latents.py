@@ -29,8 +29,9 @@ from util.data import build_image_folder
 from util.disk import ensure_writable_dir
 from util.distributed import DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed
 from util.errors import UserError, run_cli
-from util.latent_cache import (CROPS, MANIFEST, CroppedImages, LatentCacheDataset, cache_transform, files_digest,
-                               manifest_differences, read_manifest, read_shard_tensor, shard_path, write_manifest)
+from util.latent_cache import (CHECKSUMS, CROPS, MANIFEST, CroppedImages, LatentCacheDataset, cache_transform,
+                               files_digest, manifest_differences, read_manifest, read_shard_tensor, shard_crc32,
+                               shard_path, write_manifest)
 from util.latent_stats import LATENT_STATS_FILENAME, OFFICIAL_MAX_SAMPLES, compute_latent_stats, save_latent_stats
 from util.precision import configure_cuda
 from util.run_log import progress
@@ -54,6 +55,9 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     """
     if moments_dtype not in MOMENTS_DTYPES:
         raise UserError(f"unknown moments dtype {moments_dtype!r}; choose one of {sorted(MOMENTS_DTYPES)}.")
+    for flag, value in (("batch_size", batch_size), ("shard_size", shard_size)):  # before the manifest records them
+        if value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}.")
     store_dtype = MOMENTS_DTYPES[moments_dtype]
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     is_main = rank == 0
@@ -68,7 +72,8 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
         "crop": crop, "batch_size": batch_size, "shard_size": shard_size, "num_images": len(folder),
         "classes": list(folder.classes), "files_sha256": files_digest(folder), "moments_dtype": moments_dtype,
     }
-    if (cache_dir / MANIFEST).is_file():
+    # A manifest is kept (and must match) once a shard was written under it; before that it is only a plan.
+    if (cache_dir / MANIFEST).is_file() and any(cache_dir.glob("shard-*.safetensors")):
         differences = manifest_differences({"moments_dtype": "fp32", **read_manifest(cache_dir)}, settings)
         if differences:
             raise UserError(f"{cache_dir} already holds a latent cache made with other settings "
@@ -107,7 +112,8 @@ def extract_latent_cache(image_root, cache_dir, codec, image_size: int, crop: st
     if is_main:
         valid = np.concatenate([read_shard_tensor(shard_path(cache_dir, k), "valid") for k in range(num_shards)])
         skipped = [folder.samples[i][0] for i in np.flatnonzero(valid == 0)]
-        manifest.update(count=int(valid.sum()), skipped=len(skipped), skipped_files=skipped[:100])
+        manifest.update(count=int(valid.sum()), skipped=len(skipped), skipped_files=skipped[:100],
+                        **{CHECKSUMS: [shard_crc32(shard_path(cache_dir, k)) for k in range(num_shards)]})
         write_manifest(cache_dir, manifest)
         print(f"latent cache {cache_dir}: {manifest['count']} images encoded, {len(skipped)} unreadable skipped")
     barrier()

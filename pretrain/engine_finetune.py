@@ -17,8 +17,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.latent_classifier import LatentClassifier, unwrap
-from util.checkpoint import args_to_dict, load_checkpoint, require_training_state, save_checkpoint
-from util.distributed import cleanup, is_dist
+from util.checkpoint import (args_to_dict, load_checkpoint, require_fitting_weights, require_same_args,
+                              require_training_state, save_checkpoint)
+from util.cli import advising_resume, continue_command
+from util.distributed import cleanup, get_world_size, is_dist
 from util.errors import UserError, run_cli
 from util.loop import LossWindow, LoopPosition, backward_micro_batch, optimizer_step
 from util.lr_sched import adjust_learning_rate
@@ -27,7 +29,7 @@ from util.preemption import PreemptionHandler
 from util.run_dir import release_output_dir
 from util.run_log import RunLogger
 from util.sampler import ResumableDistributedSampler
-from util.train_state import load_parts, resume_position, training_state
+from util.train_state import load_parts, resume_position, saved_global_batch, training_state
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
     """Number of samples whose label is among the k highest logits, for each k.
@@ -116,6 +118,7 @@ class Run:
     mixup_fn: object = None  # timm.data.Mixup or None
     model_ema: object = None  # timm.utils.ModelEmaV3 or None
     clip_grad: float | None = None
+    module: str = "pretrain.main_finetune"  # the command advice names (`util.cli.continue_command`)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -204,7 +207,7 @@ BEST_NAME = "checkpoint-best.pth"  # weights of the best top-1 epoch so far
 
 def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, eval_model: LatentClassifier,
           eval_loader, optimizer, base_lr: float, criterion: nn.Module, *, mixup_fn=None, model_ema=None,
-          clip_grad: float | None = None) -> dict:
+          clip_grad: float | None = None, module: str = "pretrain.main_finetune") -> dict:
     """Grad scaler, DDP, --resume, logging and preemption around `fit`; leaves the process group at the end.
 
     `classifier` is what trains (its codec may be None when training reads cached latents);
@@ -232,7 +235,7 @@ def train(args, dist_env, classifier: LatentClassifier, train_data: TrainData, e
                        resume_step=position.global_step if position.global_step > 0 else None)
     run = Run(args=args, device=device, dist=dist_env, logger=logger, preemption=PreemptionHandler(),
               base_lr=base_lr, data=train_data, criterion=criterion, mixup_fn=mixup_fn, model_ema=model_ema,
-              clip_grad=clip_grad)
+              clip_grad=clip_grad, module=module)
     try:
         metrics = fit(classifier, model, eval_model, eval_loader, optimizer, scaler, position, best_acc1, run)
     finally:
@@ -278,7 +281,7 @@ def fit(classifier: LatentClassifier, model, eval_model, eval_loader, optimizer,
         if stop_reason == "preempted":
             save(output_dir / LAST_NAME, classifier, optimizer, scaler, position, args, best_acc1, run)
             logger.info(f"Stopped on {run.preemption.signal_name or 'a preemption signal'} at step "
-                        f"{position.global_step}; resume with --resume {output_dir}.")
+                        f"{position.global_step}; {continue_command(output_dir, run.module)}.")
             return metrics
         last_epoch = position.epoch + 1 >= args.epochs or stop_reason == "max_steps"
         is_best = False
@@ -344,6 +347,14 @@ def checkpoint_state(classifier: LatentClassifier, optimizer, scaler, position: 
                           batches_per_epoch=batches_per_epoch, **extra)
 
 
+# Flags a --resume must keep (fine-tuning's and the probe's; a flag one of them lacks is not compared): they fix the
+# network, the objective and the order and content of the batches. The global batch is compared too.
+RESUME_MUST_MATCH = ("model", "model_kwargs", "input_size", "vae_version", "latent_stats", "nb_classes", "global_pool",
+                     "seed", "drop_path", "layer_decay", "train_vae", "train_vae_flat", "image_mix", "no_aug", "aa",
+                     "smoothing", "reprob", "mixup", "cutmix", "model_ema", "add_t_noise", "t", "use_cached",
+                     "skip_depth")
+
+
 def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None, model_ema=None,
                 batches_per_epoch: int = 0) -> tuple:
     """Loads --resume (file or run dir) into the model (and optimizer, scaler, EMA, RNG when given).
@@ -357,11 +368,9 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
         path = path / LAST_NAME
     state = require_training_state(load_checkpoint(path), path,
                                    hint="to start from these weights use --finetune instead of --resume.")
-    try:
-        classifier.vit.load_state_dict(state["model"], strict=True)
-    except (KeyError, RuntimeError) as error:
-        raise UserError(f"--resume {path} does not hold weights of --model {args.model} with these flags "
-                         f"({str(error).splitlines()[0][:160]}); pass the matching checkpoint or model flags.") from None
+    require_fitting_weights(classifier.vit, state["model"], path,
+                            f"--model {args.model} with --model_kwargs {args.model_kwargs} and these flags")
+    classifier.vit.load_state_dict(state["model"], strict=True)
     if "vae_encoder" in state:
         classifier.codec.autoencoder.load_state_dict(state["vae_encoder"], strict=False)
     if "vae" in state:  # --train_vae_flat (USP's checkpoints carry it too; USP's own resume ignores it)
@@ -371,6 +380,9 @@ def resume_from(args, classifier: LatentClassifier, optimizer=None, scaler=None,
     best_acc1 = float(state.get("best_acc1", 0.0))
     if optimizer is None or "optimizer" not in state or "epoch" not in state:
         return position, best_acc1
+    global_batch = args.batch_size * args.accum_iter * get_world_size()
+    require_same_args(state, args, RESUME_MUST_MATCH, path, allow=args.allow_changed_args, dashes=False,
+                      also=[("the global batch", saved_global_batch(state), global_batch)])
     load_parts(state, {"optimizer": optimizer, "scaler": scaler,
                        "model_ema": None if model_ema is None else model_ema.module})
     position = resume_position(state, path, batch_size=args.batch_size, accum=args.accum_iter,
@@ -389,11 +401,12 @@ def evaluate_only(args, eval_model: LatentClassifier, eval_loader, dist_env) -> 
     return metrics
 
 
-def run_main(main_fn, args) -> int:
+def run_main(main_fn, args, module: str | None = None) -> int:
     """Runs `main_fn(args)` under `util.errors.run_cli` and returns the exit code (0; 2 after a user error,
-    1 after a diverged loss, each reported as one line on stderr) for `sys.exit`."""
+    1 after a diverged loss, each reported as one line on stderr) for `sys.exit`; a full disk names the command
+    (`module`'s) that continues the run."""
     try:
-        run_cli(main_fn, args, prog="")
+        run_cli(advising_resume(main_fn, args.output_dir, module), args, prog="")
     except SystemExit as stopped:
         if args.output_dir:  # a later run in this process (tests, the demo) may use the folder again
             release_output_dir(args.output_dir)

@@ -134,6 +134,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    parser.add_argument("--allow_changed_args", action="store_true",
+                        help="--resume with a changed run-defining flag (engine_finetune.RESUME_MUST_MATCH), logging "
+                             "what changed")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -393,4 +396,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, get_args_parser().parse_args()))
+    sys.exit(run_main(main, get_args_parser().parse_args(), "pretrain.main_finetune"))

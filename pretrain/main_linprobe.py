@@ -125,8 +125,8 @@ def main(args) -> dict:
     base_lr = effective_lr(args.blr, args.lr, args.batch_size, args.accum_iter, dist_env.world_size)
     optimizer = build_lars(vit.head, args, base_lr)
     return train(args, dist_env, classifier, train_data, eval_model, eval_loader, optimizer, base_lr,
-                 nn.CrossEntropyLoss())
+                 nn.CrossEntropyLoss(), module="pretrain.main_linprobe")
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, get_args_parser().parse_args()))
+    sys.exit(run_main(main, get_args_parser().parse_args(), "pretrain.main_linprobe"))

@@ -27,11 +27,13 @@ from models.latent_spec import get_latent_spec
 from models.mae import create_mae, is_pixel_model
 from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import MaskedModelingDataset, train_one_epoch
-from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
-from util.cli import check_model_builds, default_num_workers, parse_json_object, finish_parser
+from util.checkpoint import (CheckpointManager, require_fitting_weights, require_same_args,
+                              require_training_state, resolve_resume)
+from util.cli import (advising_resume, check_model_builds, continue_command, default_num_workers,
+                      finish_parser, parse_json_object)
 from util.data import SeededDataset, build_image_folder, build_loader, pretrain_transform
-from util.distributed import (DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed, rank_seed, seed_everything,
-                              setup_for_distributed_printing)
+from util.distributed import (DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, get_world_size, init_distributed, rank_seed,
+                              seed_everything, setup_for_distributed_printing)
 from util.errors import UserError, run_cli
 from util.latent_cache import LatentCacheDataset
 from util.loop import LoopPosition
@@ -42,9 +44,11 @@ from util.preemption import PreemptionHandler
 from util.run_dir import claim_output_dir, release_output_dir
 from util.run_log import RunLogger, require_wandb
 from util.sampler import ResumableDistributedSampler
-from util.train_state import load_parts, resume_position, training_state
+from util.train_state import load_parts, resume_position, saved_global_batch, training_state
 
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)\.pth$"
+MODULE = "pretrain.main_pretrain"  # how advice to the user names this command
+
 # MAE/USP decay every parameter with 2+ dimensions (timm's param_groups_weight_decay with an empty
 # list): cls_token and mask_token are decayed, biases and norm weights are not. --no_decay_tokens
 # also exempts the learned tokens and position embeddings (frozen in MAE; listed so a variant that
@@ -141,7 +145,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "into overwritten-<time>/, not deleted)")
     # torch.distributed.launch passes --local_rank; torchrun's LOCAL_RANK environment variable is what we use.
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--allow_changed_args", action="store_true",
+                        help="--resume with a changed run-defining flag (RESUME_MUST_MATCH), logging what changed")
     return finish_parser(parser)
+
+
+# Flags a --resume must keep: they fix the network, the objective and the order and content of the batches
+# (the global batch is compared too; the per-GPU batch may change with the number of GPUs).
+RESUME_MUST_MATCH = ("model", "model_kwargs", "input_size", "mask_ratio", "norm_pix_loss", "norm_image", "add_noise",
+                     "vae_version", "latent_stats", "seed", "use_cached", "cached_posterior_sample")
 
 
 def build_model(args) -> torch.nn.Module:
@@ -298,19 +310,6 @@ def setup(args) -> SimpleNamespace:
     )
 
 
-def check_fits(model, state_dict: dict, path, args) -> None:
-    """One sentence (not torch's list of every mismatch) when a checkpoint holds another model."""
-    own = model.state_dict()
-    problems = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
-                if name in own and tensor.shape != own[name].shape]
-    problems += [f"missing {name}" for name in own if name not in state_dict]
-    problems += [f"unexpected {name}" for name in state_dict if name not in own]
-    if problems:
-        raise UserError(f"checkpoint {path} does not fit --model {args.model} with --model_kwargs {args.model_kwargs} "
-                         f"({len(problems)} differences, e.g. {'; '.join(problems[:2])}); pass the model settings "
-                         "the checkpoint was trained with.")
-
-
 def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple:
     """Loads --resume into model/optimizer/scaler and returns (where the run continues, a message or None).
 
@@ -322,7 +321,11 @@ def restore_run(args, model, optimizer, scaler, batches_per_epoch: int) -> tuple
     path, checkpoint = resolve_resume(args.resume, CHECKPOINT_PATTERN)
     require_training_state(checkpoint, path, hint="resume from a checkpoint-N.pth written by this script (a bare "
                                                    "state dict holds no run to continue).")
-    check_fits(model, checkpoint["model"], path, args)
+    require_fitting_weights(model, checkpoint["model"], path,
+                            f"--model {args.model} with --model_kwargs {args.model_kwargs}")
+    global_batch = args.batch_size * args.accum_iter * get_world_size()
+    require_same_args(checkpoint, args, RESUME_MUST_MATCH, path, allow=args.allow_changed_args, dashes=False,
+                      also=[("the global batch", saved_global_batch(checkpoint), global_batch)])
     load_parts(checkpoint, {"model": model, "optimizer": optimizer, "scaler": scaler})
     position = resume_position(checkpoint, path, batch_size=args.batch_size, accum=args.accum_iter,
                                batches_per_epoch=batches_per_epoch)
@@ -352,7 +355,9 @@ def train(run) -> None:
         if scheduled or result.stop_reason is not None:
             save_state(run, run.model_without_ddp, run.optimizer, run.scaler, position)
         if result.stop_reason is not None:
-            run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}")
+            advice = continue_command(args.output_dir, MODULE) if result.stop_reason == "preempted" else ""
+            run.logger.info(f"stopping at step {position.global_step}: {result.stop_reason}"
+                            + (f"; {advice}" if advice else ""))
             return
         position.epoch += 1
         position.batch = 0
@@ -380,7 +385,8 @@ def main(args) -> None:
 
     run = run_cli(setup, args, prog="main_pretrain", cleanup=release_and_cleanup)  # bad input: one sentence, exit 2
     try:
-        run_cli(train, run, prog="main_pretrain")  # a diverged loss: one sentence, exit 1
+        # A diverged loss: one sentence, exit 1; a full disk: one sentence with the command that continues the run.
+        run_cli(advising_resume(train, args.output_dir, MODULE), run, prog="main_pretrain")
     finally:
         run.preemption.restore()
         run.logger.close()

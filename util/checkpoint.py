@@ -166,17 +166,46 @@ def require_training_state(checkpoint, path, keys=("model",), hint: str = "") ->
     return checkpoint
 
 
-def require_same_args(checkpoint: dict, args, keys, path) -> None:
+def require_same_args(checkpoint: dict, args, keys, path, *, allow: bool = False, log=print, dashes: bool = True,
+                      also=()) -> None:
     """One sentence if the command changes an argument in `keys` that the --resume checkpoint was trained with
-    (its network shapes or the order and content of its batches): the exact run could not continue."""
+    (its network shapes, its objective, or the order and content of its batches): the exact run could not
+    continue. `also`: further (name, old, new) values the caller derived (e.g. the global batch). With `allow`
+    (the trainers' --allow_changed_args) the run continues and `log` says what changed.
+
+    Keys the checkpoint or this command lacks (an older checkpoint, another trainer's flag) are not compared.
+    """
     saved, current = dict(checkpoint.get("args") or {}), args_to_dict(args)
     for values in (saved, current):  # compare JSON overrides by value, not by their spelling
         if isinstance(values.get("model_kwargs"), str):
             values["model_kwargs"] = json.loads(values["model_kwargs"])
-    for key in keys:
-        if key in saved and saved[key] != current[key]:
-            raise UserError(f"--resume {path} was trained with --{key.replace('_', '-')} {saved[key]!r} but this "
-                            f"command says {current[key]!r}; use the original value to continue that run.")
+    spell = (lambda key: "--" + key.replace("_", "-")) if dashes else (lambda key: "--" + key)
+    changes = [(spell(key), saved[key], current[key]) for key in keys
+               if key in saved and key in current and saved[key] != current[key]]
+    changes += [(name, old, new) for name, old, new in also if old is not None and old != new]
+    if not changes:
+        return
+    listing = "; ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+    if allow:
+        log(f"{spell('allow_changed_args')}: continuing {path} with changed settings: {listing}")
+        return
+    (name, old, new), more = changes[0], f" (and {len(changes) - 1} more: {listing})" if len(changes) > 1 else ""
+    raise UserError(f"--resume {path} was trained with {name} {old!r} but this command says {new!r}{more}; use the "
+                    f"original value to continue that run, or pass {spell('allow_changed_args')} to change it on "
+                    "purpose.")
+
+
+def require_fitting_weights(module, state_dict: dict, path, fix: str) -> None:
+    """One sentence naming the differing keys (not torch's list of every mismatch) when `state_dict` does not
+    load strictly into `module`; `fix` says what to pass instead."""
+    own = module.state_dict()
+    problems = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
+                if name in own and tensor.shape != own[name].shape]
+    problems += [f"missing {name}" for name in own if name not in state_dict]
+    problems += [f"unexpected {name}" for name in state_dict if name not in own]
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit {fix} ({len(problems)} differences, e.g. "
+                        f"{'; '.join(problems[:2])}); pass the model settings the checkpoint was trained with.")
 
 
 def _corrupt(path: Path, error: Exception) -> UserError:

@@ -1,8 +1,13 @@
 """Command-line value parsing that several entry points share."""
 import argparse
+import functools
 import json
 import os
+import shlex
+import sys
+from pathlib import Path
 
+from util.disk import DiskFullError
 from util.errors import UserError
 
 
@@ -67,3 +72,44 @@ def check_model_builds(build, flag: str, model: str, overrides: dict) -> None:
         raise UserError(f"{flag} {json.dumps(overrides)} does not fit --model {model} "
                         f"({error or type(error).__name__}); check the constructor argument names and that "
                         "every width is divisible by its number of heads.") from None
+
+
+def continue_command(folder, module) -> str:
+    """How to continue the run whose checkpoints are in `folder`: "continue the run with `CMD`", CMD being this
+    process's command line with `--resume <folder>` (replacing any --resume it had), started as it was (python
+    or torchrun, `-m module`). When this process is not `module`'s command (None, or an in-process call, e.g. the
+    demo) the advice names the flag instead of a command; a folder without checkpoints (a fresh run that stopped
+    before its first save) needs no --resume, the same command starts it again.
+    """
+    from util.run_dir import existing_checkpoints  # imported here: it loads torch, and every parser imports util.cli
+
+    if not folder or not existing_checkpoints(folder):
+        return "rerun the same command"
+    if module is None or not Path(sys.argv[0]).with_suffix("").as_posix().endswith(module.replace(".", "/")):
+        return f"continue the run with the same command plus --resume {folder}"
+    argv, kept = sys.argv[1:], []
+    while argv:
+        item = argv.pop(0)
+        if item == "--resume" and argv:
+            argv.pop(0)
+        elif not item.startswith("--resume="):
+            kept.append(item)
+    nproc, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE", "1")
+    if "TORCHELASTIC_RUN_ID" in os.environ and nproc:
+        nodes = int(world) // int(nproc)
+        launcher = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc_per_node={nproc}"]
+    else:
+        launcher = [sys.executable]
+    return f"continue the run with `{shlex.join([*launcher, '-m', module, *kept, '--resume', str(folder)])}`"
+
+
+def advising_resume(function, folder, module):
+    """`function` whose full-disk error names the command that continues the run in `folder` (`continue_command`),
+    not "rerun the same command", which would start the run over or be refused; for `util.errors.run_cli`."""
+    @functools.wraps(function)
+    def advised(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except DiskFullError as error:
+            raise DiskFullError(error.where, f"free some space, then {continue_command(folder, module)}") from error
+    return advised

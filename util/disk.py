@@ -20,7 +20,13 @@ _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class DiskFullError(UserError):
-    """A write that failed because the disk or the user's quota is full."""
+    """A write that failed because the disk or the user's quota is full: "disk full at `where`; `remedy`."
+    (a trainer replaces the remedy by the command that continues its run, `util.cli.advising_resume`)."""
+
+    def __init__(self, where: str, remedy: str = "free some space or choose another output folder, then rerun the "
+                                                 "same command"):
+        self.where = where
+        super().__init__(f"disk full at {where}; {remedy}.")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -44,8 +50,7 @@ def disk_full_error(path) -> DiskFullError:
         free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free)"
     except OSError:
         free = ""
-    return DiskFullError(f"disk full at {path}{free}; free some space or choose another output folder, "
-                         "then rerun the same command.")
+    return DiskFullError(f"{path}{free}")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ with the flipped image's features.
 
 Layout of `<cache_dir>` (written by `python -m generation.cache_features`):
   manifest.json             encoder identity, image size, crop, classes, file list hash, token grid,
-                            dtype, shard size + `complete`, `count` once finished
+                            dtype, shard size + `complete`, `count`, `shards_crc32` once finished
   shard-00000.safetensors   for images [k*S, (k+1)*S): features (n, 2, T, D) (float16 by default),
                             valid (n,) uint8 (0 = unreadable image)
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from util.latent_cache import read_complete_manifest, read_manifest as read_cache_manifest, shard_path
+from util.latent_cache import read_complete_manifest, read_manifest as read_cache_manifest, shard_path, verify_shard
 
 COMMAND = "generation.cache_features"
 
@@ -45,6 +45,7 @@ class FeatureCache:
     def features(self, image_index: int, flip: int) -> torch.Tensor:
         shard, row = divmod(int(image_index), self.shard_size)
         if shard not in self._handles:
+            verify_shard(self.cache_dir, self.manifest, shard, "feature cache", COMMAND)
             self._handles[shard] = self.open_shard(shard_path(self.cache_dir, shard))
         return self._handles[shard].get_slice("features")[row, flip].float()  # (T, D)
 

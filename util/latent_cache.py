@@ -2,7 +2,9 @@
 
 Layout of `<cache_dir>` (written by `python -m pretrain.cache_latents`):
   manifest.json             settings (VAE identity/version/scale, image size, crop, classes, file
-                            list hash, shard size) + `complete`, `count`, `skipped` once finished
+                            list hash, shard size) + `complete`, `count`, `skipped` and `shards_crc32`
+                            (each shard file's CRC-32, checked when a process first reads the shard)
+                            once finished
   shard-00000.safetensors   for images [k*S, (k+1)*S) of the ImageFolder, in its sorted order:
                             mean, logvar (n, 2, C, h, w) UNscaled, [:, 0] = image, [:, 1] = its
                             horizontal flip, float32 or (--moments_dtype fp16) float16; label (n,)
@@ -19,6 +21,7 @@ REPA feature cache (util/feature_cache.py), which has the same layout.
 import hashlib
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from util.rng import sample_generator
 
 FIXED_POSTERIOR_STREAM = 0xF1C5ED  # seed offset of the epoch-independent posterior noise (fixed_posterior)
 MANIFEST = "manifest.json"
+CHECKSUMS = "shards_crc32"  # manifest key: CRC-32 of every shard file, in shard order
 # How an image becomes a square of `image_size` pixels before encoding.
 CROPS = {"center": CenterCropArr, "eval": eval_crop}  # ADM center crop (DiT, MAR) | MAE's resize + center
 
@@ -118,12 +122,40 @@ class CroppedImages(torch.utils.data.Dataset):
         return self.transform(image), label, True
 
 
+def shard_crc32(path: Path, what: str = "latent cache") -> int:
+    """CRC-32 of a shard file (16 ms for a 64 MiB ImageNet shard in memory, plus reading it); an unreadable file is
+    one sentence."""
+    checksum = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                checksum = zlib.crc32(chunk, checksum)
+    except OSError as error:
+        raise UserError(f"{what} shard {path} cannot be read ({error.strerror or error}); fix its permissions or "
+                        "storage, or delete it and rerun the cache command to rewrite it.") from None
+    return checksum
+
+
+def verify_shard(cache_dir, manifest: dict, shard: int, what: str = "latent cache",
+                 command: str = "pretrain.cache_latents") -> None:
+    """One sentence naming the shard whose bytes changed after extraction (overwritten, damaged storage), instead
+    of training on garbage or NaN. Caches written before checksums were recorded are not checked."""
+    expected = manifest.get(CHECKSUMS)
+    path = shard_path(cache_dir, shard)
+    # A missing file is left to the reader, whose sentence says to rebuild.
+    if expected is not None and path.is_file() and shard_crc32(path, what) != expected[shard]:
+        raise UserError(f"{what} shard {path} is corrupt (its checksum differs from the one recorded when it was "
+                        f"written); delete that file and rerun the same `python -m {command}` command to rewrite it.")
+
+
 def _open_shard(path: Path):
-    """safe_open of a shard; a missing, truncated or garbled one is a UserError naming the file."""
+    """safe_open of a shard; a missing, truncated, garbled or unreadable one is a UserError naming the file."""
     try:
         return safe_open(str(path), framework="np")
     except FileNotFoundError:
         raise UserError(f"latent cache shard {path} is missing; {REBUILD}") from None
+    except PermissionError as error:
+        raise UserError(f"latent cache shard {path} cannot be read ({error.strerror}); fix its permissions.") from None
     except Exception as error:  # safetensors' own SafetensorError: truncated file, bad header
         raise UserError(f"latent cache shard {path} is truncated or corrupt ({error}); {REBUILD}") from None
 
@@ -174,6 +206,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def _view(self, shard: int):
         if shard not in self._views:
+            verify_shard(self.cache_dir, self.manifest, shard)
             self._views[shard] = _open_shard(shard_path(self.cache_dir, shard))
         return self._views[shard]
 

@@ -67,6 +67,14 @@ def read_record(checkpoint: dict) -> dict | None:
     return None
 
 
+def saved_global_batch(checkpoint: dict) -> int | None:
+    """Images per optimizer step of the run that wrote `checkpoint` (None when it does not say)."""
+    loop, args = checkpoint.get(LOOP_KEY), checkpoint.get("args") or {}
+    if not loop or "accum_iter" not in args:
+        return None
+    return int(loop["batch_size"]) * int(loop["world_size"]) * int(args["accum_iter"])
+
+
 def resume_position(checkpoint: dict, path, *, batch_size: int, accum: int, batches_per_epoch: int,
                     restore_rng: bool = True) -> LoopPosition | None:
     """Where a run resumed from `checkpoint` continues (None: it records no position, e.g. released weights),
