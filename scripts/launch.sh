@@ -37,7 +37,7 @@ print_setting() {
 # after the worker's one sentence, and exits 1 whatever the worker's code was. Its stderr goes through this filter:
 # torchrun's elastic log lines are held back and dropped when a failure report follows, so the worker's sentence is
 # the last line shown, and the first failed worker's exit code (from "failed (exitcode: N)", 128 + S for signal S)
-# is written to $1. Lines of a run that does not fail pass through unchanged.
+# is written to $1. Lines of a run that does not fail pass through unchanged. Used when stderr is a log file.
 quiet_torchrun_failure() {
   awk -v code_file="$1" '
     hiding { next }
@@ -63,7 +63,7 @@ quiet_torchrun_failure() {
 # the workers. Ctrl-C works as before. torchrun before torch 2.9 has no --signals-to-handle: it then handles
 # SIGTERM itself, its workers still save, but it exits 1 (one line says so before the launch).
 launch() {
-  local torchrun_pid filter_pid status pipe_dir signals=(--signals-to-handle=SIGINT,SIGHUP,SIGQUIT)
+  local torchrun_pid filter_pid stderr_to status pipe_dir signals=(--signals-to-handle=SIGINT,SIGHUP,SIGQUIT)
   print_setting "$@"
   if ! torchrun --help 2> /dev/null | grep -q -- --signals-to-handle; then
     signals=()
@@ -71,18 +71,21 @@ launch() {
       "torchrun exits 1 instead of 0; use torch >= 2.9 for a clean exit status." >&2
   fi
   pipe_dir=$(mktemp -d)
-  mkfifo "$pipe_dir/stderr"
-  ( trap '' TERM; quiet_torchrun_failure "$pipe_dir/code" < "$pipe_dir/stderr" >&2 ) &
-  filter_pid=$!
+  stderr_to=/dev/stderr filter_pid=""
+  if [ ! -t 2 ]; then  # a log file (SLURM, nohup); in a terminal torchrun's report stays, and so do tqdm bars
+    mkfifo "$pipe_dir/stderr"
+    ( trap '' TERM; quiet_torchrun_failure "$pipe_dir/code" < "$pipe_dir/stderr" >&2 ) &
+    filter_pid=$! stderr_to="$pipe_dir/stderr"
+  fi
   trap 'pkill -TERM -P "$torchrun_pid" || true' TERM
   ( trap '' TERM
     exec torchrun ${signals[@]+"${signals[@]}"} --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-      --nproc_per_node="$GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" 2> "$pipe_dir/stderr" ) &
+      --nproc_per_node="$GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" 2> "$stderr_to" ) &
   torchrun_pid=$!
   while kill -0 "$torchrun_pid" 2> /dev/null; do wait "$torchrun_pid" || true; done  # a trap interrupts wait
   status=0
   wait "$torchrun_pid" || status=$?  # its exit status, which bash kept when it reaped it (the recipes use set -e)
-  while kill -0 "$filter_pid" 2> /dev/null; do wait "$filter_pid" || true; done
+  while [ -n "$filter_pid" ] && kill -0 "$filter_pid" 2> /dev/null; do wait "$filter_pid" || true; done
   [ -s "$pipe_dir/code" ] && status=$(< "$pipe_dir/code")
   rm -rf "$pipe_dir"
   return "$status"
