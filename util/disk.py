@@ -90,6 +90,18 @@ def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
     return path
 
 
+def ensure_writable_image(path, flag: str) -> Path:
+    """`ensure_writable_file` for an image PIL will save: its suffix must name a format PIL writes (.png, .jpg)."""
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    Image.init()
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise UserError(f"{flag} {path} does not end in an image suffix PIL can write ({path.suffix or 'no suffix'}); "
+                        "use .png or .jpg.")
+    return ensure_writable_file(path, flag)
+
+
 def ensure_writable_file(path, flag: str) -> Path:
     """`ensure_writable_dir` for the folder that will hold the output file `path` (e.g. an evaluation JSON)."""
     path = Path(path).expanduser()
