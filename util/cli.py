@@ -5,7 +5,7 @@ import math
 import os
 import re
 
-from util.errors import UserError
+from util.errors import EXIT_USER_ERROR, UserError, exit_with
 
 
 def parse_json_object(text: str, flag: str, example: str = '{"depth": 2}') -> dict:
@@ -34,9 +34,11 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     command accepts both, so a command pasted from either upstream style works. "(default: X)" is appended to
     the help of every option that has a default (argparse's ArgumentDefaultsHelpFormatter skips options
     without help text); on/off switches are left alone, their name says their default. A negative number
-    in any spelling (`-1e-3`, `-inf`) is read as a value, so the flag's own check names it.
+    in any spelling (`-1e-3`, `-inf`) is read as a value, so the flag's own check names it. A bad command
+    line is one line on stderr (rank 0 only), exit 2, like every other user error: not argparse's usage block.
     """
     parser._negative_number_matcher = _NEGATIVE_NUMBER
+    parser.error = lambda message: exit_with(f"{message} (see --help)", parser.prog, EXIT_USER_ERROR)
     for action in parser._actions:
         for name in list(action.option_strings):
             if not name.startswith("--"):
