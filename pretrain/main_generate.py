@@ -28,7 +28,7 @@ from models.mae import is_pixel_model
 from models.vae import LatentCodec
 from pretrain.main_pretrain import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import resolve_resume
-from util.cli import finish_parser, mask_ratio, non_negative_int, positive_int
+from util.cli import finish_parser, non_negative_int, number, positive_int
 from util.data import IMAGENET_MEAN, IMAGENET_STD, build_image_folder, eval_transform
 from util.disk import ensure_writable_image
 from util.errors import run_cli
@@ -44,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ImageFolder root; its val/ (else train/) split is used when present")
     parser.add_argument("--output", default=None, help="PNG path (default: reconstruction.png next to the checkpoint)")
     parser.add_argument("--num_images", default=8, type=positive_int)
-    parser.add_argument("--mask_ratio", default=None, type=mask_ratio, help="default: the checkpoint's")
+    parser.add_argument("--mask_ratio", default=None, help="default: the checkpoint's",
+                        type=number(float, low=0, high=1, low_open=True, high_open=True, what="a mask ratio"))
     parser.add_argument("--input_size", default=None, type=positive_int, help="default: the checkpoint's")
     parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"],
                         help="default: the checkpoint's")

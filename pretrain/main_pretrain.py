@@ -28,7 +28,7 @@ from models.mae import create_mae, is_pixel_model
 from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_identity
 from pretrain.engine_pretrain import MaskedModelingDataset, train_one_epoch
 from util.checkpoint import CheckpointManager, require_training_state, resolve_resume
-from util.cli import (check_model_builds, default_num_workers, finish_parser, mask_ratio, non_negative_float,
+from util.cli import (check_model_builds, default_num_workers, finish_parser, non_negative_float,
                       non_negative_int, parse_json_object, positive_float, positive_int)
 from util.data import SeededDataset, build_image_folder, build_loader, pretrain_transform
 from util.distributed import (DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed, rank_seed, seed_everything,
@@ -72,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='JSON object of constructor overrides, e.g. \'{"embed_dim": 32, "depth": 2}\'')
     parser.add_argument("--input_size", default=256, type=positive_int,
                         help="image size in pixels (USP's default; its pretraining recipe passes 224)")
-    parser.add_argument("--mask_ratio", default=0.75, type=mask_ratio, help="fraction of patches removed")
+    parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use per-patch normalised targets as the reconstruction target")
     parser.add_argument("--norm_image", action="store_true",
@@ -164,6 +164,9 @@ def check_args(args) -> None:
     if args.epochs < 1 or args.epochs <= args.start_epoch and not args.resume:
         raise UserError(f"--epochs {args.epochs} leaves nothing to train (it counts all epochs of the run, from "
                         f"--start_epoch {args.start_epoch}); pass a larger --epochs.")
+    if not 0 < args.mask_ratio < 1:  # NaN too
+        raise UserError(f"--mask_ratio {args.mask_ratio:g} must be between 0 and 1 (exclusive): it is the fraction "
+                        "of patches hidden from the encoder (USP and MAE use 0.75).")
     is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
     overrides = parse_json_object(args.model_kwargs, "--model_kwargs", '{"embed_dim": 32, "depth": 2}')
     check_model_builds(lambda: build_model(args), "--model_kwargs", args.model, overrides)

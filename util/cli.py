@@ -114,4 +114,3 @@ non_negative_float = number(float, low=0, what="a non-negative number")
 probability = number(float, low=0, high=1, what="a probability")
 decay = number(float, low=0, high=1, high_open=True, what="a decay")
 fraction_below_one = number(float, low=0, high=1, high_open=True, what="a fraction below 1")  # 1 leaves nothing
-mask_ratio = number(float, low=0, high=1, low_open=True, high_open=True, what="a mask ratio")  # MAE/USP: 0.75
