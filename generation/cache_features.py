@@ -118,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args) -> dict:
     encoder_resolution(args.input_size)  # cheap checks before loading anything
     build_image_folder(args.data_path)
-    ensure_writable_dir(args.cached_path, flag="--cached_path")
+    ensure_writable_dir(args.cached_path, flag="--cached_path", create=False)  # nothing written yet
     env = init_distributed(args.device)
     try:
         target = DinoV2Target(args.enc_type, args.encoder_path, args.input_size).to(env.device)

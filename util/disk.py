@@ -61,20 +61,23 @@ def reporting_disk_full(path):
         raise
 
 
-def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
+def ensure_writable_dir(path, flag: str = "--output_dir", create: bool = True) -> Path:
     """Creates `path` if needed and proves it writable with a real one-byte file; raises one sentence if not.
 
     Call it before building data or models, so a typo or a read-only mount costs seconds. Returns the path.
+    create=False proves the same in the nearest existing folder and leaves a missing `path` uncreated (for a
+    command whose later checks must leave no output behind).
     """
     path = Path(path).expanduser()
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"{flag} {path} cannot be created because {blocker} is a file, not a folder; "
                               "choose another path or move that file away.")
-    probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+    folder = path if create else next(p for p in (path, *path.parents) if p.exists())
+    probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
         with reporting_disk_full(path):
-            path.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as handle:
                 handle.write(b"\0")
                 handle.flush()
