@@ -22,9 +22,10 @@ import torch
 
 from models.repa import DinoV2Target, encoder_identity, encoder_resolution
 from util.checkpoint import atomic_open
-from util.cli import finish_parser
+from util.cli import finish_parser, non_negative_int, positive_int
 from util.data import build_image_folder
 from util.distributed import barrier, cleanup, init_distributed
+from util.disk import ensure_writable_dir
 from util.errors import UserError, run_cli
 from util.feature_cache import FeatureCache, read_manifest
 from util.latent_cache import (CHECKSUMS, MANIFEST, CroppedImages, cache_transform, files_digest,
@@ -104,12 +105,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cached_path", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--enc_type", default="dinov2-vit-b", help="REPA's encoder name (models.dinov2.DINOV2_MODELS)")
     parser.add_argument("--encoder_path", required=True, help="local encoder weights (or a timm hub tag when online)")
-    parser.add_argument("--input_size", type=int, default=256, help="image size of the training run")
+    parser.add_argument("--input_size", type=positive_int, default=256, help="image size of the training run")
     parser.add_argument("--crop", default="center", choices=["center", "eval"], help="the latent cache's crop")
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored feature dtype")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--shard_size", type=int, default=1024)
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--shard_size", type=positive_int, default=1024)
+    parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype of the encoder")
     return finish_parser(parser)
@@ -118,6 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args) -> dict:
     encoder_resolution(args.input_size)  # cheap checks before loading anything
     build_image_folder(args.data_path)
+    ensure_writable_dir(args.cached_path, flag="--cached_path", create=False)  # nothing written yet
     env = init_distributed(args.device)
     try:
         target = DinoV2Target(args.enc_type, args.encoder_path, args.input_size).to(env.device)

@@ -44,7 +44,7 @@ from generation.adm_metrics import (NEAREST_K, Activations, FIDStatistics, Stati
 from generation.fd_dinov2 import DinoV2FeatureExtractor, ReferenceCache, stored_reference
 from generation.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor
 from util.checkpoint import atomic_open
-from util.cli import finish_parser
+from util.cli import finish_parser, positive_int
 from util.disk import ensure_writable_file
 from util.errors import UserError, run_cli
 from util.progress import progress_bar as tqdm
@@ -289,7 +289,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fd-dinov2-weights", default=None,
                         help="local DINOv2-L/14 weights (dinov2_vitl14_pretrain.pth or timm's model.safetensors): "
                              "also report FD_DINOv2")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per Inception forward (ADM: 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-json", default=None, help="default: <sample stem>.metrics.json next to it")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
@@ -300,8 +300,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be positive, got {args.batch_size}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         warnings.warn("CUDA is not available; evaluating on CPU (slow: about 5 images/s).")
         args.device = "cpu"

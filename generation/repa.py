@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from models.dinov2 import DINOV2_MODELS, weights_source
 from models.repa import DEFAULT_ENC_TYPE, USP_ENC_TYPE, build_target, encoder_identity, encoder_resolution, parse_encoder_list
-from util.cli import parse_json_object
+from util.cli import non_negative_float, parse_json_object, positive_int
 from util.errors import UserError
 from util.feature_cache import FeatureCache, read_manifest as read_feature_manifest
 
@@ -36,9 +36,11 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repa-encoder-path", type=str, default=None,
                        help="local weights of each --enc-type (comma-separated; official .pth or timm .safetensors), "
                             "or the timm hub tag (e.g. vit_base_patch14_dinov2.lvd142m) when online")
-    group.add_argument("--encoder-depth", type=int, default=8, help="block whose output tokens are aligned (REPA: 8)")
-    group.add_argument("--proj-coeff", type=float, default=DEFAULT_PROJ_COEFF, help="weight of the alignment loss")
-    group.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the projector MLP")
+    group.add_argument("--encoder-depth", type=positive_int, default=8,
+                       help="block whose output tokens are aligned (REPA: 8)")
+    group.add_argument("--proj-coeff", type=non_negative_float, default=DEFAULT_PROJ_COEFF,
+                       help="weight of the alignment loss")
+    group.add_argument("--projector-dim", type=positive_int, default=2048, help="hidden width of the projector MLP")
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
                        help="REPA's optional per-head LayerNorm of queries and keys")
     group.add_argument("--repa-feature-cache", type=str, default=None,
@@ -121,10 +123,6 @@ def check_repa_args(args) -> dict:
         if args.repa_feature_cache is not None:
             raise UserError("--repa-feature-cache only applies to REPA training; add --repa or drop it.")
         return {}
-    if args.proj_coeff < 0:
-        raise UserError(f"--proj-coeff must be >= 0 (REPA uses 0.5), got {args.proj_coeff}.")
-    if args.projector_dim <= 0:
-        raise UserError(f"--projector-dim must be positive, got {args.projector_dim}.")
     try:
         encoder_kwargs = parse_json_object(args.repa_encoder_kwargs, "--repa-encoder-kwargs")
         if args.enc_type != USP_ENC_TYPE:

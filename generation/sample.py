@@ -27,8 +27,9 @@ from generation.sampler_setup import (add_sampler_flags, build_generator, check_
 from generation.train_utils import add_model_flags
 from generation.transport import Sampler, create_transport
 from generation.transport.likelihood import bits_per_dim
+from util.disk import ensure_writable_image
 from util.errors import UserError, run_cli
-from util.cli import finish_parser
+from util.cli import finish_parser, finite_float, non_negative_int, positive_int
 from util.precision import PRECISIONS, configure_cuda
 
 DIT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's and SiT's sample.py
@@ -39,11 +40,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      usage="%(prog)s [ODE|SDE] --model NAME --ckpt PATH [options]")
     add_model_flags(parser)
     parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="DiT's / SiT's sample.py default (1.0 = off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-labels", type=int, nargs="+", default=DIT_CLASS_LABELS)
+    parser.add_argument("--cfg-scale", type=finite_float, default=4.0,
+                        help="DiT's / SiT's sample.py default (1.0 = off)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--class-labels", type=non_negative_int, nargs="+", default=DIT_CLASS_LABELS)
     parser.add_argument("--output", type=str, default="sample.png", help="the PNG grid")
-    parser.add_argument("--nrow", type=int, default=4, help="images per grid row")
+    parser.add_argument("--nrow", type=positive_int, default=4, help="images per grid row")
     parser.add_argument("--likelihood", action="store_true",
                         help="SiT ODE, cfg 1: print bits/dim of each sample under the probability-flow ODE")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
@@ -67,6 +69,7 @@ def check_args(args) -> dict:
 def sample(argv=None) -> dict:
     args = parse_with_mode(get_args_parser(), argv)
     model_kwargs = check_args(args)
+    output = ensure_writable_image(args.output, "--output")  # before sampling, not after
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         configure_cuda(tf32=args.tf32)
@@ -76,8 +79,6 @@ def sample(argv=None) -> dict:
     indices = list(range(len(args.class_labels)))
     latents, labels = generator.latents(args.seed, indices, labels=args.class_labels)
     images = generator.codec.decode(latents.float())  # (N, 3, H, W) in [-1, 1], fp32
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, output, nrow=args.nrow, normalize=True, value_range=(-1, 1))
     print(f"Saved {len(indices)} samples of classes {labels.tolist()} to {output}")
     result = {"output": output}

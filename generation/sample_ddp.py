@@ -32,11 +32,12 @@ if __package__ in (None, ""):
 from generation.eval_hooks import total_throughput
 from generation.sampler_setup import (add_sampler_flags, build_generator, check_sampler_args, load_model,
                                       parse_with_mode)
-from generation.sampling import ImageGenerator, check_sample_folder, create_npz_from_sample_folder, sample_to_folder
+from generation.sampling import (ImageGenerator, check_sample_folder, create_npz_from_sample_folder, npz_path_for,
+                                 sample_to_folder)
 from generation.train_utils import add_model_flags
-from util.cli import finish_parser
-from util.disk import ensure_writable_dir
-from util.errors import UserError, run_cli
+from util.cli import finish_parser, finite_float, non_negative_int, positive_float, positive_int
+from util.disk import ensure_writable_dir, ensure_writable_file
+from util.errors import run_cli
 from util.distributed import DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed
 from util.precision import PRECISIONS, configure_cuda
 
@@ -51,20 +52,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     parser.add_argument("--ckpt", type=str, required=True, help="official raw state dict or a training checkpoint")
     parser.add_argument("--sample-dir", type=str, default="samples", help="PNG folder; the npz goes next to it")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--cfg-scale", type=float, default=1.0,
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0,
                         help="1.0 = no guidance (USP's default and the setting of its tables; DiT's is 1.5)")
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=non_negative_int, default=0)
     add_sampler_flags(parser)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ (DiT's default; --no-tf32 for strict fp32)")
     # This re-implementation's additions.
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="autocast dtype of the network (fp32: none)")
-    parser.add_argument("--dist-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    parser.add_argument("--dist-timeout-minutes", type=positive_float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts (rank 0 packs the npz)")
-    parser.add_argument("--npz-workers", type=int, default=8, help="threads reading PNGs into the npz")
+    parser.add_argument("--npz-workers", type=positive_int, default=8, help="threads reading PNGs into the npz")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return finish_parser(parser)
 
@@ -80,9 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> dict:
     """Validates the command line before anything is loaded; returns the parsed --model-kwargs."""
-    for flag in ("num_fid_samples", "per_proc_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     return check_sampler_args(args)
 
 
@@ -97,6 +95,7 @@ def sampling_config(args, dist_env) -> dict:
 def setup(args, dist_env, log=print) -> ImageGenerator:
     model_kwargs = check_args(args)
     ensure_writable_dir(args.sample_dir, flag="--sample-dir")  # before the model and the VAE, not after
+    ensure_writable_file(npz_path_for(args.sample_dir), "--sample-dir")  # the npz, beside the folder
     model = load_model(args, model_kwargs, dist_env.device,
                        warn=warnings.warn if dist_env.is_main else (lambda *a, **k: None))
     generator = build_generator(args, model, dist_env.device)

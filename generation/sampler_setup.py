@@ -20,6 +20,7 @@ from generation.transport.path import DIFFUSION_FORMS
 from models.latent_spec import get_latent_spec
 from models.repa import convert_time_convention, layout_from_state_dict, without_projectors
 from util.checkpoint import load_checkpoint
+from util.cli import non_negative_float, positive_float, probability
 from util.errors import UserError
 
 MODES = ("ODE", "SDE")
@@ -40,19 +41,20 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling-method", type=str, default=None,
                         help=f"ODE: {', '.join(ODE_METHODS)} (default dopri5); SDE: {', '.join(SDE_METHODS)} "
                              "(default Euler)")
-    parser.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance")
+    parser.add_argument("--atol", type=positive_float, default=1e-6, help="ODE absolute tolerance")
+    parser.add_argument("--rtol", type=positive_float, default=1e-3, help="ODE relative tolerance")
     parser.add_argument("--reverse", action="store_true", help="ODE: integrate from data to noise (SiT's flag)")
     parser.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
                         help="SDE diffusion coefficient form")
-    parser.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion coefficient scale")
+    parser.add_argument("--diffusion-norm", type=non_negative_float, default=1.0,
+                        help="SDE diffusion coefficient scale")
     parser.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
                         help="SDE final step")
-    parser.add_argument("--last-step-size", type=float, default=0.04, help="SDE final step size")
+    parser.add_argument("--last-step-size", type=non_negative_float, default=0.04, help="SDE final step size")
     # Classifier-free guidance variants.
     parser.add_argument("--cfg-channels", type=str, choices=["legacy3", "all"], default="legacy3",
                         help="guide the first 3 latent channels (official DiT/SiT, reproduces their numbers) or all")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    parser.add_argument("--guidance-interval", type=probability, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only where LO <= t <= HI, in the model's t units (DiT 0..999, SiT 0..1, 1 = data)")
     parser.add_argument("--repa-checkpoint", action="store_true",
                         help="--ckpt is REPA's own SiT (t = 1 is noise): convert it to SiT's time convention")
@@ -92,9 +94,6 @@ def check_sampler_args(args) -> dict:
         if args.sampling_method is not None and args.sampling_method not in methods:
             raise UserError(f"--sampling-method {args.sampling_method} is not an {sit_mode(args)} method; "
                             f"use one of {', '.join(methods)}.")
-    for flag in ("num_sampling_steps", "num_classes"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     if args.cfg_scale < 1.0:
         raise UserError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {args.cfg_scale}.")
     if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:

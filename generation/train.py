@@ -36,7 +36,8 @@ from generation.train_utils import add_model_flags, build_model, build_vae, chec
 from models.latent_spec import get_latent_spec
 from models.transfer import transfer_pretrained
 from util.checkpoint import CheckpointManager, args_to_dict, require_same_args, require_training_state, resolve_resume
-from util.cli import advising_resume, continue_command, finish_parser
+from util.cli import (advising_resume, continue_command, decay, finish_parser, finite_float, non_negative_int, number,
+                      positive_float, positive_int)
 from util.data import build_loader
 from util.distributed import (DEFAULT_TIMEOUT_MINUTES, all_reduce_mean, cleanup, init_distributed, rank_seed,
                               seed_everything)
@@ -60,17 +61,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root (e.g. imagenet/train)")
     parser.add_argument("--results-dir", type=str, default="results")
-    parser.add_argument("--epochs", type=int, default=1400)
-    parser.add_argument("--global-batch-size", type=int, default=256)
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--epochs", type=positive_int, default=1400)
+    parser.add_argument("--global-batch-size", type=positive_int, default=256)
+    parser.add_argument("--global-seed", type=non_negative_int, default=0)
+    parser.add_argument("--num-workers", type=non_negative_int, default=4)
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=50_000)
     parser.add_argument("--wandb", action="store_true",
                         help="also log to Weights & Biases (SiT's flag; needs `pip install wandb`)")
     # USP's additions.
     parser.add_argument("--finetune", type=str, default=None, help="USP/MAE pretraining checkpoint to initialise from")
-    parser.add_argument("--use-pretrain-layer", type=int, default=None,
+    parser.add_argument("--use-pretrain-layer", type=non_negative_int, default=None,
                         help="load only the first N pretrained blocks (0: none, as USP)")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint file or experiment directory")
     parser.add_argument("--exp-name", type=str, default=None, help="suffix of the experiment folder name")
@@ -78,14 +79,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="USP's evaluation-only mode: run the evaluation hooks once on the --resume checkpoint "
                              "(its EMA weights; FID with --num-fid-samples) and exit without training")
     # Evaluation hooks (generation/eval_hooks.py), every --eval-every steps with the EMA weights.
-    parser.add_argument("--eval-every", type=int, default=100_000,
+    parser.add_argument("--eval-every", type=non_negative_int, default=100_000,
                         help="EMA preview (and metrics) every N steps; 0 = off (USP's default 100000)")
-    parser.add_argument("--eval-images", type=int, default=16, help="images in the EMA preview grid")
-    parser.add_argument("--cfg-scale", type=float, default=1.0,
+    parser.add_argument("--eval-images", type=positive_int, default=16, help="images in the EMA preview grid")
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0,
                         help="guidance of the FID samples and the preview grid (USP: 1.0 = none)")
-    parser.add_argument("--per-proc-batch-size", type=int, default=128,
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=128,
                         help="per-rank batch of the FID evaluation hook (USP's default)")
-    parser.add_argument("--num-fid-samples", type=int, default=0,
+    parser.add_argument("--num-fid-samples", type=non_negative_int, default=0,
                         help="samples for FID at each evaluation (0 = preview grid only)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="evaluation outputs, inside the experiment")
     parser.add_argument("--fid-ref-batch", type=str, default=None,
@@ -97,8 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-lognorm", action="store_true", help="LightningDiT: logit-normal training times")
     parser.add_argument("--use-cosine-loss", action="store_true",
                         help="LightningDiT: add 1 - cos(v_pred, v) to the velocity MSE")
-    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (DiT/SiT: 0.999; LightningDiT: 0.95)")
-    parser.add_argument("--max-grad-norm", type=float, default=None,
+    parser.add_argument("--beta2", type=number(float, low=0, high=1, low_open=True, high_open=True, what="a beta"),
+                        default=0.999, help="AdamW beta2 (DiT/SiT: 0.999; LightningDiT: 0.95)")
+    parser.add_argument("--max-grad-norm", type=positive_float, default=None,
                         help="clip the gradient norm to this value (REPA: 1.0; default: no clipping, as DiT/SiT and "
                              "LightningDiT's 64-epoch config)")
     # This re-implementation's additions.
@@ -112,18 +114,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "LightningDiT's extracted latents (default: a fresh sample every epoch)")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips (DiT/SiT/USP); --no-random-flip as REPA trains")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpointing)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0 = all)")
-    parser.add_argument("--milestone-every", type=int, default=100_000,
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop after N optimizer steps (checkpointing)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as DiT/SiT)")
+    parser.add_argument("--ema-decay", type=decay, default=0.9999)
+    parser.add_argument("--keep-last", type=non_negative_int, default=0,
+                        help="keep only the newest K checkpoints (0 = all)")
+    parser.add_argument("--milestone-every", type=non_negative_int, default=100_000,
                         help="checkpoints at multiples of this step survive --keep-last rotation")
     parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
                         help="autocast dtype: bf16, fp16 (with a dynamic grad scaler) or fp32 (no autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic CUDA kernels (bit-exact GPU resume, slower); CPU runs are deterministic")
-    parser.add_argument("--dist-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    parser.add_argument("--dist-timeout-minutes", type=positive_float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts (a long FID hook)")
     parser.add_argument("--allow-changed-args", action="store_true",
                         help="--resume with a changed run-defining flag (RESUME_MUST_MATCH), logging what changed")
@@ -150,12 +154,6 @@ def check_args(args) -> dict:
                         "first.")
     if args.finetune is not None and args.resume is None and not Path(args.finetune).is_file():
         raise UserError(f"--finetune {args.finetune} does not exist; pass the USP pretraining checkpoint file.")
-    for flag in ("global_batch_size", "log_every", "epochs", "eval_images", "num_sampling_steps", "max_steps",
-                 "max_grad_norm"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
-    if not 0 < args.beta2 < 1:
-        raise UserError(f"--beta2 must be in (0, 1), got {args.beta2}.")
     for flag in ("fid_ref_batch", "inception_weights"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist; pass an existing file.")

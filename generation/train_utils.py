@@ -14,7 +14,7 @@ from models.latent_spec import LATENT_SPECS, get_latent_spec
 from models.lightningdit import LightningDiT_models
 from models.sit import SiT_models
 from models.vae import LDM_CODECS, PER_CHANNEL_CODECS, LatentCodec, load_latent_norm
-from util.cli import parse_json_object
+from util.cli import non_negative_float, parse_json_object, positive_int
 from util.errors import UserError
 
 ALL_MODELS = {**DiT_models, **SiT_models, **LightningDiT_models}
@@ -32,9 +32,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every generation entry point reads: the network, its latents, SiT's transport and
     LightningDiT's switches (the official names and defaults)."""
     parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(ALL_MODELS)}")
-    parser.add_argument("--image-size", type=int, default=256, help="any multiple of the VAE factor (8 or 16)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--image-size", type=positive_int, default=256, help="any multiple of the VAE factor (8 or 16)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
     parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
                         help="d8 hub weights stabilityai/sd-vae-ft-{ema,mse} (used when --vae-path is not given)")
     # This re-implementation's additions.
@@ -52,15 +52,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
     parser.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
     parser.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
-    parser.add_argument("--sample-eps", type=float, default=None)
-    parser.add_argument("--train-eps", type=float, default=None)
+    parser.add_argument("--sample-eps", type=non_negative_float, default=None)
+    parser.add_argument("--train-eps", type=non_negative_float, default=None)
     # LightningDiT's block switches (hustvl/LightningDiT config keys; only for LightningDiT-* models).
     parser.add_argument("--use-qknorm", action="store_true", help="LightningDiT: QK-norm in attention")
     parser.add_argument("--use-swiglu", action="store_true", help="LightningDiT: SwiGLU FFN (released models: on)")
     parser.add_argument("--use-rope", action="store_true", help="LightningDiT: 2-D RoPE (released models: on)")
     parser.add_argument("--use-rmsnorm", action="store_true", help="LightningDiT: RMSNorm (released models: on)")
     parser.add_argument("--wo-shift", action="store_true", help="LightningDiT: adaLN without shift")
-    parser.add_argument("--timestep-shift", type=float, default=0.0,
+    parser.add_argument("--timestep-shift", type=non_negative_float, default=0.0,
                         help="ODE sampling grid shift s t / (1 + (s - 1) t) (LightningDiT: 0.3; 0 = even grid)")
 
 

@@ -24,7 +24,7 @@ import torch
 from models.latent_spec import get_latent_spec
 from models.vae import LatentCodec, vae_identity
 from util.checkpoint import atomic_open
-from util.cli import finish_parser
+from util.cli import finish_parser, non_negative_int, positive_float, positive_int
 from util.data import build_image_folder
 from util.disk import ensure_writable_dir
 from util.distributed import DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, init_distributed
@@ -127,19 +127,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae_version", default="d8", choices=["d8", "d16", "vavae_f16d32"])
     parser.add_argument("--vae_path", default=None,
                         help="d8: diffusers folder or hub id; d16: kl16.ckpt; vavae_f16d32: the VA-VAE .pt (or folder)")
-    parser.add_argument("--input_size", type=int, default=256, help="image size (divisible by the VAE factor)")
+    parser.add_argument("--input_size", type=positive_int, default=256, help="image size (divisible by the VAE factor)")
     parser.add_argument("--crop", default="center", choices=sorted(CROPS))
-    parser.add_argument("--batch_size", type=int, default=64, help="images per encoder call per rank")
-    parser.add_argument("--shard_size", type=int, default=1024, help="images per shard file")
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per encoder call per rank")
+    parser.add_argument("--shard_size", type=positive_int, default=1024, help="images per shard file")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
     parser.add_argument("--latent_stats", action="store_true",
                         help=f"then compute per-channel statistics into <cached_path>/{LATENT_STATS_FILENAME} "
                              f"(LightningDiT's latent_norm, for VA-VAE users without the released file)")
-    parser.add_argument("--stats_max_samples", type=int, default=OFFICIAL_MAX_SAMPLES,
+    parser.add_argument("--stats_max_samples", type=non_negative_int, default=OFFICIAL_MAX_SAMPLES,
                         help="images the statistics use (a seeded random choice, as LightningDiT); 0 = all")
-    parser.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    parser.add_argument("--dist_timeout_minutes", type=positive_float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts")
     parser.add_argument("--moments_dtype", default="fp32", choices=sorted(MOMENTS_DTYPES),
                         help="storage of mean/logvar: fp32 (exact) or fp16 (half the disk, rounding at most "

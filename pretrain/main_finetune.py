@@ -24,7 +24,8 @@ if __package__ in (None, ""):
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data.auto_augment import AugmentOp, posterize
+from timm.data.auto_augment import (AugmentOp, augment_and_mix_transform, auto_augment_transform, posterize,
+                                   rand_augment_transform)
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
@@ -35,9 +36,12 @@ from models.vit import VIT_MODEL_NAMES, create_vit, is_pixel_model
 from pretrain.engine_finetune import EvalShardSampler, TrainData, evaluate_only, run_main, train
 from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_alpha_bar
 from pretrain.robustness import GaussianNoise
-from util.cli import check_model_builds, default_num_workers, finish_parser, parse_json_object
+from util.cli import (check_model_builds, decay, default_num_workers, finish_parser, fraction_below_one,
+                      non_negative_float, non_negative_int, number, parse_json_object, positive_float, positive_int,
+                      probability)
 from util.data import SeededDataset, build_image_folder, build_loader, eval_transform
 from util.distributed import DEFAULT_TIMEOUT_MINUTES, init_distributed, setup_for_distributed_printing
+from util.disk import ensure_writable_dir
 from util.errors import UserError
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
@@ -53,19 +57,34 @@ HEAD_INIT_STD = 2e-5  # MAE: a near-zero head so early fine-tuning does not wrec
 # Flags, checks and start, shared with main_linprobe
 # ----------------------------------------------------------------------------------------------
 
+def auto_augment_policy(text: str) -> str:
+    """--aa's type: the policy built once with timm's parser (as create_transform picks it), so a typo is
+    refused when parsing, not as an AssertionError when the data loader is built."""
+    if text == "none":
+        return text
+    build = (rand_augment_transform if text.startswith("rand") else
+             augment_and_mix_transform if text.startswith("augmix") else auto_augment_transform)
+    try:
+        build(text, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm augmentation policy ({error}); pass e.g. "
+                                         "'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'original' or 'none'") from None
+    return text
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
                     weight_decay: float, min_lr: float, warmup_epochs: int, global_pool: bool) -> None:
     """Flags that fine-tuning and linear probing share, with MAE's names; defaults differ per recipe."""
-    parser.add_argument("--batch_size", default=batch_size, type=int,
+    parser.add_argument("--batch_size", default=batch_size, type=positive_int,
                         help="batch size per GPU (effective batch = batch_size * accum_iter * world size)")
-    parser.add_argument("--epochs", default=epochs, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
+    parser.add_argument("--epochs", default=epochs, type=positive_int)
+    parser.add_argument("--accum_iter", default=1, type=positive_int,
                         help="accumulate gradients over this many micro-batches per optimizer step")
     parser.add_argument("--model", default="vit_base_patch16_vae", type=str, metavar="MODEL",
                         help=f"classifier preset, one of: {', '.join(VIT_MODEL_NAMES)}")
     parser.add_argument("--model_kwargs", default="{}", type=str,
                         help='JSON dict of preset overrides, e.g. \'{"embed_dim": 64, "depth": 2, "num_heads": 2}\'')
-    parser.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    parser.add_argument("--input_size", default=224, type=positive_int, help="image side in pixels")
     parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"],
                         help="latent space of *_vae presets (default d8); not allowed for pixel presets")
     parser.add_argument("--vae_path", default=None, type=str,
@@ -75,12 +94,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
                         help="vavae_f16d32: latents_stats.pt (default: beside the VA-VAE weights)")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the VAE encoder (fp32 matches pretraining and the latent cache)")
-    parser.add_argument("--weight_decay", type=float, default=weight_decay)
-    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
-    parser.add_argument("--blr", type=float, default=blr, metavar="LR",
+    parser.add_argument("--weight_decay", type=non_negative_float, default=weight_decay)
+    parser.add_argument("--lr", type=positive_float, default=None, metavar="LR", help="absolute learning rate")
+    parser.add_argument("--blr", type=positive_float, default=blr, metavar="LR",
                         help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for cosine")
-    parser.add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N")
+    parser.add_argument("--min_lr", type=non_negative_float, default=min_lr, metavar="LR",
+                        help="lower lr bound for cosine")
+    parser.add_argument("--warmup_epochs", type=non_negative_int, default=warmup_epochs, metavar="N")
     parser.add_argument("--finetune", default="", help="USP/MAE pretraining checkpoint to initialise from")
     parser.add_argument("--global_pool", action="store_true", dest="global_pool",
                         help="classify the mean of the patch tokens (fc_norm)")
@@ -89,21 +109,22 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.set_defaults(global_pool=global_pool)
     parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
                         help="ImageFolder root with train/ and val/")
-    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification classes")
+    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification classes")
     parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=non_negative_int)
     parser.add_argument("--resume", default="", help="checkpoint file or run directory to resume from")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (without --resume)")
+    parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N",
+                        help="start epoch (without --resume)")
     parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all ranks (every image counted exactly once)")
-    parser.add_argument("--save_every", default=20, type=int,
+    parser.add_argument("--save_every", default=20, type=positive_int,
                         help="also keep checkpoint-{epoch}.pth after epochs 0, N, 2N, ... and the last (MAE/USP: 20)")
-    parser.add_argument("--eval_freq", default=1, type=int,
+    parser.add_argument("--eval_freq", default=1, type=positive_int,
                         help="evaluate every N epochs (and always after the last one or an early stop)")
-    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+    parser.add_argument("--num_workers", default=default_num_workers(), type=non_negative_int,
                         help="data-loading processes per GPU (MAE's 10, or fewer on a smaller machine)")
     parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
     parser.add_argument("--overwrite", action="store_true",
@@ -111,9 +132,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
                              "into overwritten-<time>/, not deleted)")
     parser.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory for transfers")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.add_argument("--max_steps", default=None, type=int,
+    parser.add_argument("--max_steps", default=None, type=non_negative_int,
                         help="stop after this many optimizer steps (counted over the whole run), saving a checkpoint")
-    parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric logs")
+    parser.add_argument("--log_every", default=20, type=positive_int, help="optimizer steps between metric logs")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
     # USP's robustness probes (pretrain/robustness.py).
     parser.add_argument("--add_noise", action="store_true",
@@ -121,16 +142,17 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.add_argument("--noise_level", type=int, default=1, choices=[1, 2, 3, 4, 5], help="ImageNet-C severity")
     parser.add_argument("--add_t_noise", action="store_true",
                         help="diffuse the latents to DDPM step --t before the classifier, in training and evaluation")
-    parser.add_argument("--t", type=int, default=100, help="DDPM step (1..1000) of --add_t_noise")
+    parser.add_argument("--t", type=number(int, low=1, high=1000, what="a DDPM step"), default=100,
+                        help="DDPM step (1..1000) of --add_t_noise")
     parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
                         help="autocast dtype: bf16, fp16 (with a dynamic grad scaler) or fp32 (no autocast)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic CUDA kernels (bit-exact GPU resume, slower); CPU runs are deterministic "
                              "without it")
-    parser.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    parser.add_argument("--dist_timeout_minutes", type=positive_float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts (NCCL/gloo)")
     # Distributed flags of MAE's scripts; torchrun's environment is what is actually used.
-    parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--world_size", default=1, type=positive_int, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
@@ -143,9 +165,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("USP fine-tuning for image classification", add_help=True)
     add_common_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6,
                     warmup_epochs=5, global_pool=True)
-    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
-    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm")
-    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (ELECTRA/BEiT)")
+    parser.add_argument("--drop_path", type=fraction_below_one, default=0.1, metavar="PCT", help="drop path rate")
+    parser.add_argument("--clip_grad", type=positive_float, default=None, metavar="NORM", help="clip gradient norm")
+    parser.add_argument("--layer_decay", type=number(float, low=0, high=1, low_open=True, what="a layer decay"),
+                        default=0.75, help="layer-wise lr decay (ELECTRA/BEiT)")
     parser.add_argument("--train_vae", action="store_true",
                         help="also fine-tune the VAE encoder (its parameters join the optimizer)")
     parser.add_argument("--train_vae_flat", action="store_true",
@@ -157,27 +180,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_aug", action="store_true",
                         help="no training augmentation: resize + center crop + flip-free (timm's no_aug)")
     # Augmentation (timm's implementations).
-    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+    parser.add_argument("--color_jitter", type=non_negative_float, default=None, metavar="PCT",
                         help="colour jitter factor (enabled only when not using auto augment)")
-    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+    parser.add_argument("--aa", type=auto_augment_policy, default="rand-m9-mstd0.5-inc1", metavar="NAME",
                         help='auto augment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" disables it')
-    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
+    parser.add_argument("--smoothing", type=probability, default=0.1, help="label smoothing")
+    parser.add_argument("--reprob", type=probability, default=0.25, metavar="PCT", help="random erase prob")
     parser.add_argument("--remode", type=str, default="pixel", help="random erase mode")
-    parser.add_argument("--recount", type=int, default=1, help="random erase count")
+    parser.add_argument("--recount", type=positive_int, default=1, help="random erase count")
     parser.add_argument("--resplit", action="store_true", default=False,
                         help="do not random erase the first (clean) augmentation split")
-    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
-    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
-    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+    parser.add_argument("--mixup", type=non_negative_float, default=0, help="mixup alpha, mixup enabled if > 0")
+    parser.add_argument("--cutmix", type=non_negative_float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    parser.add_argument("--cutmix_minmax", type=probability, nargs="+", default=None,
                         help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
-    parser.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
-    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+    parser.add_argument("--mixup_prob", type=probability, default=1.0, help="probability of mixup or cutmix per batch")
+    parser.add_argument("--mixup_switch_prob", type=probability, default=0.5,
                         help="probability of switching to cutmix when both mixup and cutmix are enabled")
     parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
                         help="how to apply mixup/cutmix params: per batch, pair or element")
     parser.add_argument("--model_ema", action="store_true", help="keep (and evaluate) an EMA of the weights")
-    parser.add_argument("--model_ema_decay", type=float, default=0.9999)
+    parser.add_argument("--model_ema_decay", type=decay, default=0.9999)
     return finish_parser(parser)
 
 
@@ -212,9 +235,6 @@ def check_args(args) -> None:
                                               num_classes=args.nb_classes, global_pool=args.global_pool,
                                               **args.model_kwargs_dict),
                            "--model_kwargs", args.model, args.model_kwargs_dict)
-    for flag in ("batch_size", "epochs", "accum_iter", "log_every", "eval_freq", "save_every"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
 
 
 def start(args):
@@ -223,6 +243,8 @@ def start(args):
     check_args(args)
     dist_env = init_distributed(args.device, args.dist_timeout_minutes)
     setup_for_distributed_printing(dist_env.is_main)
+    if args.log_dir and not args.eval:  # TensorBoard's folder, checked like --output_dir (and before its lock)
+        ensure_writable_dir(args.log_dir, flag="--log_dir")
     if args.output_dir and not args.eval:  # unwritable, in use, or another run's: stop before any data or weights
         claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist_env.is_main)
     configure_backend(dist_env.device, args.precision, args.deterministic)  # prints on the main process only

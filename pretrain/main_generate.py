@@ -28,8 +28,9 @@ from models.mae import is_pixel_model
 from models.vae import LatentCodec
 from pretrain.main_pretrain import CHECKPOINT_PATTERN, build_model
 from util.checkpoint import resolve_resume
-from util.cli import finish_parser
+from util.cli import finish_parser, non_negative_int, number, positive_int
 from util.data import IMAGENET_MEAN, IMAGENET_STD, build_image_folder, eval_transform
+from util.disk import ensure_writable_image
 from util.errors import run_cli
 
 GREY = 0.5  # colour of removed patches in the "masked" column, in [0, 1]
@@ -42,12 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True,
                         help="ImageFolder root; its val/ (else train/) split is used when present")
     parser.add_argument("--output", default=None, help="PNG path (default: reconstruction.png next to the checkpoint)")
-    parser.add_argument("--num_images", default=8, type=int)
-    parser.add_argument("--mask_ratio", default=None, type=float, help="default: the checkpoint's")
-    parser.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's")
-    parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"], help="default: the checkpoint's")
+    parser.add_argument("--num_images", default=8, type=positive_int)
+    parser.add_argument("--mask_ratio", default=None, help="default: the checkpoint's",
+                        type=number(float, low=0, high=1, low_open=True, high_open=True, what="a mask ratio"))
+    parser.add_argument("--input_size", default=None, type=positive_int, help="default: the checkpoint's")
+    parser.add_argument("--vae_version", default=None, choices=["d8", "d16", "vavae_f16d32"],
+                        help="default: the checkpoint's")
     parser.add_argument("--vae_path", default=None, help="default: the checkpoint's --vae_path")
-    parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
+    parser.add_argument("--seed", default=0, type=non_negative_int, help="seed of the random masks")
     parser.add_argument("--device", default="cuda")
     return finish_parser(parser)
 
@@ -116,7 +119,10 @@ def paint_mask(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def main(cli) -> Path:
     device = torch.device(cli.device if cli.device != "cuda" or torch.cuda.is_available() else "cpu")
+    if cli.output:  # before the checkpoint; the default, beside it, right after
+        ensure_writable_image(cli.output, "--output")
     path, checkpoint = resolve_resume(cli.checkpoint, CHECKPOINT_PATTERN)
+    output = ensure_writable_image(cli.output or path.parent / "reconstruction.png", "--output")
     settings = model_settings(cli, checkpoint.get("args"))
     pixel = is_pixel_model(settings.model)
     model = build_model(settings)
@@ -134,8 +140,6 @@ def main(cli) -> Path:
     original = to_unit_range(images, pixel)
     columns = [original, paint_mask(original, mask), to_unit_range(reconstruction, pixel)]
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # (N * 3, 3, H, W), row-major: one image per row
-    output = Path(cli.output) if cli.output else path.parent / "reconstruction.png"
-    output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid.cpu(), output, nrow=len(columns), padding=2, pad_value=1.0)
     print(f"wrote {output} ({images.shape[0]} rows: original | masked | reconstruction) from {path}")
     return output

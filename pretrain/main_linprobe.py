@@ -29,7 +29,7 @@ from pretrain.latent_classifier import LatentClassifier, build_models, t_noise_a
 from pretrain.main_finetune import (add_common_args, build_eval_loader, build_train_loader, check_class_count,
                                     image_mean_std, start)
 from pretrain.main_pretrain import check_cache_flags
-from util.cli import finish_parser
+from util.cli import finish_parser, non_negative_int, positive_int
 from util.data import SeededDataset, build_image_folder
 from util.errors import UserError
 from util.latent_cache import LatentCacheDataset
@@ -45,10 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     warmup_epochs=10, global_pool=False)
     parser.add_argument("--use_cached", action="store_true", help="train from a latent cache (pretrain.cache_latents)")
     parser.add_argument("--cached_path", default="", type=str, help="latent cache directory of the train split")
-    parser.add_argument("--skip_depth", default=0, type=int,
+    parser.add_argument("--skip_depth", default=0, type=non_negative_int,
                         help="probe the output of block depth - skip_depth: the ViT or DiT backbone is built "
                              "without its last skip_depth blocks (USP)")
-    parser.add_argument("--eval_resize", default=None, type=int,
+    parser.add_argument("--eval_resize", default=None, type=positive_int,
                         help="resize the short side of validation images to N before the center crop (MAE/USP's "
                              "probe: 256 at every size; default: MAE's fine-tuning rule, the same at 224 and 256 px)")
     return finish_parser(parser)

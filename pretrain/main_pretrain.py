@@ -29,9 +29,10 @@ from models.vae import PER_CHANNEL_CODECS, LatentCodec, load_latent_norm, vae_id
 from pretrain.engine_pretrain import MaskedModelingDataset, train_one_epoch
 from util.checkpoint import (CheckpointManager, require_fitting_weights, require_same_args,
                               require_training_state, resolve_resume)
-from util.cli import (advising_resume, check_model_builds, continue_command, default_num_workers,
-                      finish_parser, parse_json_object)
+from util.cli import (advising_resume, check_model_builds, continue_command, default_num_workers, finish_parser,
+                      non_negative_float, non_negative_int, parse_json_object, positive_float, positive_int)
 from util.data import SeededDataset, build_image_folder, build_loader, pretrain_transform
+from util.disk import ensure_writable_dir
 from util.distributed import (DEFAULT_TIMEOUT_MINUTES, barrier, cleanup, get_world_size, init_distributed, rank_seed,
                               seed_everything, setup_for_distributed_printing)
 from util.errors import UserError, run_cli
@@ -58,12 +59,12 @@ TOKENS_AND_POSITIONS = ("cls_token", "mask_token", "pos_embed", "decoder_pos_emb
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("USP / MAE pretraining", add_help=True)
-    parser.add_argument("--batch_size", default=64, type=int,
+    parser.add_argument("--batch_size", default=64, type=positive_int,
                         help="batch size per GPU (effective batch = batch_size * accum_iter * world size)")
-    parser.add_argument("--epochs", default=400, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
+    parser.add_argument("--epochs", default=400, type=positive_int)
+    parser.add_argument("--accum_iter", default=1, type=positive_int,
                         help="accumulate gradients over this many iterations (for a larger effective batch)")
-    parser.add_argument("--max_steps", default=None, type=int,
+    parser.add_argument("--max_steps", default=None, type=non_negative_int,
                         help="stop after this many optimizer steps (checkpointing at the end); the lr schedule "
                              "still follows --epochs")
 
@@ -72,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="MAE preset name (USP's default; the paper's runs use vit_{base,large,xlarge}_patch_vae)")
     parser.add_argument("--model_kwargs", default="{}", type=str,
                         help='JSON object of constructor overrides, e.g. \'{"embed_dim": 32, "depth": 2}\'')
-    parser.add_argument("--input_size", default=256, type=int,
+    parser.add_argument("--input_size", default=256, type=positive_int,
                         help="image size in pixels (USP's default; its pretraining recipe passes 224)")
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
@@ -94,21 +95,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic CUDA kernels (bit-exact GPU resume, slower); CPU runs are deterministic "
                              "without it")
-    parser.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    parser.add_argument("--dist_timeout_minutes", type=positive_float, default=DEFAULT_TIMEOUT_MINUTES,
                         help="minutes a collective may wait before the process group aborts (NCCL/gloo)")
     parser.add_argument("--vae_precision", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype of the frozen VAE encoder (fp32 keeps latents identical to "
                              "the latent cache's)")
 
     # Optimizer
-    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.05)
     parser.add_argument("--no_decay_tokens", action="store_true",
                         help="no weight decay on cls_token / mask_token (MAE and USP decay them)")
-    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
-    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+    parser.add_argument("--lr", type=positive_float, default=None, metavar="LR", help="absolute learning rate")
+    parser.add_argument("--blr", type=positive_float, default=1e-3, metavar="LR",
                         help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
-    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warm up lr")
+    parser.add_argument("--min_lr", type=non_negative_float, default=0.0, metavar="LR",
+                        help="lower lr bound of the cosine")
+    parser.add_argument("--warmup_epochs", type=non_negative_int, default=40, metavar="N", help="epochs to warm up lr")
 
     # Data
     parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
@@ -120,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="with --use_cached, draw a posterior sample each step as USP's cached path does "
                              "(default: the posterior mean, as USP's online path)")
     parser.add_argument("--strict_data", action="store_true", help="stop on an unreadable image instead of skipping it")
-    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+    parser.add_argument("--num_workers", default=default_num_workers(), type=non_negative_int,
                         help="data-loading processes per GPU (the recipe's 10, or fewer on a smaller machine)")
     parser.add_argument("--pin_mem", action="store_true",
                         help="pin CPU memory in the DataLoader for more efficient transfer to the GPU")
@@ -131,15 +133,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go")
     parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard directory")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=non_negative_int)
     parser.add_argument("--resume", default="", help="checkpoint file or run directory to continue")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (without --resume)")
+    parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N",
+                        help="first epoch (without --resume)")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
-    parser.add_argument("--save_every", default=40, type=int,
+    parser.add_argument("--save_every", default=40, type=positive_int,
                         help="save after epochs 0, N, 2N, ... and the last (USP/MAE: 40)")
-    parser.add_argument("--keep_last", default=None, type=int,
+    parser.add_argument("--keep_last", default=None, type=non_negative_int,
                         help="keep only the newest K checkpoints (default: keep all, as MAE)")
-    parser.add_argument("--log_every", default=20, type=int, help="optimizer steps between metric reads")
+    parser.add_argument("--log_every", default=20, type=positive_int, help="optimizer steps between metric reads")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output_dir that holds another run's checkpoints (they are moved "
                              "into overwritten-<time>/, not deleted)")
@@ -169,12 +172,10 @@ def build_model(args) -> torch.nn.Module:
 
 def check_args(args) -> None:
     """Every check of the command line that needs no data, weights or GPU: it runs first."""
-    if args.accum_iter < 1 or args.batch_size < 1 or args.log_every < 1 or args.save_every < 1:
-        raise UserError("--batch_size, --accum_iter, --log_every and --save_every must be positive integers.")
     if args.epochs < 1 or args.epochs <= args.start_epoch and not args.resume:
         raise UserError(f"--epochs {args.epochs} leaves nothing to train (it counts all epochs of the run, from "
                         f"--start_epoch {args.start_epoch}); pass a larger --epochs.")
-    if not 0 < args.mask_ratio < 1:
+    if not 0 < args.mask_ratio < 1:  # NaN too
         raise UserError(f"--mask_ratio {args.mask_ratio:g} must be between 0 and 1 (exclusive): it is the fraction "
                         "of patches hidden from the encoder (USP and MAE use 0.75).")
     is_pixel_model(args.model)  # unknown name -> one sentence listing the presets
@@ -255,6 +256,8 @@ def setup(args) -> SimpleNamespace:
         require_wandb()
     check_args(args)
     # Before any data or weights: a folder that is unwritable, in use, or holds another run stops here.
+    if args.log_dir:
+        ensure_writable_dir(args.log_dir, flag="--log_dir")
     lock = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist_env.is_main,
                             flag="--output_dir", log=print)
 

@@ -120,7 +120,7 @@ def test_item4_generation_training_reports_skipped_images(tiny_image_folder, tin
     victim = sorted(data.rglob("*.png"))[2]
     victim.write_bytes(victim.read_bytes()[:40])
     result = run_module(train_argv(data, tiny_vae_dir, tmp_path / "results"))
-    assert f"1 unreadable image skipped so far, each replaced by the next readable one: {victim}" in result.stdout
+    assert f"1 unreadable image skipped so far, each replaced by the next readable one: {victim}" in result.stderr
     (experiment,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
     logged = [json.loads(line) for line in (experiment / "log.txt").read_text().splitlines()]
     assert any(line.get("skipped_images") == 1 for line in logged)

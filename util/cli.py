@@ -2,13 +2,15 @@
 import argparse
 import functools
 import json
+import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 from util.disk import DiskFullError
-from util.errors import UserError
+from util.errors import EXIT_USER_ERROR, UserError, exit_with
 
 
 def parse_json_object(text: str, flag: str, example: str = '{"depth": 2}') -> dict:
@@ -25,14 +27,23 @@ def parse_json_object(text: str, flag: str, example: str = '{"depth": 2}') -> di
     return value
 
 
+# argparse reads "-1e-3", "-inf" or "-nan" after a flag as another flag ("expected one argument"); this
+# pattern makes them values, so `--blr -1e-3` reaches its check and is refused as negative.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """What every entry point's parser gets last: both spellings of each long flag, and defaults in --help.
 
     MAE/USP's pretraining flags use underscores (`--data_path`), DiT/SiT's use dashes (`--data-path`); each
     command accepts both, so a command pasted from either upstream style works. "(default: X)" is appended to
     the help of every option that has a default (argparse's ArgumentDefaultsHelpFormatter skips options
-    without help text); on/off switches are left alone, their name says their default.
+    without help text); on/off switches are left alone, their name says their default. A negative number
+    in any spelling (`-1e-3`, `-inf`) is read as a value, so the flag's own check names it. A bad command
+    line is one line on stderr (rank 0 only), exit 2, like every other user error: not argparse's usage block.
     """
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
+    parser.error = lambda message: exit_with(f"{message} (see --help)", parser.prog, EXIT_USER_ERROR)
     for action in parser._actions:
         for name in list(action.option_strings):
             if not name.startswith("--"):
@@ -113,3 +124,39 @@ def advising_resume(function, folder, module):
         except DiskFullError as error:
             raise DiskFullError(error.where, f"free some space, then {continue_command(folder, module)}") from error
     return advised
+
+
+# Values checked where the flag is declared (`type=`): a bad number is argparse's one sentence naming the
+# flag, the value and the valid range, exit 2, before any data or weights load (not AdamW's traceback at the
+# first step, nor a NaN run reported as diverged).
+def number(kind=float, low=None, high=None, low_open=False, high_open=False, what="a number"):
+    """An argparse `type=` that reads a finite `kind` (int or float) within [low, high] (ends open when
+    `low_open` / `high_open`); `what` names the class in the error (e.g. "a probability")."""
+    left = "-inf" if low is None else low
+    right = "inf" if high is None else high
+    bounds = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+    valid = f"an integer in {bounds}" if kind is int else f"a finite number in {bounds}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (value is None or not math.isfinite(value)
+                or (low is not None and (value < low or (low_open and value == low)))
+                or (high is not None and (value > high or (high_open and value == high)))):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; pass {valid}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = number(int, low=1, what="a positive count")
+non_negative_int = number(int, low=0, what="a non-negative integer")
+finite_float = number(float, what="a finite number")
+positive_float = number(float, low=0, low_open=True, what="a positive number")
+non_negative_float = number(float, low=0, what="a non-negative number")
+probability = number(float, low=0, high=1, what="a probability")
+decay = number(float, low=0, high=1, high_open=True, what="a decay")
+fraction_below_one = number(float, low=0, high=1, high_open=True, what="a fraction below 1")  # 1 leaves nothing

@@ -66,20 +66,23 @@ def reporting_disk_full(path):
         raise
 
 
-def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
+def ensure_writable_dir(path, flag: str = "--output_dir", create: bool = True) -> Path:
     """Creates `path` if needed and proves it writable with a real one-byte file; raises one sentence if not.
 
     Call it before building data or models, so a typo or a read-only mount costs seconds. Returns the path.
+    create=False proves the same in the nearest existing folder and leaves a missing `path` uncreated (for a
+    command whose later checks must leave no output behind).
     """
     path = Path(path).expanduser()
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"{flag} {path} cannot be created because {blocker} is a file, not a folder; "
                               "choose another path or move that file away.")
-    probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+    folder = path if create else next(p for p in (path, *path.parents) if p.exists())
+    probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
         with reporting_disk_full(path):
-            path.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as handle:
                 handle.write(b"\0")
                 handle.flush()
@@ -93,6 +96,18 @@ def ensure_writable_dir(path, flag: str = "--output_dir") -> Path:
         with contextlib.suppress(OSError):
             probe.unlink()
     return path
+
+
+def ensure_writable_image(path, flag: str) -> Path:
+    """`ensure_writable_file` for an image PIL will save: its suffix must name a format PIL writes (.png, .jpg)."""
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    Image.init()
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise UserError(f"{flag} {path} does not end in an image suffix PIL can write ({path.suffix or 'no suffix'}); "
+                        "use .png or .jpg.")
+    return ensure_writable_file(path, flag)
 
 
 def ensure_writable_file(path, flag: str) -> Path:

@@ -71,10 +71,12 @@ class RunLogger:
         tqdm.write(f"[{prefix} step {step}] {text}", file=sys.stdout)
 
     def report_skips(self, report, step: int) -> None:
-        """Prints a data skip report (`SafeImageFolder.skip_report()`) and logs its counts at `step`; no-op for None."""
+        """Prints a data skip report (`SafeImageFolder.skip_report()`) on stderr, as a warning, and logs its
+        counts at `step`; no-op for None."""
         if report is None:
             return
-        self.info(f"warning: {report['message']}")
+        if self.is_main:
+            tqdm.write(f"warning: {report['message']}", file=sys.stderr)
         self.log(step, {key: report[key] for key in ("skipped_images", "too_large_images")}, prefix="data")
 
     def info(self, message: str) -> None:
