@@ -5,6 +5,8 @@ transform of sample `index` in `epoch` runs under a torch generator seeded from
 `sample_generator(seed, epoch, index)`, so a batch's content depends only on which samples are
 in it, not on the rank, the worker process or the resume point.
 """
+import atexit
+import multiprocessing
 import os
 import random
 import signal
@@ -268,3 +270,13 @@ def ignore_stop_signals(worker_id: int) -> None:
     and ends its workers itself."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _kill_loader_workers_at_exit() -> None:
+    """multiprocessing ends daemonic children at exit with SIGTERM, which loader workers ignore: a loader still
+    open at exit (an error raised mid-epoch keeps its iterator alive) would hang the process in multiprocessing's
+    join. The workers hold no state, so they are killed instead, as multiprocessing means to."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
